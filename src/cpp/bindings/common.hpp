@@ -1,0 +1,32 @@
+// Helpers shared by the binding files: turning numpy arrays into core views, with checks.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+namespace regrad::bindings {
+
+namespace py = pybind11;
+
+/// A list of per-datum arrays seen as a ragged batch: pointers into the caller's memory, no copies.
+struct RaggedArrays {
+    std::vector<const void*> data;
+    std::vector<int64_t> offsets{0};
+    int64_t width = 1;
+    int ndim = 0;            ///< 1 for [T] data, 2 for [T, K]
+    py::dtype dtype;
+    bool is_double = false;
+    std::vector<py::array> keep_alive;
+};
+
+/// Checks every array (float32/float64, one dtype, C-contiguous, all 1-D or all [T, K] with one K)
+/// and names the first datum that breaks a rule.
+RaggedArrays ragged_from_list(const py::sequence& arrays, const char* what);
+
+/// Registers regrad.NonFiniteError (a ValueError with .datum and .position) and its translator.
+void register_errors(py::module_& m);
+
+}  // namespace regrad::bindings

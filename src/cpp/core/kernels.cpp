@@ -1,0 +1,213 @@
+// Fused regularizer kernels. Work is split into fixed chunks (never by thread), each summed in
+// double in a fixed order, so results are bit-identical for any OpenMP thread count.
+#include "regrad/kernels.hpp"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "regrad/fast_math.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace regrad {
+
+int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+namespace {
+
+// Each op gives the per-element value and the unscaled gradient of that value.
+struct L1Op {
+    template <class T>
+    static void eval(T x, T& v, T& g) {
+        v = std::fabs(x);
+        g = static_cast<T>((x > 0) - (x < 0));
+    }
+};
+struct L2SquaredOp {
+    template <class T>
+    static void eval(T x, T& v, T& g) {
+        v = x * x;
+        g = 2 * x;
+    }
+};
+struct IdentityOp {  // the gradient pass of the L2 norm: g = x * (scale / norm)
+    template <class T>
+    static void eval(T x, T& v, T& g) {
+        v = 0;
+        g = x;
+    }
+};
+struct EntropyOp {
+    template <class T>
+    static void eval(T x, T& v, T& g) {
+        const T e = fast_exp(x);
+        v = -e * x;
+        g = -e * (1 + x);
+    }
+};
+
+struct Chunk {
+    int64_t datum;
+    int64_t begin;  // element range inside the datum
+    int64_t end;
+};
+
+std::vector<Chunk> make_chunks(const int64_t* offsets, int64_t batch, int64_t width) {
+    const int64_t rows_per_chunk = kReductionChunk / width > 0 ? kReductionChunk / width : 1;
+    const int64_t step = rows_per_chunk * width;
+    std::vector<Chunk> chunks;
+    for (int64_t i = 0; i < batch; ++i) {
+        const int64_t n = offsets[i + 1] - offsets[i];
+        for (int64_t b = 0; b < n; b += step) chunks.push_back({i, b, b + step < n ? b + step : n});
+    }
+    return chunks;
+}
+
+// Sums op values over one chunk and writes scale * gradient. `check` stays 0 unless a
+// non-finite input is met (x - x is NaN for NaN and inf), so detection costs no branch.
+template <class Op, bool WithGrad, class T>
+double run_chunk(const T* x, T* g, const uint8_t* mask, int64_t width, int64_t begin, int64_t end, T scale,
+                 T& check) {
+    double acc = 0;
+    T chk = 0;
+    if (mask == nullptr) {
+#pragma omp simd reduction(+ : acc, chk)
+        for (int64_t e = begin; e < end; ++e) {
+            T v, d;
+            Op::eval(x[e], v, d);
+            acc += v;
+            chk += x[e] - x[e];
+            if (WithGrad) g[e] = d * scale;
+        }
+    } else {
+        for (int64_t r = begin / width; r < end / width; ++r) {
+            const T keep = mask[r] ? T(1) : T(0);
+            const bool on = mask[r] != 0;
+#pragma omp simd reduction(+ : acc, chk)
+            for (int64_t e = r * width; e < (r + 1) * width; ++e) {
+                const T xe = on ? x[e] : T(0);  // masked tokens are ignored entirely
+                T v, d;
+                Op::eval(xe, v, d);
+                acc += v * keep;
+                chk += xe - xe;
+                if (WithGrad) g[e] = d * scale * keep;
+            }
+        }
+    }
+    check = chk;
+    return acc;
+}
+
+template <class T>
+[[noreturn]] void throw_non_finite(const RaggedBatch<T>& batch, const uint8_t* mask, const Chunk& c) {
+    const T* x = batch.data[c.datum];
+    const int64_t token0 = batch.offsets[c.datum] / batch.width;
+    for (int64_t e = c.begin; e < c.end; ++e) {
+        if (mask != nullptr && mask[token0 + e / batch.width] == 0) continue;
+        if (!std::isfinite(x[e])) {
+            throw NonFiniteError("non-finite input " + std::to_string(x[e]) + " at " +
+                                     describe_position(c.datum, e, batch.width),
+                                 c.datum, e);
+        }
+    }
+    throw NonFiniteError("non-finite input in datum " + std::to_string(c.datum), c.datum, c.begin);
+}
+
+// One parallel pass over all chunks; per-datum sums are then added in chunk order.
+template <class Op, bool WithGrad, class T>
+void reduce_pass(const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, const uint8_t* mask,
+                 const T* datum_scale, double* per_datum, T* grad) {
+    const int64_t nchunks = static_cast<int64_t>(chunks.size());
+    std::vector<double> partial(chunks.size(), 0.0);
+    std::vector<T> check(chunks.size(), T(0));
+    const bool parallel = batch.size() > 4 * kReductionChunk;
+    (void)parallel;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t c = 0; c < nchunks; ++c) {
+        const Chunk& ch = chunks[c];
+        const int64_t base = batch.offsets[ch.datum];
+        const uint8_t* m = mask == nullptr ? nullptr : mask + base / batch.width;
+        T* g = WithGrad ? grad + base : nullptr;
+        partial[c] = run_chunk<Op, WithGrad>(batch.data[ch.datum], g, m, batch.width, ch.begin, ch.end,
+                                             datum_scale[ch.datum], check[c]);
+    }
+    for (int64_t i = 0; i < batch.batch; ++i) per_datum[i] = 0.0;
+    for (int64_t c = 0; c < nchunks; ++c) {
+        if (check[c] != T(0) || std::isnan(check[c])) throw_non_finite(batch, mask, chunks[c]);
+        per_datum[chunks[c].datum] += partial[c];
+    }
+}
+
+template <class Op, class T>
+void fused(const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, const uint8_t* mask, T scale,
+           double* per_datum, T* grad) {
+    std::vector<T> scales(static_cast<size_t>(batch.batch), scale);
+    if (grad != nullptr) {
+        reduce_pass<Op, true>(batch, chunks, mask, scales.data(), per_datum, grad);
+    } else {
+        reduce_pass<Op, false>(batch, chunks, mask, scales.data(), per_datum, grad);
+    }
+}
+
+}  // namespace
+
+template <class T>
+double regularizer_value_and_grad(Regularizer kind, const RaggedBatch<T>& batch, const uint8_t* token_mask,
+                                  Reduction reduction, double* per_datum, T* grad) {
+    check_offsets(batch.offsets, batch.batch, batch.width);
+    for (int64_t i = 0; i < batch.batch; ++i) {
+        if (batch.length(i) > 0 && batch.data[i] == nullptr) {
+            throw std::invalid_argument("datum " + std::to_string(i) + " has elements but no data pointer");
+        }
+    }
+    if (reduction == Reduction::Mean && batch.batch == 0) {
+        throw std::invalid_argument("reduction='mean' over an empty batch (no data) is undefined");
+    }
+    const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(batch.batch) : T(1);
+    const std::vector<Chunk> chunks = make_chunks(batch.offsets, batch.batch, batch.width);
+
+    switch (kind) {
+        case Regularizer::L1: fused<L1Op>(batch, chunks, token_mask, scale, per_datum, grad); break;
+        case Regularizer::L2Squared: fused<L2SquaredOp>(batch, chunks, token_mask, scale, per_datum, grad); break;
+        case Regularizer::Entropy: fused<EntropyOp>(batch, chunks, token_mask, scale, per_datum, grad); break;
+        case Regularizer::L2Norm: {
+            fused<L2SquaredOp, T>(batch, chunks, token_mask, scale, per_datum, nullptr);
+            std::vector<T> scales(static_cast<size_t>(batch.batch));
+            for (int64_t i = 0; i < batch.batch; ++i) {
+                per_datum[i] = std::sqrt(per_datum[i]);
+                scales[i] = per_datum[i] > 0 ? static_cast<T>(scale / per_datum[i]) : T(0);
+            }
+            if (grad != nullptr) {
+                std::vector<double> unused(static_cast<size_t>(batch.batch));
+                reduce_pass<IdentityOp, true>(batch, chunks, token_mask, scales.data(), unused.data(), grad);
+            }
+            break;
+        }
+    }
+    double total = 0.0;
+    for (int64_t i = 0; i < batch.batch; ++i) {
+        if (!std::isfinite(per_datum[i])) {
+            throw NonFiniteError("the regularizer value of datum " + std::to_string(i) +
+                                     " is not finite (overflow of the input's dtype)",
+                                 i, -1);
+        }
+        total += per_datum[i];
+    }
+    return reduction == Reduction::Mean ? total / static_cast<double>(batch.batch) : total;
+}
+
+template double regularizer_value_and_grad<float>(Regularizer, const RaggedBatch<float>&, const uint8_t*,
+                                                  Reduction, double*, float*);
+template double regularizer_value_and_grad<double>(Regularizer, const RaggedBatch<double>&, const uint8_t*,
+                                                   Reduction, double*, double*);
+
+}  // namespace regrad

@@ -1,0 +1,42 @@
+// Ragged batches of log-probabilities as the core sees them: no Python types here.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace regrad {
+
+/// Datum i holds offsets[i+1]-offsets[i] elements, laid out as [T_i, width], starting at data[i].
+/// The pointers need not be adjacent in memory, so contiguous per-datum inputs are never packed.
+template <class T>
+struct RaggedBatch {
+    const T* const* data;    ///< one pointer per datum (may be null only for an empty datum)
+    const int64_t* offsets;  ///< batch + 1 element offsets of the packed layout, offsets[0] == 0
+    int64_t batch;           ///< number of data B
+    int64_t width;           ///< row width K (1 for [T] data)
+
+    int64_t size() const { return offsets[batch]; }
+    int64_t length(int64_t i) const { return offsets[i + 1] - offsets[i]; }
+};
+
+/// A non-finite value (NaN or +-inf) met while reading input; says where.
+class NonFiniteError : public std::runtime_error {
+public:
+    NonFiniteError(const std::string& what, int64_t datum, int64_t position)
+        : std::runtime_error(what), datum_(datum), position_(position) {}
+    int64_t datum() const { return datum_; }
+    int64_t position() const { return position_; }
+
+private:
+    int64_t datum_;
+    int64_t position_;
+};
+
+/// Throws std::invalid_argument unless offsets start at 0, never decrease and stay multiples of width.
+void check_offsets(const int64_t* offsets, int64_t batch, int64_t width);
+
+/// Names the first non-finite element of datum `datum` (flat `position`) in the [T, width] layout.
+std::string describe_position(int64_t datum, int64_t position, int64_t width);
+
+}  // namespace regrad

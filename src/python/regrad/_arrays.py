@@ -1,0 +1,123 @@
+"""Turning lists of numpy arrays or CPU torch tensors into C-contiguous numpy views (no copies)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_torch_tensor(x: Any) -> bool:
+    """True for a torch.Tensor, without importing torch when the caller never did."""
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "numpy")
+
+
+@dataclass
+class ArrayBatch:
+    """Per-datum numpy views of the caller's data, plus what is needed to hand results back."""
+
+    arrays: List[np.ndarray]
+    is_torch: bool
+    dtype: np.dtype
+    shapes: List[tuple]
+
+    @property
+    def sizes(self) -> List[int]:
+        return [int(a.size) for a in self.arrays]
+
+
+def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") -> ArrayBatch:
+    """Checks a ragged batch ([T_i] or [T_i, K] each, one float dtype) and returns numpy views of it.
+
+    Contiguous inputs are viewed, not copied; non-contiguous ones are copied once.
+    """
+    if isinstance(logprobs_list, (np.ndarray,)) or is_torch_tensor(logprobs_list):
+        raise InputError(f"{what} must be a list with one array per datum, not a single array")
+    try:
+        items = list(logprobs_list)
+    except TypeError:
+        raise InputError(f"{what} must be a list of arrays, got {type(logprobs_list).__name__}") from None
+    arrays: List[np.ndarray] = []
+    torch_flags = set()
+    for i, x in enumerate(items):
+        if is_torch_tensor(x):
+            torch_flags.add(True)
+            if x.device.type != "cpu":
+                raise InputError(
+                    f"{what}[{i}] is on device {x.device}; the CPU core takes CPU tensors "
+                    "(CUDA tensors need regrad built with REGRAD_CUDA=ON)"
+                )
+            if x.is_complex() or not x.is_floating_point():
+                raise InputError(f"{what}[{i}] has dtype {x.dtype}; expected float32 or float64")
+            t = x.detach()
+            if not t.is_contiguous():
+                t = t.contiguous()
+            a = t.numpy() if t.dtype in _torch_float_dtypes() else None
+            if a is None:
+                raise InputError(
+                    f"{what}[{i}] has dtype {x.dtype}; expected float32 or float64 (cast it first)"
+                )
+        elif isinstance(x, np.ndarray):
+            torch_flags.add(False)
+            a = x
+            if a.dtype not in _FLOAT_DTYPES:
+                raise InputError(f"{what}[{i}] has dtype {a.dtype}; expected float32 or float64")
+            if not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+        else:
+            raise InputError(
+                f"{what}[{i}] is a {type(x).__name__}; expected a numpy array or a torch tensor"
+            )
+        if a.ndim not in (1, 2):
+            raise InputError(f"{what}[{i}] has shape {tuple(a.shape)}; expected [T] or [T, K]")
+        arrays.append(a)
+    if len(torch_flags) > 1:
+        raise InputError(f"{what} mixes numpy arrays and torch tensors; use one kind")
+    dtype = arrays[0].dtype if arrays else np.dtype(np.float64)
+    for i, a in enumerate(arrays):
+        if a.dtype != dtype:
+            raise InputError(f"{what}[{i}] has dtype {a.dtype} but {what}[0] has {dtype}; use one dtype")
+        if a.ndim != arrays[0].ndim or (a.ndim == 2 and a.shape[1] != arrays[0].shape[1]):
+            raise InputError(
+                f"{what}[{i}] has shape {tuple(a.shape)} but {what}[0] has {tuple(arrays[0].shape)}; "
+                "all data must be [T_i] or all [T_i, K] with one K"
+            )
+    return ArrayBatch(arrays, bool(torch_flags and torch_flags.pop()), dtype, [a.shape for a in arrays])
+
+
+def _torch_float_dtypes() -> tuple:
+    import torch
+
+    return (torch.float32, torch.float64)
+
+
+def token_mask(mask: Optional[Sequence[Any]], batch: ArrayBatch) -> Optional[np.ndarray]:
+    """Packs per-datum masks ([T_i], True or > 0 keeps the token) into one uint8 array."""
+    if mask is None:
+        return None
+    masks = list(mask)
+    if len(masks) != len(batch.arrays):
+        raise InputError(f"mask has {len(masks)} entries but the batch has {len(batch.arrays)} data")
+    parts = []
+    for i, (m, shape) in enumerate(zip(masks, batch.shapes)):
+        m = np.asarray(m.detach().cpu().numpy() if is_torch_tensor(m) else m)
+        if m.shape != (shape[0],):
+            raise InputError(f"mask[{i}] has shape {m.shape}; datum {i} has {shape[0]} tokens")
+        parts.append((m > 0).astype(np.uint8))
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def split_packed(packed: np.ndarray, batch: ArrayBatch) -> List[Any]:
+    """Splits a packed result into per-datum views shaped like the input, as numpy or torch."""
+    bounds = np.cumsum(batch.sizes)[:-1]
+    parts = [p.reshape(s) for p, s in zip(np.split(packed, bounds), batch.shapes)]
+    if batch.is_torch:
+        import torch
+
+        return [torch.from_numpy(p) for p in parts]
+    return parts

@@ -1,0 +1,116 @@
+"""Built-in regularizers (L1, L2, entropy) on ragged batches, computed by the C++ core.
+
+Each call makes one fused pass: batch value, per-datum values and the gradient of the batch
+value with respect to every log-prob. Inputs are a list of [T_i] or [T_i, K] numpy arrays or CPU
+torch tensors (float32 or float64); results come back in the same type and dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+
+from . import _core
+from ._arrays import ArrayBatch, as_array_batch, split_packed, token_mask
+
+__all__ = ["KernelResult", "l1", "l2", "entropy", "regularizer"]
+
+KERNELS = ("l1", "l2", "l2_norm", "entropy")
+
+
+@dataclass
+class KernelResult:
+    """value: batch value (float, or 0-d tensor for torch input); per_datum: [B]; grads: like the input."""
+
+    value: Any
+    per_datum: Any
+    grads: List[Any]
+
+
+def l1(logprobs_list: Sequence[Any], *, reduction: str = "mean", mask: Optional[Sequence[Any]] = None) -> KernelResult:
+    """Σ|x| per datum; gradient sign(x) with sign(0) = 0."""
+    return regularizer("l1", logprobs_list, reduction=reduction, mask=mask)
+
+
+def l2(
+    logprobs_list: Sequence[Any],
+    *,
+    reduction: str = "mean",
+    mask: Optional[Sequence[Any]] = None,
+    squared: bool = True,
+) -> KernelResult:
+    """Σx² per datum (gradient 2x); with squared=False the norm √Σx² (gradient x/‖x‖, 0 at 0)."""
+    return regularizer("l2" if squared else "l2_norm", logprobs_list, reduction=reduction, mask=mask)
+
+
+def entropy(
+    logprobs_list: Sequence[Any], *, reduction: str = "mean", mask: Optional[Sequence[Any]] = None
+) -> KernelResult:
+    """-Σ exp(x)·x per datum (Σ_t H(p_t) for rows of log-distributions); gradient -exp(x)(1+x)."""
+    return regularizer("entropy", logprobs_list, reduction=reduction, mask=mask)
+
+
+def regularizer(
+    kind: str, logprobs_list: Sequence[Any], *, reduction: str = "mean", mask: Optional[Sequence[Any]] = None
+) -> KernelResult:
+    """Runs built-in kernel `kind` (one of KERNELS); the common entry point of l1 / l2 / entropy."""
+    if kind not in KERNELS:
+        raise ValueError(f"unknown kernel {kind!r}; expected one of {KERNELS}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    batch = as_array_batch(logprobs_list)
+    packed_mask = token_mask(mask, batch)
+    value, per_datum, packed = _core.regularizer(kind, batch.arrays, packed_mask, reduction, True)
+    grads = split_packed(packed, batch)
+    if not batch.is_torch:
+        return KernelResult(float(value), per_datum.astype(batch.dtype, copy=False), grads)
+    return _torch_result(value, per_datum, grads, list(logprobs_list), batch)
+
+
+def _torch_result(
+    value: float, per_datum: np.ndarray, grads: List[Any], tensors: List[Any], batch: ArrayBatch
+) -> KernelResult:
+    import torch
+
+    dtype = torch.float32 if batch.dtype == np.float32 else torch.float64
+    per_datum_t = torch.from_numpy(per_datum).to(dtype)
+    value_t = torch.tensor(value, dtype=dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        value_t = _PrecomputedGrad.apply(value_t, grads, *tensors)
+    return KernelResult(value_t, per_datum_t, grads)
+
+
+def _precomputed_grad_function() -> Any:
+    import torch
+
+    class PrecomputedGrad(torch.autograd.Function):
+        """A scalar whose gradient with respect to the inputs was computed in the forward pass."""
+
+        @staticmethod
+        def forward(ctx: Any, value: Any, grads: List[Any], *inputs: Any) -> Any:  # noqa: D401
+            ctx.grads = grads
+            return value.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad_output: Any) -> Any:
+            return (None, None, *[grad_output * g for g in ctx.grads])
+
+    return PrecomputedGrad
+
+
+class _LazyFunction:
+    """Builds the torch.autograd.Function on first use, so importing regrad never imports torch."""
+
+    def __init__(self, factory: Any) -> None:
+        self._factory = factory
+        self._fn: Any = None
+
+    def apply(self, *args: Any) -> Any:
+        if self._fn is None:
+            self._fn = self._factory()
+        return self._fn.apply(*args)
+
+
+_PrecomputedGrad = _LazyFunction(_precomputed_grad_function)
