@@ -6,7 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "regrad/fast_math.hpp"
+#include "kernel_dispatch.hpp"
+#include "kernel_loops.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -22,38 +23,9 @@ int max_threads() {
 #endif
 }
 
-namespace {
+const char* kernel_isa() { return avx2::available() ? "avx2" : "baseline"; }
 
-// Each op gives the per-element value and the unscaled gradient of that value.
-struct L1Op {
-    template <class T>
-    static void eval(T x, T& v, T& g) {
-        v = std::fabs(x);
-        g = static_cast<T>((x > 0) - (x < 0));
-    }
-};
-struct L2SquaredOp {
-    template <class T>
-    static void eval(T x, T& v, T& g) {
-        v = x * x;
-        g = 2 * x;
-    }
-};
-struct IdentityOp {  // the gradient pass of the L2 norm: g = x * (scale / norm)
-    template <class T>
-    static void eval(T x, T& v, T& g) {
-        v = 0;
-        g = x;
-    }
-};
-struct EntropyOp {
-    template <class T>
-    static void eval(T x, T& v, T& g) {
-        const T e = fast_exp(x);
-        v = -e * x;
-        g = -e * (1 + x);
-    }
-};
+namespace {
 
 struct Chunk {
     int64_t datum;
@@ -72,39 +44,11 @@ std::vector<Chunk> make_chunks(const int64_t* offsets, int64_t batch, int64_t wi
     return chunks;
 }
 
-// Sums op values over one chunk and writes scale * gradient. `check` stays 0 unless a
-// non-finite input is met (x - x is NaN for NaN and inf), so detection costs no branch.
-template <class Op, bool WithGrad, class T>
-double run_chunk(const T* x, T* g, const uint8_t* mask, int64_t width, int64_t begin, int64_t end, T scale,
-                 T& check) {
-    double acc = 0;
-    T chk = 0;
-    if (mask == nullptr) {
-#pragma omp simd reduction(+ : acc, chk)
-        for (int64_t e = begin; e < end; ++e) {
-            T v, d;
-            Op::eval(x[e], v, d);
-            acc += v;
-            chk += x[e] - x[e];
-            if (WithGrad) g[e] = d * scale;
-        }
-    } else {
-        for (int64_t r = begin / width; r < end / width; ++r) {
-            const T keep = mask[r] ? T(1) : T(0);
-            const bool on = mask[r] != 0;
-#pragma omp simd reduction(+ : acc, chk)
-            for (int64_t e = r * width; e < (r + 1) * width; ++e) {
-                const T xe = on ? x[e] : T(0);  // masked tokens are ignored entirely
-                T v, d;
-                Op::eval(xe, v, d);
-                acc += v * keep;
-                chk += xe - xe;
-                if (WithGrad) g[e] = d * scale * keep;
-            }
-        }
-    }
-    check = chk;
-    return acc;
+template <class T>
+double run_chunk(ChunkOp op, bool with_grad, const T* x, T* g, const uint8_t* mask, int64_t width, int64_t begin,
+                 int64_t end, T scale, T& check) {
+    if (avx2::available()) return avx2::loop_chunk(op, with_grad, x, g, mask, width, begin, end, scale, check);
+    return loop_chunk_any<T>(op, with_grad, x, g, mask, width, begin, end, scale, check);
 }
 
 template <class T>
@@ -123,8 +67,9 @@ template <class T>
 }
 
 // One parallel pass over all chunks; per-datum sums are then added in chunk order.
-template <class Op, bool WithGrad, class T>
-void reduce_pass(const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, const uint8_t* mask,
+template <class T>
+void reduce_pass(ChunkOp op, bool with_grad, const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks,
+                 const uint8_t* mask,
                  const T* datum_scale, double* per_datum, T* grad) {
     const int64_t nchunks = static_cast<int64_t>(chunks.size());
     std::vector<double> partial(chunks.size(), 0.0);
@@ -136,9 +81,9 @@ void reduce_pass(const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, 
         const Chunk& ch = chunks[c];
         const int64_t base = batch.offsets[ch.datum];
         const uint8_t* m = mask == nullptr ? nullptr : mask + base / batch.width;
-        T* g = WithGrad ? grad + base : nullptr;
-        partial[c] = run_chunk<Op, WithGrad>(batch.data[ch.datum], g, m, batch.width, ch.begin, ch.end,
-                                             datum_scale[ch.datum], check[c]);
+        T* g = with_grad ? grad + base : nullptr;
+        partial[c] = run_chunk<T>(op, with_grad, batch.data[ch.datum], g, m, batch.width, ch.begin, ch.end,
+                                  datum_scale[ch.datum], check[c]);
     }
     for (int64_t i = 0; i < batch.batch; ++i) per_datum[i] = 0.0;
     for (int64_t c = 0; c < nchunks; ++c) {
@@ -147,15 +92,11 @@ void reduce_pass(const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, 
     }
 }
 
-template <class Op, class T>
-void fused(const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, const uint8_t* mask, T scale,
+template <class T>
+void fused(ChunkOp op, const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, const uint8_t* mask, T scale,
            double* per_datum, T* grad) {
     std::vector<T> scales(static_cast<size_t>(batch.batch), scale);
-    if (grad != nullptr) {
-        reduce_pass<Op, true>(batch, chunks, mask, scales.data(), per_datum, grad);
-    } else {
-        reduce_pass<Op, false>(batch, chunks, mask, scales.data(), per_datum, grad);
-    }
+    reduce_pass<T>(op, grad != nullptr, batch, chunks, mask, scales.data(), per_datum, grad);
 }
 
 }  // namespace
@@ -176,11 +117,11 @@ double regularizer_value_and_grad(Regularizer kind, const RaggedBatch<T>& batch,
     const std::vector<Chunk> chunks = make_chunks(batch.offsets, batch.batch, batch.width);
 
     switch (kind) {
-        case Regularizer::L1: fused<L1Op>(batch, chunks, token_mask, scale, per_datum, grad); break;
-        case Regularizer::L2Squared: fused<L2SquaredOp>(batch, chunks, token_mask, scale, per_datum, grad); break;
-        case Regularizer::Entropy: fused<EntropyOp>(batch, chunks, token_mask, scale, per_datum, grad); break;
+        case Regularizer::L1: fused(ChunkOp::L1, batch, chunks, token_mask, scale, per_datum, grad); break;
+        case Regularizer::L2Squared: fused(ChunkOp::L2Squared, batch, chunks, token_mask, scale, per_datum, grad); break;
+        case Regularizer::Entropy: fused(ChunkOp::Entropy, batch, chunks, token_mask, scale, per_datum, grad); break;
         case Regularizer::L2Norm: {
-            fused<L2SquaredOp, T>(batch, chunks, token_mask, scale, per_datum, nullptr);
+            fused(ChunkOp::L2Squared, batch, chunks, token_mask, scale, per_datum, static_cast<T*>(nullptr));
             std::vector<T> scales(static_cast<size_t>(batch.batch));
             for (int64_t i = 0; i < batch.batch; ++i) {
                 per_datum[i] = std::sqrt(per_datum[i]);
@@ -188,7 +129,7 @@ double regularizer_value_and_grad(Regularizer kind, const RaggedBatch<T>& batch,
             }
             if (grad != nullptr) {
                 std::vector<double> unused(static_cast<size_t>(batch.batch));
-                reduce_pass<IdentityOp, true>(batch, chunks, token_mask, scales.data(), unused.data(), grad);
+                reduce_pass<T>(ChunkOp::Identity, true, batch, chunks, token_mask, scales.data(), unused.data(), grad);
             }
             break;
         }

@@ -31,4 +31,7 @@ constexpr int64_t kReductionChunk = 16384;
 /// Threads OpenMP would use (1 in a serial build).
 int max_threads();
 
+/// The instruction set of the kernel loops in use: "avx2" or "baseline".
+const char* kernel_isa();
+
 }  // namespace regrad

@@ -1,0 +1,266 @@
+// Thin bindings of the finite-difference engine and its RNG: check sizes, release the GIL, call the core.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common.hpp"
+#include "regrad/numerical.hpp"
+#include "regrad/rng.hpp"
+
+namespace py = pybind11;
+
+namespace regrad::bindings {
+
+namespace {
+
+using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+DifferenceMethod parse_method(const std::string& method) {
+    if (method == "forward") return DifferenceMethod::Forward;
+    if (method == "central") return DifferenceMethod::Central;
+    if (method == "richardson") return DifferenceMethod::Richardson;
+    throw py::value_error("unknown difference method '" + method + "'; expected forward, central or richardson");
+}
+
+Direction parse_direction(const std::string& kind) {
+    if (kind == "rademacher") return Direction::Rademacher;
+    if (kind == "gaussian") return Direction::Gaussian;
+    throw py::value_error("unknown direction kind '" + kind + "'; expected rademacher or gaussian");
+}
+
+/// Typed pointer view of checked arrays; `ptrs` must outlive the batch.
+template <class T>
+RaggedBatch<T> typed_batch(const RaggedArrays& ragged, std::vector<const T*>& ptrs) {
+    ptrs.resize(ragged.data.size());
+    for (size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = static_cast<const T*>(ragged.data[i]);
+    return RaggedBatch<T>{ptrs.data(), ragged.offsets.data(), static_cast<int64_t>(ptrs.size()), ragged.width};
+}
+
+/// Checks the output buffers (one per datum: writable, same dtype, C-contiguous, `rows` x datum size).
+template <class T>
+std::vector<T*> block_buffers(const py::sequence& outs, const RaggedArrays& ragged, int64_t& rows) {
+    const auto b = static_cast<int64_t>(ragged.data.size());
+    if (static_cast<int64_t>(py::len(outs)) != b) {
+        throw py::value_error("got " + std::to_string(py::len(outs)) + " output buffers for " + std::to_string(b) +
+                              " data");
+    }
+    std::vector<T*> ptrs(static_cast<size_t>(b));
+    rows = -1;
+    for (int64_t j = 0; j < b; ++j) {
+        py::object item = outs[static_cast<size_t>(j)];
+        if (!py::isinstance<py::array>(item)) throw py::type_error("output buffer " + std::to_string(j) + " is not a numpy array");
+        auto a = py::reinterpret_borrow<py::array>(item);
+        if (!a.dtype().is(py::dtype::of<T>())) {
+            throw py::type_error("output buffer " + std::to_string(j) + " has dtype " + std::string(py::str(a.dtype())) +
+                                 " but the log-probs have " + std::string(py::str(ragged.dtype)));
+        }
+        if (!(a.flags() & py::array::c_style) || !a.writeable()) {
+            throw py::value_error("output buffer " + std::to_string(j) + " must be C-contiguous and writable");
+        }
+        if (a.ndim() < 1) throw py::value_error("output buffer " + std::to_string(j) + " has no row dimension");
+        const int64_t r = a.shape(0);
+        if (rows < 0) rows = r;
+        const int64_t len = ragged.offsets[j + 1] - ragged.offsets[j];
+        if (r != rows || a.size() != r * len) {
+            throw py::value_error("output buffer " + std::to_string(j) + " has " + std::to_string(a.size()) +
+                                  " elements; expected " + std::to_string(rows) + " rows of " + std::to_string(len));
+        }
+        ptrs[static_cast<size_t>(j)] = static_cast<T*>(a.mutable_data());
+    }
+    if (rows < 0) rows = 0;
+    return ptrs;
+}
+
+template <class T>
+py::tuple points_impl(const RaggedArrays& ragged, DifferenceMethod method, double scale,
+                      const std::optional<DoubleArray>& step) {
+    std::vector<const T*> ptrs;
+    const RaggedBatch<T> batch = typed_batch<T>(ragged, ptrs);
+    const int64_t n = ragged.offsets.back();
+    const int np = points_per_element(method);
+    py::array_t<T> points({static_cast<int64_t>(np), n});
+    py::array_t<double> spacing({static_cast<int64_t>(np), n});
+    const double* s = step ? step->data() : nullptr;
+    const int64_t s_len = step ? step->size() : 0;
+    T* p = points.mutable_data();
+    double* d = spacing.mutable_data();
+    {
+        py::gil_scoped_release release;
+        difference_points<T>(batch, method, scale, s, s_len, p, d);
+    }
+    return py::make_tuple(points, spacing);
+}
+
+/// difference_points(arrays, method, scale, step) -> (points [P, n] in the dtype, spacing [P, n] float64)
+py::tuple points(const py::sequence& arrays, const std::string& method, double scale, std::optional<DoubleArray> step) {
+    const DifferenceMethod m = parse_method(method);
+    RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
+    if (ragged.is_double) return points_impl<double>(ragged, m, scale, step);
+    return points_impl<float>(ragged, m, scale, step);
+}
+
+template <class T>
+void block_impl(const RaggedArrays& ragged, const py::sequence& outs, const py::array& points, int64_t element_offset,
+                int npoints, int64_t q_begin, int64_t count, bool full, int64_t prev_begin, int64_t prev_count) {
+    std::vector<const T*> ptrs;
+    const RaggedBatch<T> batch = typed_batch<T>(ragged, ptrs);
+    int64_t rows = 0;
+    std::vector<T*> out = block_buffers<T>(outs, ragged, rows);
+    if (!points.dtype().is(py::dtype::of<T>()) || points.ndim() != 2 || !(points.flags() & py::array::c_style)) {
+        throw py::type_error("points must be a C-contiguous [P, n] array of the log-probs' dtype");
+    }
+    const int64_t stride = points.shape(1);
+    if (points.shape(0) != npoints || element_offset < 0 || element_offset + batch.size() > stride) {
+        throw py::value_error("points has shape [" + std::to_string(points.shape(0)) + ", " + std::to_string(stride) +
+                              "] but the block needs " + std::to_string(npoints) + " points for elements [" +
+                              std::to_string(element_offset) + ", " + std::to_string(element_offset + batch.size()) + ")");
+    }
+    const T* p = static_cast<const T*>(points.data()) + element_offset;
+    py::gil_scoped_release release;
+    write_difference_block<T>(batch, out.data(), rows, p, stride, npoints, q_begin, count, full, prev_begin, prev_count);
+}
+
+void block(const py::sequence& arrays, const py::sequence& outs, const py::array& points, int64_t element_offset,
+           int npoints, int64_t q_begin, int64_t count, bool full, int64_t prev_begin, int64_t prev_count) {
+    RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
+    if (ragged.is_double) {
+        block_impl<double>(ragged, outs, points, element_offset, npoints, q_begin, count, full, prev_begin, prev_count);
+    } else {
+        block_impl<float>(ragged, outs, points, element_offset, npoints, q_begin, count, full, prev_begin, prev_count);
+    }
+}
+
+/// quotients(method, spacing [P, n], f, f_stride_e, f_stride_k, f0, f0_stride, loss_eps) -> (grad, error) float64 [n]
+py::tuple quotients(const std::string& method, const DoubleArray& spacing, const DoubleArray& f, int64_t f_stride_e,
+                    int64_t f_stride_k, std::optional<DoubleArray> f0, int64_t f0_stride, double loss_eps) {
+    const DifferenceMethod m = parse_method(method);
+    const int np = points_per_element(m);
+    if (spacing.ndim() != 2 || spacing.shape(0) != np) {
+        throw py::value_error("spacing must be [" + std::to_string(np) + ", n] for method " + method);
+    }
+    const int64_t n = spacing.shape(1);
+    if (f_stride_e < 0 || f_stride_k < 0 || f0_stride < 0) throw py::value_error("strides must be >= 0");
+    if (n > 0) {
+        const int64_t last = (n - 1) * f_stride_e + (np - 1) * f_stride_k;
+        if (last >= f.size()) {
+            throw py::value_error("loss values: " + std::to_string(f.size()) + " given, index " + std::to_string(last) +
+                                  " needed");
+        }
+        if (m == DifferenceMethod::Forward) {
+            if (!f0) throw py::value_error("forward differences need f0, the loss at x");
+            if ((n - 1) * f0_stride >= f0->size()) throw py::value_error("f0 is too short");
+        }
+    }
+    py::array_t<double> grad(n);
+    py::array_t<double> error(n);
+    const double* f0p = f0 ? f0->data() : nullptr;
+    const double* sp = spacing.data();
+    const double* fp = f.data();
+    double* g = grad.mutable_data();
+    double* err = error.mutable_data();
+    {
+        py::gil_scoped_release release;
+        difference_quotients(m, n, sp, fp, f_stride_e, f_stride_k, f0p, f0_stride, loss_eps, g, err);
+    }
+    return py::make_tuple(grad, error);
+}
+
+template <class T>
+void random_block_impl(const RaggedArrays& ragged, const DoubleArray& scale, Direction kind, uint64_t seed,
+                       int64_t index_offset, bool antithetic, const py::sequence& outs, int64_t q_begin, int64_t count) {
+    std::vector<const T*> ptrs;
+    const RaggedBatch<T> batch = typed_batch<T>(ragged, ptrs);
+    int64_t rows = 0;
+    std::vector<T*> out = block_buffers<T>(outs, ragged, rows);
+    if (scale.size() != batch.size()) {
+        throw py::value_error("scale has " + std::to_string(scale.size()) + " entries for " +
+                              std::to_string(batch.size()) + " log-probs");
+    }
+    const double* s = scale.data();
+    py::gil_scoped_release release;
+    write_random_block<T>(batch, s, kind, seed, index_offset, antithetic, out.data(), rows, q_begin, count);
+}
+
+void random_block(const py::sequence& arrays, const DoubleArray& scale, const std::string& kind, uint64_t seed,
+                  int64_t index_offset, bool antithetic, const py::sequence& outs, int64_t q_begin, int64_t count) {
+    const Direction d = parse_direction(kind);
+    RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
+    if (ragged.is_double) {
+        random_block_impl<double>(ragged, scale, d, seed, index_offset, antithetic, outs, q_begin, count);
+    } else {
+        random_block_impl<float>(ragged, scale, d, seed, index_offset, antithetic, outs, q_begin, count);
+    }
+}
+
+/// random_estimate(kind, seed, scale [n], index_offset, f, antithetic, f0) -> (grad, variance) float64 [n]
+py::tuple estimate(const std::string& kind, uint64_t seed, const DoubleArray& scale, int64_t index_offset,
+                   const DoubleArray& f, bool antithetic, double f0) {
+    const Direction d = parse_direction(kind);
+    const int64_t n = scale.size();
+    const int64_t per_sample = antithetic ? 2 : 1;
+    if (f.size() == 0 || f.size() % per_sample != 0) {
+        throw py::value_error("loss values: " + std::to_string(f.size()) + " given; expected a positive multiple of " +
+                              std::to_string(per_sample));
+    }
+    if (index_offset < 0) throw py::value_error("index_offset must be >= 0");
+    py::array_t<double> grad(n);
+    py::array_t<double> variance(n);
+    const double* s = scale.data();
+    const double* fp = f.data();
+    double* g = grad.mutable_data();
+    double* v = variance.mutable_data();
+    const int64_t samples = f.size() / per_sample;
+    {
+        py::gil_scoped_release release;
+        random_estimate(d, seed, n, index_offset, s, fp, samples, antithetic, f0, g, v);
+    }
+    return py::make_tuple(grad, variance);
+}
+
+/// random_directions(kind, seed, sample, index_begin, count) -> float64 [count]
+py::array_t<double> directions(const std::string& kind, uint64_t seed, uint64_t sample, uint64_t index_begin,
+                               int64_t count) {
+    const Direction d = parse_direction(kind);
+    if (count < 0) throw py::value_error("count must be >= 0");
+    py::array_t<double> out(count);
+    double* o = out.mutable_data();
+    for (int64_t i = 0; i < count; ++i) o[i] = random_direction(d, seed, sample, index_begin + static_cast<uint64_t>(i));
+    return out;
+}
+
+}  // namespace
+
+void register_numerical(py::module_& m) {
+    m.def("difference_step_scale", [](const std::string& method, const std::string& dtype) {
+        const DifferenceMethod dm = parse_method(method);
+        if (dtype == "float32") return default_step_scale<float>(dm);
+        if (dtype == "float64") return default_step_scale<double>(dm);
+        throw py::value_error("dtype must be float32 or float64, got " + dtype);
+    }, py::arg("method"), py::arg("dtype"), "Relative step c of h = c * max(1, |x|) for a method and working dtype.");
+    m.def("difference_points", &points, py::arg("arrays"), py::arg("method"), py::arg("scale"),
+          py::arg("step") = py::none(),
+          "Perturbed values [P, n] (input dtype) and the steps actually taken [P, n] (float64).");
+    m.def("difference_block", &block, py::arg("arrays"), py::arg("outs"), py::arg("points"), py::arg("element_offset"),
+          py::arg("npoints"), py::arg("q_begin"), py::arg("count"), py::arg("full"), py::arg("prev_begin") = 0,
+          py::arg("prev_count") = 0,
+          "Writes a block of one-element perturbations into per-datum [rows, ...] buffers (in place).");
+    m.def("difference_quotients", &quotients, py::arg("method"), py::arg("spacing"), py::arg("f"),
+          py::arg("f_stride_e"), py::arg("f_stride_k"), py::arg("f0") = py::none(), py::arg("f0_stride") = 0,
+          py::arg("loss_eps") = 0.0, "Gradient and per-element error estimate from loss values at the points.");
+    m.def("random_block", &random_block, py::arg("arrays"), py::arg("scale"), py::arg("kind"), py::arg("seed"),
+          py::arg("index_offset"), py::arg("antithetic"), py::arg("outs"), py::arg("q_begin"), py::arg("count"),
+          "Writes x +- scale * u_s rows (random directions regenerated from the seed) into per-datum buffers.");
+    m.def("random_estimate", &estimate, py::arg("kind"), py::arg("seed"), py::arg("scale"), py::arg("index_offset"),
+          py::arg("f"), py::arg("antithetic"), py::arg("f0") = 0.0,
+          "Randomized gradient estimate (mean over samples) and the variance of that mean.");
+    m.def("random_directions", &directions, py::arg("kind"), py::arg("seed"), py::arg("sample"),
+          py::arg("index_begin"), py::arg("count"), "Components of random direction `sample` (for tests and inspection).");
+    m.def("philox4x32", [](std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) { return philox4x32(counter, key); },
+          py::arg("counter"), py::arg("key"), "The Philox4x32-10 block function (known-answer tests).");
+}
+
+}  // namespace regrad::bindings

@@ -1,0 +1,297 @@
+// Finite-difference engine. Every loop writes disjoint outputs, so the results are the same bits
+// for any OpenMP thread count; errors found inside parallel loops are thrown after them.
+#include "regrad/numerical.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace regrad {
+
+namespace {
+
+constexpr double kFractions[4] = {1.0, -1.0, 0.5, -0.5};
+constexpr int64_t kParallelElements = 1 << 14;  // below this, threads cost more than they save
+
+/// Datum holding packed element e (offsets is sorted, batch + 1 entries).
+int64_t datum_of(const int64_t* offsets, int64_t batch, int64_t e) {
+    const int64_t* it = std::upper_bound(offsets, offsets + batch + 1, e);
+    return static_cast<int64_t>(it - offsets) - 1;
+}
+
+template <class T>
+void check_batch(const RaggedBatch<T>& x) {
+    check_offsets(x.offsets, x.batch, x.width);
+    for (int64_t j = 0; j < x.batch; ++j) {
+        if (x.length(j) > 0 && x.data[j] == nullptr) {
+            throw std::invalid_argument("datum " + std::to_string(j) + " has elements but no data pointer");
+        }
+    }
+}
+
+void check_range(const char* what, int64_t begin, int64_t count, int64_t total) {
+    if (begin < 0 || count < 0 || begin > total || count > total - begin) {
+        throw std::invalid_argument(std::string(what) + " [" + std::to_string(begin) + ", " +
+                                    std::to_string(begin + count) + ") is outside the " + std::to_string(total) +
+                                    " perturbations");
+    }
+}
+
+enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3 };
+
+}  // namespace
+
+int points_per_element(DifferenceMethod method) {
+    switch (method) {
+        case DifferenceMethod::Forward: return 1;
+        case DifferenceMethod::Central: return 2;
+        case DifferenceMethod::Richardson: return 4;
+    }
+    return 0;
+}
+
+template <class T>
+double default_step_scale(DifferenceMethod method) {
+    const double eps = std::numeric_limits<T>::epsilon();
+    return method == DifferenceMethod::Forward ? std::sqrt(eps) : std::cbrt(eps);
+}
+
+template double default_step_scale<float>(DifferenceMethod);
+template double default_step_scale<double>(DifferenceMethod);
+
+template <class T>
+void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double scale, const double* step,
+                       int64_t step_len, T* points, double* spacing) {
+    check_batch(x);
+    const int64_t n = x.size();
+    const int np = points_per_element(method);
+    if (step != nullptr && step_len != 1 && step_len != n) {
+        throw std::invalid_argument("step has " + std::to_string(step_len) + " entries; expected 1 or " +
+                                    std::to_string(n) + " (one per log-prob)");
+    }
+    if (step == nullptr && !(scale > 0 && std::isfinite(scale))) {
+        throw std::invalid_argument("relative step must be positive and finite, got " + std::to_string(scale));
+    }
+    // First problem per datum (element index, kind); scanned in datum order after the loop.
+    std::vector<int64_t> bad_at(static_cast<size_t>(x.batch), -1);
+    std::vector<int> bad_kind(static_cast<size_t>(x.batch), 0);
+    const bool parallel = n >= kParallelElements && x.batch > 1;
+    (void)parallel;
+#pragma omp parallel for schedule(dynamic) if (parallel)
+    for (int64_t j = 0; j < x.batch; ++j) {
+        const T* xj = x.data[j];
+        const int64_t base = x.offsets[j];
+        for (int64_t i = 0; i < x.length(j); ++i) {
+            const int64_t e = base + i;
+            const T xv = xj[i];
+            if (!std::isfinite(xv)) {
+                bad_at[j] = i;
+                bad_kind[j] = static_cast<int>(PointProblem::NonFiniteX);
+                break;
+            }
+            const double ax = std::fabs(static_cast<double>(xv));
+            const double h = step == nullptr ? scale * (ax > 1.0 ? ax : 1.0) : step[step_len == 1 ? 0 : e];
+            if (!(h > 0) || !std::isfinite(h)) {
+                bad_at[j] = i;
+                bad_kind[j] = static_cast<int>(PointProblem::BadStep);
+                break;
+            }
+            bool underflow = false;
+            for (int k = 0; k < np; ++k) {
+                const T p = static_cast<T>(static_cast<double>(xv) + kFractions[k] * h);
+                underflow = underflow || p == xv || !std::isfinite(p);
+                points[k * n + e] = p;
+                spacing[k * n + e] = static_cast<double>(p) - static_cast<double>(xv);
+            }
+            if (underflow) {
+                bad_at[j] = i;
+                bad_kind[j] = static_cast<int>(PointProblem::Underflow);
+                break;
+            }
+        }
+    }
+    for (int64_t j = 0; j < x.batch; ++j) {
+        if (bad_at[j] < 0) continue;
+        const int64_t i = bad_at[j];
+        const int64_t e = x.offsets[j] + i;
+        const std::string where = describe_position(j, i, x.width);
+        const double xv = static_cast<double>(x.data[j][i]);
+        const double ax = std::fabs(xv);
+        const double h = step == nullptr ? scale * (ax > 1.0 ? ax : 1.0) : step[step_len == 1 ? 0 : e];
+        switch (static_cast<PointProblem>(bad_kind[j])) {
+            case PointProblem::NonFiniteX:
+                throw NonFiniteError("non-finite log-prob " + std::to_string(xv) + " at " + where, j, i);
+            case PointProblem::BadStep:
+                throw std::invalid_argument("step " + std::to_string(h) + " at " + where +
+                                            " is not positive and finite");
+            default:
+                throw StepUnderflowError("step underflow at " + where + ": x + h == x for x = " + std::to_string(xv) +
+                                             " and h = " + std::to_string(h) +
+                                             " in the working dtype (use a larger step)",
+                                         e);
+        }
+    }
+}
+
+template void difference_points<float>(const RaggedBatch<float>&, DifferenceMethod, double, const double*, int64_t,
+                                       float*, double*);
+template void difference_points<double>(const RaggedBatch<double>&, DifferenceMethod, double, const double*,
+                                        int64_t, double*, double*);
+
+template <class T>
+void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capacity, const T* points,
+                            int64_t points_stride, int npoints, int64_t q_begin, int64_t count, bool full,
+                            int64_t prev_begin, int64_t prev_count) {
+    check_batch(x);
+    const int64_t n = x.size();
+    if (npoints < 1 || npoints > 4) throw std::invalid_argument("npoints must be 1, 2 or 4");
+    if (points_stride < n) throw std::invalid_argument("points_stride is smaller than the batch");
+    if (count > capacity) {
+        throw std::invalid_argument("block of " + std::to_string(count) + " perturbations exceeds the " +
+                                    std::to_string(capacity) + " rows of the buffers");
+    }
+    const int64_t total = n * npoints;
+    check_range("block", q_begin, count, total);
+    if (!full) {
+        check_range("previous block", prev_begin, prev_count, total);
+        if (prev_count > capacity) throw std::invalid_argument("previous block exceeds the buffers");
+    }
+    const int64_t batch = x.batch;
+    if (full) {
+        const bool parallel = capacity * n >= kParallelElements;
+        (void)parallel;
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int64_t r = 0; r < capacity; ++r) {
+            for (int64_t j = 0; j < batch; ++j) {
+                const int64_t len = x.length(j);
+                if (len > 0) std::memcpy(out[j] + r * len, x.data[j], static_cast<size_t>(len) * sizeof(T));
+            }
+        }
+    } else {
+        for (int64_t r = 0; r < prev_count; ++r) {
+            const int64_t e = (prev_begin + r) / npoints;
+            const int64_t j = datum_of(x.offsets, batch, e);
+            const int64_t i = e - x.offsets[j];
+            out[j][r * x.length(j) + i] = x.data[j][i];
+        }
+    }
+    for (int64_t r = 0; r < count; ++r) {
+        const int64_t q = q_begin + r;
+        const int64_t e = q / npoints;
+        const int64_t k = q % npoints;
+        const int64_t j = datum_of(x.offsets, batch, e);
+        const int64_t i = e - x.offsets[j];
+        out[j][r * x.length(j) + i] = points[k * points_stride + e];
+    }
+}
+
+template void write_difference_block<float>(const RaggedBatch<float>&, float* const*, int64_t, const float*, int64_t,
+                                            int, int64_t, int64_t, bool, int64_t, int64_t);
+template void write_difference_block<double>(const RaggedBatch<double>&, double* const*, int64_t, const double*,
+                                             int64_t, int, int64_t, int64_t, bool, int64_t, int64_t);
+
+void difference_quotients(DifferenceMethod method, int64_t n, const double* spacing, const double* f,
+                          int64_t f_stride_e, int64_t f_stride_k, const double* f0, int64_t f0_stride,
+                          double loss_eps, double* grad, double* error) {
+    if (method == DifferenceMethod::Forward && f0 == nullptr) {
+        throw std::invalid_argument("forward differences need the loss at x (f0)");
+    }
+    const bool parallel = n >= kParallelElements;
+    (void)parallel;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t e = 0; e < n; ++e) {
+        const double* fe = f + e * f_stride_e;
+        if (method == DifferenceMethod::Forward) {
+            const double fb = f0[e * f0_stride];
+            const double d = spacing[e];
+            grad[e] = (fe[0] - fb) / d;
+            error[e] = loss_eps * (std::fabs(fe[0]) + std::fabs(fb)) / d;
+            continue;
+        }
+        const double fp = fe[0];
+        const double fm = fe[f_stride_k];
+        const double d1 = spacing[e] - spacing[n + e];
+        const double g1 = (fp - fm) / d1;
+        const double r1 = loss_eps * (std::fabs(fp) + std::fabs(fm)) / d1;
+        if (method == DifferenceMethod::Central) {
+            grad[e] = g1;
+            error[e] = r1;
+            continue;
+        }
+        const double fp2 = fe[2 * f_stride_k];
+        const double fm2 = fe[3 * f_stride_k];
+        const double d2 = spacing[2 * n + e] - spacing[3 * n + e];
+        const double g2 = (fp2 - fm2) / d2;
+        const double r2 = loss_eps * (std::fabs(fp2) + std::fabs(fm2)) / d2;
+        // Steps are the rounded ones, so their ratio is only about 2: extrapolate with the true ratio.
+        const double ratio2 = (d1 / d2) * (d1 / d2);
+        const double extrapolated = (ratio2 * g2 - g1) / (ratio2 - 1.0);
+        grad[e] = extrapolated;
+        error[e] = std::fabs(extrapolated - g2) + (ratio2 * r2 + r1) / (ratio2 - 1.0);
+    }
+}
+
+template <class T>
+void write_random_block(const RaggedBatch<T>& x, const double* scale, Direction kind, uint64_t seed,
+                        int64_t index_offset, bool antithetic, T* const* out, int64_t capacity, int64_t q_begin,
+                        int64_t count) {
+    check_batch(x);
+    if (count > capacity) {
+        throw std::invalid_argument("block of " + std::to_string(count) + " perturbations exceeds the " +
+                                    std::to_string(capacity) + " rows of the buffers");
+    }
+    if (q_begin < 0 || count < 0 || index_offset < 0) throw std::invalid_argument("negative perturbation index");
+    const int64_t batch = x.batch;
+    const int64_t tasks = count * batch;
+    const bool parallel = count * x.size() >= kParallelElements / 4;  // RNG work is heavier than a copy
+    (void)parallel;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t r = t / batch;
+        const int64_t j = t % batch;
+        const int64_t q = q_begin + r;
+        const uint64_t sample = static_cast<uint64_t>(antithetic ? q / 2 : q);
+        const double sign = (antithetic && (q % 2 == 1)) ? -1.0 : 1.0;
+        const int64_t len = x.length(j);
+        const int64_t base = x.offsets[j];
+        const T* xj = x.data[j];
+        T* row = out[j] + r * len;
+        for (int64_t i = 0; i < len; ++i) {
+            const int64_t e = base + i;
+            const double u = random_direction(kind, seed, sample, static_cast<uint64_t>(index_offset + e));
+            row[i] = static_cast<T>(static_cast<double>(xj[i]) + sign * scale[e] * u);
+        }
+    }
+}
+
+template void write_random_block<float>(const RaggedBatch<float>&, const double*, Direction, uint64_t, int64_t, bool,
+                                        float* const*, int64_t, int64_t, int64_t);
+template void write_random_block<double>(const RaggedBatch<double>&, const double*, Direction, uint64_t, int64_t,
+                                         bool, double* const*, int64_t, int64_t, int64_t);
+
+void random_estimate(Direction kind, uint64_t seed, int64_t n, int64_t index_offset, const double* scale,
+                     const double* f, int64_t samples, bool antithetic, double f0, double* grad, double* variance) {
+    if (samples < 1) throw std::invalid_argument("need at least one sample");
+    const bool parallel = n * samples >= kParallelElements / 4;
+    (void)parallel;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t e = 0; e < n; ++e) {
+        double mean = 0.0;
+        double m2 = 0.0;  // Welford's running sum of squared deviations
+        for (int64_t s = 0; s < samples; ++s) {
+            const double u = random_direction(kind, seed, static_cast<uint64_t>(s), static_cast<uint64_t>(index_offset + e));
+            const double g = antithetic ? (f[2 * s] - f[2 * s + 1]) * u / (2.0 * scale[e])
+                                        : (f[s] - f0) * u / scale[e];
+            const double delta = g - mean;
+            mean += delta / static_cast<double>(s + 1);
+            m2 += delta * (g - mean);
+        }
+        grad[e] = mean;
+        variance[e] = samples > 1 ? m2 / static_cast<double>(samples - 1) / static_cast<double>(samples)
+                                  : std::numeric_limits<double>::infinity();
+    }
+}
+
+}  // namespace regrad

@@ -1,0 +1,93 @@
+"""Training data in Tinker's shape: `Datum(model_input, loss_fn_inputs)`, and readers of either kind.
+
+A `tinker.types.Datum` is accepted wherever a `regrad.Datum` is: the readers below only use what
+both have (`model_input.to_ints()` or a token list, and `loss_fn_inputs[...]` as arrays).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["Datum", "ModelInput", "loss_input", "input_tokens", "datum_from_text", "data_from_texts"]
+
+
+@dataclass
+class ModelInput:
+    """Input token ids of one datum (Tinker's `ModelInput` with a single chunk of ints)."""
+
+    tokens: List[int]
+
+    @classmethod
+    def from_ints(cls, tokens: Sequence[int]) -> "ModelInput":
+        return cls([int(t) for t in tokens])
+
+    def to_ints(self) -> List[int]:
+        return list(self.tokens)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Datum:
+    """One training example: `model_input` token ids and `loss_fn_inputs` (`target_tokens`, `weights`, ...)."""
+
+    model_input: Any
+    loss_fn_inputs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_input, (list, tuple, np.ndarray)):
+            self.model_input = ModelInput.from_ints(self.model_input)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "to_numpy"):  # tinker.types.TensorData
+        return np.asarray(value.to_numpy())
+    if hasattr(value, "detach"):  # torch.Tensor
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def loss_input(datum: Any, key: str, index: int = 0, *, required: bool = True) -> Optional[np.ndarray]:
+    """`datum.loss_fn_inputs[key]` as a numpy array, for a regrad or tinker Datum (index names it in errors)."""
+    inputs = getattr(datum, "loss_fn_inputs", None)
+    if inputs is None:
+        raise InputError(f"datum {index} is a {type(datum).__name__}, not a Datum with loss_fn_inputs")
+    if key not in inputs:
+        if required:
+            raise InputError(f"datum {index} has no loss_fn_inputs[{key!r}] (has {sorted(inputs)})")
+        return None
+    return _to_numpy(inputs[key])
+
+
+def input_tokens(datum: Any, index: int = 0) -> List[int]:
+    """The input token ids of a regrad or tinker Datum."""
+    mi = getattr(datum, "model_input", None)
+    if mi is None:
+        raise InputError(f"datum {index} has no model_input")
+    if hasattr(mi, "to_ints"):
+        return [int(t) for t in mi.to_ints()]
+    return [int(t) for t in mi]
+
+
+def datum_from_text(text: str, *, weights: Optional[Sequence[float]] = None) -> Datum:
+    """A next-byte-prediction Datum from text: inputs are bytes[:-1], targets bytes[1:], weights 1."""
+    ids = list(text.encode("utf-8"))
+    if len(ids) < 2:
+        raise InputError(f"text {text!r} is too short: it needs at least 2 bytes to make one target")
+    targets = np.asarray(ids[1:], dtype=np.int64)
+    w = np.ones(len(targets), dtype=np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+    if w.shape != targets.shape:
+        raise InputError(f"weights have shape {w.shape} but the text gives {targets.shape[0]} targets")
+    return Datum(ModelInput.from_ints(ids[:-1]), {"target_tokens": targets, "weights": w})
+
+
+def data_from_texts(texts: Sequence[str]) -> List[Datum]:
+    """One next-byte-prediction Datum per text."""
+    return [datum_from_text(t) for t in texts]

@@ -1,0 +1,305 @@
+"""The C++ regularizer kernels against numpy formulas and torch autograd."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import regrad
+from regrad import kernels
+
+from conftest import ragged
+
+TOL = {np.float32: dict(rtol=2e-5, atol=1e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def reference(kind, arrays, mask=None, reduction="mean"):
+    """numpy value, per-datum values and gradient of the batch value, in float64."""
+    per, grads = [], []
+    for i, a in enumerate(arrays):
+        x = a.astype(np.float64)
+        keep = np.ones(x.shape[0], bool) if mask is None else np.asarray(mask[i]) > 0
+        keep = keep.reshape((-1,) + (1,) * (x.ndim - 1)) * np.ones_like(x, dtype=bool)
+        xm = np.where(keep, x, 0.0)
+        if kind == "l1":
+            v, g = np.abs(xm).sum(), np.sign(xm)
+        elif kind == "l2":
+            v, g = (xm**2).sum(), 2 * xm
+        elif kind == "l2_norm":
+            v = np.sqrt((xm**2).sum())
+            g = xm / v if v > 0 else np.zeros_like(xm)
+        else:
+            v, g = -(np.exp(xm) * xm)[keep].sum(), np.where(keep, -np.exp(xm) * (1 + xm), 0.0)
+        per.append(v)
+        grads.append(g)
+    scale = 1.0 / len(arrays) if reduction == "mean" else 1.0
+    return sum(per) * scale, np.array(per), [g * scale for g in grads]
+
+
+KINDS = ["l1", "l2", "l2_norm", "entropy"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [None, 7])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_numpy(rng, kind, dtype, width, reduction):
+    arrays = ragged(rng, [5, 1, 300, 40000], dtype, width)
+    res = kernels.regularizer(kind, arrays, reduction=reduction)
+    v, per, grads = reference(kind, arrays, reduction=reduction)
+    tol = TOL[dtype]
+    assert isinstance(res.value, float)
+    np.testing.assert_allclose(res.value, v, rtol=tol["rtol"] * 10)
+    np.testing.assert_allclose(res.per_datum, per, rtol=tol["rtol"] * 10)
+    assert res.per_datum.dtype == dtype
+    for g, ref, a in zip(res.grads, grads, arrays):
+        assert g.dtype == dtype and g.shape == a.shape
+        np.testing.assert_allclose(g, ref, **tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_torch_autograd(rng, kind, dtype):
+    arrays = ragged(rng, [3, 17, 64], np.float64, width=5)
+    ours = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in arrays]
+    theirs = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in arrays]
+    res = kernels.regularizer(kind, ours)
+    res.value.backward()
+    terms = {
+        "l1": lambda x: x.abs().sum(),
+        "l2": lambda x: (x * x).sum(),
+        "l2_norm": lambda x: torch.linalg.vector_norm(x),
+        "entropy": lambda x: -(x.exp() * x).sum(),
+    }[kind]
+    ref = torch.stack([terms(x) for x in theirs]).mean()
+    ref.backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert res.value.dtype == dtype and res.value.shape == ()
+    torch.testing.assert_close(res.value, ref.detach(), **tol)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, **tol)
+    assert all(isinstance(g, torch.Tensor) and g.dtype == dtype for g in res.grads)
+
+
+def test_backward_scales_by_incoming_gradient(rng):
+    x = torch.tensor(ragged(rng, [10], np.float64)[0], requires_grad=True)
+    (3.0 * kernels.l1([x]).value).backward()
+    torch.testing.assert_close(x.grad, 3.0 * torch.sign(x.detach()))
+
+
+def test_l1_sign_of_zero_is_zero():
+    res = kernels.l1([np.array([0.0, -0.0, 2.0, -3.0])], reduction="sum")
+    np.testing.assert_array_equal(res.grads[0], [0.0, 0.0, 1.0, -1.0])
+    assert res.value == 5.0
+
+
+def test_l2_norm_gradient_at_zero_is_zero():
+    res = kernels.l2([np.zeros(4)], squared=False)
+    assert res.value == 0.0
+    np.testing.assert_array_equal(res.grads[0], np.zeros(4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("width", [None, 3])
+def test_mask_excludes_tokens(rng, kind, width):
+    arrays = ragged(rng, [6, 9, 4], np.float64, width)
+    mask = [rng.random(len(a)) > 0.4 for a in arrays]
+    res = kernels.regularizer(kind, arrays, mask=mask)
+    v, per, grads = reference(kind, arrays, mask=mask)
+    np.testing.assert_allclose(res.value, v, rtol=1e-12)
+    np.testing.assert_allclose(res.per_datum, per, rtol=1e-12)
+    for g, ref, m in zip(res.grads, grads, mask):
+        np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-15)
+        assert np.all(g[~m] == 0)
+
+
+def test_masked_non_finite_is_ignored():
+    res = kernels.l1([np.array([1.0, np.nan, -2.0])], mask=[[1, 0, 1]], reduction="sum")
+    assert res.value == 3.0
+
+
+def test_tinker_weights_as_mask(rng):
+    x = ragged(rng, [5], np.float64)
+    w = [np.array([0.0, 0.5, 1.0, 0.0, 2.0])]
+    res = kernels.l2(x, mask=w, reduction="sum")
+    np.testing.assert_allclose(res.value, (x[0][w[0] > 0] ** 2).sum())
+
+
+def test_empty_datum_and_empty_batch():
+    res = kernels.entropy([np.zeros(0), np.array([-1.0, -2.0])])
+    np.testing.assert_allclose(res.per_datum, [0.0, -(np.exp([-1.0, -2.0]) * [-1.0, -2.0]).sum()])
+    assert res.grads[0].shape == (0,)
+    assert kernels.l1([], reduction="sum").value == 0.0
+    with pytest.raises(ValueError, match="empty batch"):
+        kernels.l1([], reduction="mean")
+
+
+def test_contiguous_inputs_not_copied_and_strided_inputs_copied(rng):
+    base = rng.normal(size=(10, 4))
+    strided = base[:, 1]
+    res = kernels.l1([strided], reduction="sum")
+    np.testing.assert_allclose(res.value, np.abs(strided).sum())
+    from regrad._arrays import as_array_batch
+
+    contiguous = rng.normal(size=20)
+    assert np.shares_memory(as_array_batch([contiguous]).arrays[0], contiguous)
+    t = torch.tensor(contiguous)
+    assert np.shares_memory(as_array_batch([t]).arrays[0], t.numpy())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_input_names_datum_and_position(kind, bad):
+    x = [np.zeros(3), np.zeros((40000,))]
+    x[1][31234] = bad
+    with pytest.raises(regrad.NonFiniteError, match="datum 1, token 31234") as info:
+        kernels.regularizer(kind, x)
+    assert info.value.datum == 1 and info.value.position == 31234
+
+
+def test_non_finite_in_2d_names_token_and_column():
+    x = [np.zeros((4, 3))]
+    x[0][2, 1] = np.nan
+    with pytest.raises(regrad.NonFiniteError, match="datum 0, token 2, column 1"):
+        kernels.l1(x)
+
+
+def test_overflowing_value_is_reported():
+    with pytest.raises(regrad.NonFiniteError, match="datum 0.*not finite"):
+        kernels.entropy([np.array([100.0], np.float32)])
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ([np.zeros(3, np.int64)], r"logprobs_list\[0\] has dtype int64"),
+        ([np.zeros(3, np.float32), np.zeros(3)], r"logprobs_list\[1\] has dtype float64"),
+        ([np.zeros((2, 3)), np.zeros((2, 4))], r"logprobs_list\[1\] has shape \(2, 4\)"),
+        ([np.zeros(3), np.zeros((3, 1))], r"logprobs_list\[1\] has shape"),
+        ([np.zeros((2, 2, 2))], r"expected \[T\] or \[T, K\]"),
+        ([[1.0, 2.0]], r"logprobs_list\[0\] is a list"),
+        ([np.zeros(2), torch.zeros(2, dtype=torch.float64)], "mixes numpy arrays and torch tensors"),
+        ([torch.zeros(2, dtype=torch.float16)], r"dtype torch.float16"),
+    ],
+)
+def test_bad_input_gets_named_error(arrays, match):
+    with pytest.raises(regrad.InputError, match=match):
+        kernels.l1(arrays)
+
+
+def test_bad_arguments():
+    with pytest.raises(regrad.InputError, match="single array"):
+        kernels.l1(np.zeros(3))
+    with pytest.raises(ValueError, match="reduction"):
+        kernels.l1([np.zeros(3)], reduction="max")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernels.regularizer("l3", [np.zeros(3)])
+    with pytest.raises(regrad.InputError, match=r"mask\[1\] has shape \(2,\); datum 1 has 3 tokens"):
+        kernels.l1([np.zeros(2), np.zeros(3)], mask=[[1, 1], [1, 1]])
+    with pytest.raises(regrad.InputError, match="mask has 1 entries"):
+        kernels.l1([np.zeros(2), np.zeros(3)], mask=[[1, 1]])
+
+
+def test_core_rejects_inconsistent_input_directly():
+    from regrad import _core
+
+    with pytest.raises(TypeError, match="not a numpy array"):
+        _core.regularizer("l1", [[1.0]])
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _core.regularizer("l1", [np.zeros((4, 4))[:, 0]])
+    with pytest.raises(ValueError, match="mask has 2 entries but the batch has 3 tokens"):
+        _core.regularizer("l1", [np.zeros(3)], np.ones(2, np.uint8))
+
+
+_DETERMINISM_SCRIPT = """
+import hashlib
+import numpy as np, regrad
+rng = np.random.default_rng(7)
+x = [rng.normal(size=n).astype(np.float32) for n in (3, 200000, 150001, 77)]
+out = []
+for k in ("l1", "l2", "l2_norm", "entropy"):
+    r = regrad.kernels.regularizer(k, x)
+    out.append(np.float64(r.value).tobytes().hex() + r.per_datum.tobytes().hex()[:64])
+    out.append(hashlib.sha256(np.concatenate(r.grads).tobytes()).hexdigest())
+print(regrad.build_info()["max_threads"], "|".join(out))
+"""
+
+
+@pytest.mark.parametrize("simd", ["native", "baseline"])
+def test_same_bits_for_any_thread_count(simd):
+    results = {}
+    for threads in ("1", "2"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads, REGRAD_SIMD=simd)
+        out = subprocess.run(
+            [sys.executable, "-c", _DETERMINISM_SCRIPT], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert out[0] == threads or not regrad.build_info()["openmp"]
+        results[threads] = out[1]
+    assert results["1"] == results["2"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 50), min_size=1, max_size=6),
+    width=st.sampled_from([None, 1, 4]),
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**31),
+)
+def test_random_ragged_batches(lengths, width, kind, dtype, seed):
+    rng = np.random.default_rng(seed)
+    arrays = ragged(rng, lengths, dtype, width, scale=3.0)
+    res = kernels.regularizer(kind, arrays, reduction="sum")
+    v, per, grads = reference(kind, arrays, reduction="sum")
+    tol = TOL[dtype]
+    np.testing.assert_allclose(res.per_datum, per, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+    for g, ref in zip(res.grads, grads):
+        np.testing.assert_allclose(g, ref, **tol)
+
+
+_BASELINE_SCRIPT = """
+import sys
+import numpy as np, regrad
+assert regrad.build_info()["simd"] == "baseline"
+rng = np.random.default_rng(3)
+out = {}
+for dt in (np.float32, np.float64):
+    x = [rng.normal(size=n).astype(dt) * 3 for n in (1, 13, 5000)]
+    for k in ("l1", "l2", "entropy"):
+        r = regrad.kernels.regularizer(k, x, mask=[np.ones(1), np.arange(13) % 2, np.ones(5000)])
+        out[f"{k}_{dt.__name__}_value"] = np.array(r.value)
+        out[f"{k}_{dt.__name__}_grad"] = np.concatenate(r.grads)
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_baseline_loops_match_numpy(tmp_path):
+    """The portable (non-AVX2) loops give the numpy reference too."""
+    path = tmp_path / "baseline.npz"
+    env = dict(os.environ, REGRAD_SIMD="baseline")
+    run = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(path)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got = np.load(path)
+    rng = np.random.default_rng(3)
+    mask = [np.ones(1), np.arange(13) % 2, np.ones(5000)]
+    for dt in (np.float32, np.float64):
+        x = [rng.normal(size=n).astype(dt) * 3 for n in (1, 13, 5000)]
+        for k in ("l1", "l2", "entropy"):
+            v, _, grads = reference(k, x, mask=mask)
+            tol = TOL[dt]
+            np.testing.assert_allclose(got[f"{k}_{dt.__name__}_value"], v, rtol=tol["rtol"] * 10)
+            np.testing.assert_allclose(got[f"{k}_{dt.__name__}_grad"], np.concatenate(grads), **tol)
+
+
+def test_build_info():
+    info = regrad.build_info()
+    assert set(info) >= {"version", "openmp", "max_threads", "cuda", "compiler", "simd"}
+    assert info["version"] == regrad.__version__
+    assert info["max_threads"] >= 1
