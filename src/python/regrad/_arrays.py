@@ -47,21 +47,15 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") ->
     for i, x in enumerate(items):
         if is_torch_tensor(x):
             torch_flags.add(True)
+            if x.dtype not in _torch_float_dtypes():
+                raise InputError(f"{what}[{i}] has dtype {x.dtype}; expected float32 or float64 (cast it first)")
             if x.device.type != "cpu":
                 raise InputError(
                     f"{what}[{i}] is on device {x.device}; the CPU core takes CPU tensors "
                     "(CUDA tensors need regrad built with REGRAD_CUDA=ON)"
                 )
-            if x.is_complex() or not x.is_floating_point():
-                raise InputError(f"{what}[{i}] has dtype {x.dtype}; expected float32 or float64")
             t = x.detach()
-            if not t.is_contiguous():
-                t = t.contiguous()
-            a = t.numpy() if t.dtype in _torch_float_dtypes() else None
-            if a is None:
-                raise InputError(
-                    f"{what}[{i}] has dtype {x.dtype}; expected float32 or float64 (cast it first)"
-                )
+            a = (t if t.is_contiguous() else t.contiguous()).numpy()
         elif isinstance(x, np.ndarray):
             torch_flags.add(False)
             a = x
@@ -90,10 +84,16 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") ->
     return ArrayBatch(arrays, bool(torch_flags and torch_flags.pop()), dtype, [a.shape for a in arrays])
 
 
-def _torch_float_dtypes() -> tuple:
-    import torch
+_TORCH_FLOAT_DTYPES: tuple = ()
 
-    return (torch.float32, torch.float64)
+
+def _torch_float_dtypes() -> tuple:
+    global _TORCH_FLOAT_DTYPES
+    if not _TORCH_FLOAT_DTYPES:
+        import torch
+
+        _TORCH_FLOAT_DTYPES = (torch.float32, torch.float64)
+    return _TORCH_FLOAT_DTYPES
 
 
 def token_mask(mask: Optional[Sequence[Any]], batch: ArrayBatch) -> Optional[np.ndarray]:
@@ -114,10 +114,14 @@ def token_mask(mask: Optional[Sequence[Any]], batch: ArrayBatch) -> Optional[np.
 
 def split_packed(packed: np.ndarray, batch: ArrayBatch) -> List[Any]:
     """Splits a packed result into per-datum views shaped like the input, as numpy or torch."""
-    bounds = np.cumsum(batch.sizes)[:-1]
-    parts = [p.reshape(s) for p, s in zip(np.split(packed, bounds), batch.shapes)]
     if batch.is_torch:
         import torch
 
-        return [torch.from_numpy(p) for p in parts]
-    return parts
+        flat = torch.from_numpy(packed)
+        return [p.view(s) for p, s in zip(flat.split(batch.sizes), batch.shapes)]
+    out = []
+    start = 0
+    for n, shape in zip(batch.sizes, batch.shapes):
+        out.append(packed[start : start + n].reshape(shape))
+        start += n
+    return out
