@@ -54,7 +54,7 @@ std::vector<T*> block_buffers(const py::sequence& outs, const RaggedArrays& ragg
         py::object item = outs[static_cast<size_t>(j)];
         if (!py::isinstance<py::array>(item)) throw py::type_error("output buffer " + std::to_string(j) + " is not a numpy array");
         auto a = py::reinterpret_borrow<py::array>(item);
-        if (!a.dtype().is(py::dtype::of<T>())) {
+        if (!has_dtype<T>(a)) {
             throw py::type_error("output buffer " + std::to_string(j) + " has dtype " + std::string(py::str(a.dtype())) +
                                  " but the log-probs have " + std::string(py::str(ragged.dtype)));
         }
@@ -110,7 +110,7 @@ void block_impl(const RaggedArrays& ragged, const py::sequence& outs, const py::
     const RaggedBatch<T> batch = typed_batch<T>(ragged, ptrs);
     int64_t rows = 0;
     std::vector<T*> out = block_buffers<T>(outs, ragged, rows);
-    if (!points.dtype().is(py::dtype::of<T>()) || points.ndim() != 2 || !(points.flags() & py::array::c_style)) {
+    if (!has_dtype<T>(points) || points.ndim() != 2 || !(points.flags() & py::array::c_style)) {
         throw py::type_error("points must be a C-contiguous [P, n] array of the log-probs' dtype");
     }
     const int64_t stride = points.shape(1);

@@ -16,8 +16,8 @@ RaggedArrays ragged_from_list(const py::sequence& arrays, const char* what) {
             throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is not a numpy array");
         }
         auto a = py::reinterpret_borrow<py::array>(item);
-        const bool f32 = a.dtype().is(py::dtype::of<float>());
-        const bool f64 = a.dtype().is(py::dtype::of<double>());
+        const bool f32 = has_dtype<float>(a);
+        const bool f64 = has_dtype<double>(a);
         if (!f32 && !f64) {
             throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] has dtype " +
                                  std::string(py::str(a.dtype())) + "; expected float32 or float64");

@@ -11,6 +11,12 @@ namespace regrad::bindings {
 
 namespace py = pybind11;
 
+/// True when the array's dtype is T's (by equivalence, not identity: unpickled dtypes are new objects).
+template <class T>
+bool has_dtype(const py::array& a) {
+    return py::isinstance<py::array_t<T>>(a);
+}
+
 /// A list of per-datum arrays seen as a ragged batch: pointers into the caller's memory, no copies.
 struct RaggedArrays {
     std::vector<const void*> data;

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "kernel_dispatch.hpp"
+#include "regrad/formulas.hpp"
 
 namespace regrad {
 namespace {
@@ -80,36 +81,19 @@ inline Vec<double>::type vexp(Vec<double>::type x) {
     return y;
 }
 
-// Each op gives the per-element value and the unscaled gradient, on whole vectors.
-struct L1Op {
+/// The CPU's math for the shared formulas: the vector exp above.
+struct VecMath {
     template <class V>
-    static void eval(V x, V& v, V& g) {
-        v = x < 0 ? -x : x;
-        g = (x > 0 ? splat<V>(1) : V{}) - (x < 0 ? splat<V>(1) : V{});
+    static V exp(V x) {
+        return vexp(x);
     }
 };
-struct L2SquaredOp {
-    template <class V>
-    static void eval(V x, V& v, V& g) {
-        v = x * x;
-        g = x + x;
-    }
-};
-struct IdentityOp {  // gradient pass of the L2 norm: g = x * (scale / norm)
-    template <class V>
-    static void eval(V x, V& v, V& g) {
-        v = V{};
-        g = x;
-    }
-};
-struct EntropyOp {
-    template <class V>
-    static void eval(V x, V& v, V& g) {
-        const V e = vexp(x);
-        v = -e * x;
-        g = -e * (1 + x);
-    }
-};
+
+// The per-element ops are the shared formulas (regrad/formulas.hpp), evaluated on whole vectors.
+using L1Op = formulas::L1;
+using L2SquaredOp = formulas::L2Squared;
+using IdentityOp = formulas::Identity;  // gradient pass of the L2 norm: g = x * (scale / norm)
+using EntropyOp = formulas::Entropy;
 
 /// Sums op values over elements [begin, end) of one datum and writes scale * keep * gradient.
 /// Lane sums are flushed to double every kFlush elements in a fixed order, so the result depends
@@ -136,7 +120,7 @@ double loop_chunk(const T* x, T* g, const uint8_t* mask, int64_t width, int64_t 
             xv = keep != 0 ? xv : V{};  // masked tokens are ignored entirely
         }
         V v, d;
-        Op::eval(xv, v, d);
+        Op::template eval<VecMath>(xv, v, d);
         acc += v;
         chk += xv - xv;
         if (WithGrad) store(g + e, d * (scale * keep));
@@ -153,7 +137,7 @@ double loop_chunk(const T* x, T* g, const uint8_t* mask, int64_t width, int64_t 
         const bool on = mask == nullptr || mask[e / width] != 0;
         V xv = splat<V>(on ? x[e] : T(0));
         V v, d;
-        Op::eval(xv, v, d);
+        Op::template eval<VecMath>(xv, v, d);
         total += static_cast<double>(v[0]);
         tail_chk += xv[0] - xv[0];
         if (WithGrad) g[e] = d[0] * scale * (on ? T(1) : T(0));

@@ -55,7 +55,13 @@ int points_per_element(DifferenceMethod method) {
 template <class T>
 double default_step_scale(DifferenceMethod method) {
     const double eps = std::numeric_limits<T>::epsilon();
-    return method == DifferenceMethod::Forward ? std::sqrt(eps) : std::cbrt(eps);
+    // Each balances truncation (h, h^2, h^4) against rounding (eps / h) for its order.
+    switch (method) {
+        case DifferenceMethod::Forward: return std::sqrt(eps);
+        case DifferenceMethod::Central: return std::cbrt(eps);
+        case DifferenceMethod::Richardson: return std::pow(eps, 0.2);
+    }
+    return std::cbrt(eps);
 }
 
 template double default_step_scale<float>(DifferenceMethod);

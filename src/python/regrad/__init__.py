@@ -19,10 +19,29 @@ except ImportError:
 
 from . import kernels
 from .errors import InputError, NonFiniteError
+from .errors import NumericalError
+from .numerical import NumericalGrad, check, numerical, numerical_grad
+from .data import Datum, ModelInput, data_from_texts, datum_from_text
+from .errors import RegularizerError
+from . import losses, telemetry
+from .specs import RegularizerSpec, entropy, l1, l2
+from .telemetry import CustomLossOutput, LossEvent, log_events
+from .compose import ComposedLoss, compose
+
+try:  # the training clients need torch (the `regrad[torch]` extra)
+    from .clients import AdamParams, CustomLossResult, LocalTrainingClient, forward_backward_custom
+except ImportError as _err:  # pragma: no cover - only without torch
+    if _err.name != "torch":
+        raise
 
 __version__: str = _core.build_info()["version"]
 
 __all__ = ["__version__", "build_info", "kernels", "InputError", "NonFiniteError"]
+__all__ += ["Datum", "ModelInput", "datum_from_text", "data_from_texts"]
+__all__ += ["RegularizerSpec", "compose", "ComposedLoss", "l1", "l2", "entropy", "losses", "telemetry"]
+__all__ += ["CustomLossOutput", "LossEvent", "log_events", "RegularizerError"]
+__all__ += ["LocalTrainingClient", "AdamParams", "forward_backward_custom", "CustomLossResult"]
+__all__ += ["numerical_grad", "numerical", "check", "NumericalGrad", "NumericalError"]
 
 
 def build_info() -> Dict[str, Any]:

@@ -43,45 +43,47 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") ->
     except TypeError:
         raise InputError(f"{what} must be a list of arrays, got {type(logprobs_list).__name__}") from None
     arrays: List[np.ndarray] = []
-    torch_flags = set()
+    shapes: List[tuple] = []
+    first_torch = is_torch_tensor(items[0]) if items else False
+    first: Optional[np.ndarray] = None
     for i, x in enumerate(items):
-        if is_torch_tensor(x):
-            torch_flags.add(True)
+        # One pass, cheapest checks first: this runs on every loss call for every datum.
+        if first_torch and is_torch_tensor(x):
             if x.dtype not in _torch_float_dtypes():
                 raise InputError(f"{what}[{i}] has dtype {x.dtype}; expected float32 or float64 (cast it first)")
-            if x.device.type != "cpu":
+            if not x.is_cpu:
                 raise InputError(
-                    f"{what}[{i}] is on device {x.device}; the CPU core takes CPU tensors "
-                    "(CUDA tensors need regrad built with REGRAD_CUDA=ON)"
+                    f"{what}[{i}] is on device {x.device}; this takes CPU tensors (move them with .cpu(), "
+                    "or keep all of them on the GPU for regrad.kernels: docs/cuda.md)"
                 )
             t = x.detach()
             a = (t if t.is_contiguous() else t.contiguous()).numpy()
-        elif isinstance(x, np.ndarray):
-            torch_flags.add(False)
+        elif not first_torch and isinstance(x, np.ndarray):
             a = x
             if a.dtype not in _FLOAT_DTYPES:
                 raise InputError(f"{what}[{i}] has dtype {a.dtype}; expected float32 or float64")
             if not a.flags.c_contiguous:
                 a = np.ascontiguousarray(a)
+        elif is_torch_tensor(x) or isinstance(x, np.ndarray):
+            raise InputError(f"{what} mixes numpy arrays and torch tensors; use one kind")
         else:
+            raise InputError(f"{what}[{i}] is a {type(x).__name__}; expected a numpy array or a torch tensor")
+        shape = a.shape
+        if first is None:
+            if len(shape) not in (1, 2):
+                raise InputError(f"{what}[{i}] has shape {tuple(shape)}; expected [T] or [T, K]")
+            first = a
+        elif a.dtype != first.dtype:
+            raise InputError(f"{what}[{i}] has dtype {a.dtype} but {what}[0] has {first.dtype}; use one dtype")
+        elif len(shape) != first.ndim or (len(shape) == 2 and shape[1] != first.shape[1]):
             raise InputError(
-                f"{what}[{i}] is a {type(x).__name__}; expected a numpy array or a torch tensor"
-            )
-        if a.ndim not in (1, 2):
-            raise InputError(f"{what}[{i}] has shape {tuple(a.shape)}; expected [T] or [T, K]")
-        arrays.append(a)
-    if len(torch_flags) > 1:
-        raise InputError(f"{what} mixes numpy arrays and torch tensors; use one kind")
-    dtype = arrays[0].dtype if arrays else np.dtype(np.float64)
-    for i, a in enumerate(arrays):
-        if a.dtype != dtype:
-            raise InputError(f"{what}[{i}] has dtype {a.dtype} but {what}[0] has {dtype}; use one dtype")
-        if a.ndim != arrays[0].ndim or (a.ndim == 2 and a.shape[1] != arrays[0].shape[1]):
-            raise InputError(
-                f"{what}[{i}] has shape {tuple(a.shape)} but {what}[0] has {tuple(arrays[0].shape)}; "
+                f"{what}[{i}] has shape {tuple(shape)} but {what}[0] has {tuple(first.shape)}; "
                 "all data must be [T_i] or all [T_i, K] with one K"
             )
-    return ArrayBatch(arrays, bool(torch_flags and torch_flags.pop()), dtype, [a.shape for a in arrays])
+        arrays.append(a)
+        shapes.append(shape)
+    dtype = first.dtype if first is not None else np.dtype(np.float64)
+    return ArrayBatch(arrays, first_torch, dtype, shapes)
 
 
 _TORCH_FLOAT_DTYPES: tuple = ()

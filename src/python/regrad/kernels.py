@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from . import _core
+from . import _core, _gpu
 from ._arrays import ArrayBatch, as_array_batch, split_packed, token_mask
 
 __all__ = ["KernelResult", "l1", "l2", "entropy", "regularizer"]
@@ -60,6 +60,9 @@ def regularizer(
         raise ValueError(f"unknown kernel {kind!r}; expected one of {KERNELS}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if _gpu.on_cuda(logprobs_list):
+        value_t, per_datum_t, grads = _gpu.regularizer(kind, logprobs_list, reduction, mask)
+        return _with_grad(value_t, per_datum_t, grads, list(logprobs_list))
     batch = as_array_batch(logprobs_list)
     packed_mask = token_mask(mask, batch)
     value, per_datum, packed = _core.regularizer(kind, batch.arrays, packed_mask, reduction, True)
@@ -77,6 +80,13 @@ def _torch_result(
     dtype = torch.float32 if batch.dtype == np.float32 else torch.float64
     per_datum_t = torch.from_numpy(per_datum).to(dtype)
     value_t = torch.tensor(value, dtype=dtype)
+    return _with_grad(value_t, per_datum_t, grads, tensors)
+
+
+def _with_grad(value_t: Any, per_datum_t: Any, grads: List[Any], tensors: List[Any]) -> KernelResult:
+    """Attaches the precomputed gradient to the 0-d value when autograd tracks the inputs."""
+    import torch
+
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         value_t = _PrecomputedGrad.apply(value_t, grads, *tensors)
     return KernelResult(value_t, per_datum_t, grads)

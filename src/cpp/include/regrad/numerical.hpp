@@ -25,8 +25,8 @@ enum class DifferenceMethod {
 /// Points evaluated per element: 1, 2 or 4.
 int points_per_element(DifferenceMethod method);
 
-/// Relative step c of the default h_i = c * max(1, |x_i|): eps^(1/2) for forward, eps^(1/3)
-/// for central and Richardson, eps of the working dtype T.
+/// Relative step c of the default h_i = c * max(1, |x_i|) for the working dtype T: eps^(1/2)
+/// forward, eps^(1/3) central, eps^(1/5) Richardson (the optimum of each method's order).
 template <class T>
 double default_step_scale(DifferenceMethod method);
 

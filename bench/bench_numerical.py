@@ -1,0 +1,400 @@
+"""Numerical gradients: regrad's engine against the per-element loop (the seed's Option A), scipy,
+numdifftools, torch gradcheck's numerical Jacobian and torch autograd, in one run.
+
+    python bench/bench_numerical.py [--budget SECONDS] [--markdown]
+
+Cases: (a) the seed's `sparsity_penalty` over 8x256 and 64x(512..4096) float32 log-probs, (b) a
+non-differentiable top-k penalty (numpy) on a dense 4096-vector. Every row reports the median
+time, the ratio to one loss evaluation, the speed-up over the per-element loop, the max error vs
+the reference gradient (autograd, or the exact indicator for top-k), and the tracemalloc peak
+(Python and numpy allocations; torch's allocator is not traced). A method whose single run would
+exceed --budget seconds is timed on a prefix of the coordinates and extrapolated ("est.").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+import regrad
+
+torch.set_num_threads(2)
+
+
+def sparsity_penalty(data: Any, logprobs_list: List[torch.Tensor]):
+    """The seed's regularizer, verbatim."""
+    l1_norms = [torch.norm(lp, p=1) for lp in logprobs_list]
+    total_l1 = torch.sum(torch.stack(l1_norms))
+    mean_l1 = total_l1 / len(logprobs_list)
+    return mean_l1, {"l1_total": total_l1.item(), "l1_mean": mean_l1.item()}
+
+
+def make_sparsity_forms(batch: int):
+    def vectorized(data, lps):  # each lp is [P, T]: one loss per perturbed copy
+        return torch.stack([lp.abs().sum(-1) for lp in lps]).sum(0) / batch
+
+    def per_datum(datum, lp):  # the same total as a sum of per-datum terms
+        return lp.abs().sum() / batch
+
+    def per_datum_vectorized(datum, lp):
+        return lp.abs().sum(-1) / batch
+
+    def per_token(data, lps):
+        return [lp.abs() / batch for lp in lps]
+
+    return vectorized, per_datum, per_datum_vectorized, per_token
+
+
+def topk_penalty(data: Any, logprobs_list: List[Any], k: int = 64):
+    """Sum of the k largest log-probs, in numpy: torch cannot differentiate it."""
+    x = np.asarray(logprobs_list[0])
+    return float(np.partition(x, -k)[-k:].sum()), {}
+
+
+def topk_penalty_vectorized(data: Any, logprobs_list: List[Any], k: int = 64):
+    x = np.asarray(logprobs_list[0])
+    return np.partition(x, -k, axis=-1)[..., -k:].sum(-1)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def median_time(run: Callable[[], Any], budget: float, min_repeats: int = 3, max_repeats: int = 7) -> float:
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_repeats:
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= min_repeats and time.perf_counter() - start > budget:
+            break
+    return statistics.median(times)
+
+
+def peak_bytes(run: Callable[[], Any]) -> int:
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+class Table:
+    def __init__(self, title: str, eval_time: float, reference: np.ndarray) -> None:
+        self.title = title
+        self.eval_time = eval_time
+        self.reference = reference
+        self.rows: List[Dict[str, Any]] = []
+        self.loop_time: Optional[float] = None
+
+    def add(self, name: str, seconds: float, grad: Optional[np.ndarray], memory: Optional[int], note: str = "") -> None:
+        err = None if grad is None else float(np.max(np.abs(grad - self.reference)))
+        if name.startswith("per-element loop"):
+            self.loop_time = seconds
+        self.rows.append(dict(name=name, seconds=seconds, err=err, memory=memory, note=note))
+        print(f"  {name:<42} {fmt_time(seconds):>10}  {note}", file=sys.stderr, flush=True)
+
+    def markdown(self) -> str:
+        lines = [f"**{self.title}** (one loss evaluation: {fmt_time(self.eval_time)})", "",
+                 "| method | time | x one eval | speed-up vs loop | max error | peak traced memory | note |",
+                 "|---|---:|---:|---:|---:|---:|---|"]
+        for r in self.rows:
+            speedup = "" if self.loop_time is None else f"{self.loop_time / r['seconds']:,.0f}x"
+            err = "" if r["err"] is None else f"{r['err']:.1e}"
+            memory = "" if r["memory"] is None else fmt_bytes(r["memory"])
+            if r["seconds"] != r["seconds"]:  # NaN: not applicable
+                lines.append(f"| {r['name']} | – | | | | | {r['note']} |")
+                continue
+            lines.append(
+                f"| {r['name']} | {fmt_time(r['seconds'])} | {r['seconds'] / self.eval_time:,.1f} | {speedup} | "
+                f"{err} | {memory} | {r['note']} |"
+            )
+        return "\n".join(lines)
+
+
+def fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
+def fmt_bytes(b: int) -> str:
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
+
+
+def flat(grads: List[Any]) -> np.ndarray:
+    return np.concatenate([np.asarray(g.detach() if hasattr(g, "detach") else g, dtype=np.float64).reshape(-1) for g in grads])
+
+
+# ---- peers --------------------------------------------------------------------------------------
+
+
+def split_flat(x: np.ndarray, shapes: List[tuple], as_torch: bool) -> List[Any]:
+    out, start = [], 0
+    for s in shapes:
+        size = int(np.prod(s))
+        part = x[start : start + size].reshape(s)
+        out.append(torch.from_numpy(part) if as_torch else part)
+        start += size
+    return out
+
+
+def per_element_loop(fn, lps: List[torch.Tensor], limit: Optional[int] = None, eps: float = 1e-3) -> np.ndarray:
+    """The seed's Option A: perturb one element, call the loss twice, repeat."""
+    grads, done = [], 0
+    for i, lp in enumerate(lps):
+        g = torch.zeros(lp.numel(), dtype=torch.float64)
+        for e in range(lp.numel()):
+            if limit is not None and done >= limit:
+                return flat(grads + [g])
+            plus = lp.clone().reshape(-1)
+            plus[e] += eps
+            minus = lp.clone().reshape(-1)
+            minus[e] -= eps
+            loss_plus = float(fn(None, lps[:i] + [plus.reshape(lp.shape)] + lps[i + 1 :])[0])
+            loss_minus = float(fn(None, lps[:i] + [minus.reshape(lp.shape)] + lps[i + 1 :])[0])
+            g[e] = (loss_plus - loss_minus) / (2 * eps)
+            done += 1
+        grads.append(g)
+    return flat(grads)
+
+
+def timed_or_estimated(run_prefix: Callable[[Optional[int]], Any], n: int, budget: float, est_prefix: int):
+    """Runs fully when a probe says it fits the budget, else times a prefix and extrapolates."""
+    t0 = time.perf_counter()
+    run_prefix(est_prefix)
+    probe = time.perf_counter() - t0
+    if probe / est_prefix * n <= budget:
+        t0 = time.perf_counter()
+        grad = run_prefix(None)
+        return time.perf_counter() - t0, grad, ""
+    return probe / est_prefix * n, None, f"est. from {est_prefix} of {n} coordinates"
+
+
+def scipy_runner(fn, x0: np.ndarray, shapes, as_torch: bool):
+    from scipy.optimize._numdiff import approx_derivative
+
+    def f(x):
+        return float(fn(None, split_flat(x, shapes, as_torch))[0])
+
+    def run(limit: Optional[int]):
+        if limit is None:
+            return approx_derivative(f, x0, method="3-point")
+        # approx_derivative has no prefix option: a sparsity pattern restricted to `limit` columns.
+        from scipy.sparse import csr_matrix
+
+        pattern = csr_matrix((np.ones(limit), (np.zeros(limit, int), np.arange(limit))), shape=(1, x0.size))
+        return approx_derivative(f, x0, method="3-point", sparsity=pattern)
+
+    return run
+
+
+def numdifftools_runner(fn, x0: np.ndarray, shapes, as_torch: bool):
+    import numdifftools as nd
+
+    def run(limit: Optional[int]):
+        if limit is None:
+            return nd.Gradient(lambda x: float(fn(None, split_flat(x, shapes, as_torch))[0]))(x0)
+        head = x0[:limit]
+        rest = x0[limit:]
+        return nd.Gradient(lambda x: float(fn(None, split_flat(np.concatenate([x, rest]), shapes, as_torch))[0]))(head)
+
+    return run
+
+
+def gradcheck_runner(fn, lps: List[torch.Tensor]):
+    from torch.autograd.gradcheck import _get_numerical_jacobian
+
+    def run(limit: Optional[int]):
+        if limit is None:
+            inputs = tuple(lp.double().detach().requires_grad_(True) for lp in lps)
+            jac = _get_numerical_jacobian(lambda *xs: fn(None, list(xs))[0].reshape(1), inputs, eps=1e-6)
+            return flat([per_input[0].reshape(-1) for per_input in jac])  # jac[input][output]
+        # a prefix: the first datum's first `limit` elements only
+        head = lps[0].double().reshape(-1)[:limit].detach().requires_grad_(True)
+        tail = lps[0].double().reshape(-1)[limit:].detach()
+        rest = [lp.double() for lp in lps[1:]]
+
+        def g(h):
+            return fn(None, [torch.cat([h, tail]).reshape(lps[0].shape)] + rest)[0].reshape(1)
+
+        return _get_numerical_jacobian(g, (head,), eps=1e-6)
+
+    return run
+
+
+# ---- cases --------------------------------------------------------------------------------------
+
+
+def sparsity_case(lengths: List[int], budget: float, with_batch: bool) -> Table:
+    rng = np.random.default_rng(0)
+    # Log-probs of tokens with p <= 0.99: |x| >= 0.01 keeps the L1 kink at 0 farther than one float32 step.
+    lps = [torch.from_numpy(-(0.01 + rng.exponential(2.0, size=t)).astype(np.float32)) for t in lengths]
+    shapes = [tuple(lp.shape) for lp in lps]
+    n = sum(lengths)
+    batch = len(lengths)
+    vec, per_datum, per_datum_vec, per_token = make_sparsity_forms(batch)
+    leaves = [lp.clone().requires_grad_(True) for lp in lps]
+
+    def autograd():
+        for leaf in leaves:
+            leaf.grad = None
+        sparsity_penalty(None, leaves)[0].backward()
+        return [leaf.grad for leaf in leaves]
+
+    reference = flat(autograd())
+    with torch.no_grad():
+        eval_time = median_time(lambda: sparsity_penalty(None, lps), 0.5, 20, 200)
+    title = f"(a) sparsity_penalty, {batch} x {lengths[0]}" if len(set(lengths)) == 1 else (
+        f"(a) sparsity_penalty, {batch} x ({min(lengths)}..{max(lengths)}), {n:,} log-probs")
+    table = Table(title, eval_time, reference)
+    print(title, file=sys.stderr)
+
+    table.add("torch autograd", median_time(autograd, 0.5, 5, 50), reference, peak_bytes(autograd))
+    x0 = flat(lps)
+    est = max(16, min(256, n // 8))
+    seconds, grad, note = timed_or_estimated(lambda lim: per_element_loop(sparsity_penalty, lps, lim), n, budget, est)
+    table.add("per-element loop (seed Option A)", seconds, grad, None, note)
+    seconds, grad, note = timed_or_estimated(scipy_runner(sparsity_penalty, x0, shapes, True), n, budget, est)
+    table.add("scipy approx_derivative 3-point", seconds, grad, None, note)
+    seconds, grad, note = timed_or_estimated(numdifftools_runner(sparsity_penalty, x0, shapes, True), n, budget, est // 4)
+    table.add("numdifftools Gradient", seconds, grad, None, note)
+    seconds, grad, note = timed_or_estimated(gradcheck_runner(sparsity_penalty, lps), n, budget, est)
+    table.add("torch gradcheck numerical Jacobian", seconds, grad, None, note)
+
+    def rg(fn, **kw):
+        return lambda: regrad.numerical_grad(fn, [None] * batch, lps, progress=False, **kw)
+
+    runs = [("regrad token", rg(per_token, structure="token"))]
+    runs.append(("regrad token, richardson", rg(per_token, structure="token", method="richardson")))
+    runs.append(("regrad datum, vectorized", rg(per_datum_vec, structure="datum", vectorized=True)))
+    if with_batch:
+        runs.append(("regrad datum", rg(per_datum, structure="datum")))
+        runs.append(("regrad batch, vectorized", rg(vec, vectorized=True)))
+        runs.append(("regrad batch", rg(sparsity_penalty)))
+    for name, run in runs:
+        t0 = time.perf_counter()
+        result = run()
+        first = time.perf_counter() - t0
+        seconds = median_time(run, budget) if first < budget else first
+        memory = peak_bytes(run) if first < budget / 4 else None
+        table.add(name, seconds, flat(result.grads), memory, f"{result.ncalls:,} calls")
+    if not with_batch:
+        # The batch structure is O(n^2) work here: time a slice and extrapolate.
+        probe = [lp[:32] for lp in lps]
+        t0 = time.perf_counter()
+        regrad.numerical_grad(sparsity_penalty, None, probe, progress=False)
+        per_call = (time.perf_counter() - t0) / (2 * sum(lp.numel() for lp in probe))
+        table.add("regrad batch", per_call * 2 * n, None, None, "est. from a 32-token slice")
+    if with_batch:
+        table.rows.append(vectorized_overhead(lps, vec, budget))
+        print(f"  {table.rows[-1]['name']:<42} {table.rows[-1]['note']}", file=sys.stderr)
+    return table
+
+
+def vectorized_overhead(lps: List[torch.Tensor], vec: Callable, budget: float) -> Dict[str, Any]:
+    """fn alone on the same blocks regrad hands it (built beforehand) vs regrad's whole vectorized run."""
+    result = regrad.numerical_grad(vec, None, lps, vectorized=True, progress=False)
+    rows, n = result.block_rows, sum(lp.numel() for lp in lps)
+    total = 2 * n
+    blocks = []
+    for q in range(0, total, rows):
+        count = min(rows, total - q)
+        block = [lp.unsqueeze(0).repeat(count, *([1] * lp.dim())) for lp in lps]
+        blocks.append(block)
+
+    def fn_only():
+        with torch.no_grad():
+            for block in blocks:
+                vec(None, block)
+
+    # Interleaved pairs: both see the same machine load (the host is shared).
+    fn_times, engine_times = [], []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        fn_only()
+        fn_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        regrad.numerical_grad(vec, None, lps, vectorized=True, progress=False)
+        engine_times.append(time.perf_counter() - t0)
+    fn_time, engine_time = statistics.median(fn_times), statistics.median(engine_times)
+    return dict(name="fn alone on the stacked perturbations", seconds=fn_time, err=None, memory=None,
+                note=f"interleaved with regrad batch vectorized ({fmt_time(engine_time)}): ratio {engine_time / fn_time:.2f}")
+
+
+def topk_case(budget: float) -> Table:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=4096)
+    lps = [x]
+    reference = np.zeros(4096)
+    reference[np.argsort(x)[-64:]] = 1.0
+    eval_time = median_time(lambda: topk_penalty(None, lps), 0.5, 20, 500)
+    title = "(b) top-k penalty (numpy, k = 64) on a dense 4,096-vector"
+    table = Table(title, eval_time, reference)
+    print(title, file=sys.stderr)
+    torch_lps = [torch.from_numpy(x)]
+    wrapped = lambda d, lps: (torch.tensor(topk_penalty(d, [np.asarray(lp) for lp in lps])[0], dtype=torch.float64), {})  # noqa: E731
+    seconds, grad, note = timed_or_estimated(lambda lim: per_element_loop(wrapped, torch_lps, lim), 4096, budget, 256)
+    table.add("per-element loop (seed Option A)", seconds, grad, None, note)
+    seconds, grad, note = timed_or_estimated(scipy_runner(topk_penalty, x, [(4096,)], False), 4096, budget, 256)
+    table.add("scipy approx_derivative 3-point", seconds, grad, None, note)
+    seconds, grad, note = timed_or_estimated(numdifftools_runner(topk_penalty, x, [(4096,)], False), 4096, budget, 64)
+    table.add("numdifftools Gradient", seconds, grad, None, note)
+    gradcheck = gradcheck_runner(
+        lambda d, lps: (torch.tensor(topk_penalty(d, [lp.detach().numpy() for lp in lps])[0], dtype=torch.float64), {}),
+        torch_lps,
+    )
+    seconds, grad, note = timed_or_estimated(gradcheck, 4096, budget, 256)
+    table.add("torch gradcheck numerical Jacobian", seconds, grad, None, note)
+    table.rows.append(dict(name="torch autograd", seconds=float("nan"), err=None, memory=None, note="not defined (numpy)"))
+    for name, kw, fn in [
+        ("regrad batch", {}, topk_penalty),
+        ("regrad batch, vectorized", {"vectorized": True}, topk_penalty_vectorized),
+        ("regrad batch, spsa (64 samples)", {"method": "spsa", "num_samples": 64}, topk_penalty),
+        ("regrad batch, spsa vectorized (64 samples)", {"method": "spsa", "num_samples": 64, "vectorized": True},
+         topk_penalty_vectorized),
+    ]:
+        run = lambda fn=fn, kw=kw: regrad.numerical_grad(fn, None, lps, progress=False, **kw)  # noqa: E731
+        result = run()
+        table.add(name, median_time(run, budget), flat(result.grads), peak_bytes(run), f"{result.ncalls:,} calls")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds per method before extrapolating")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    args = parser.parse_args()
+    rng = np.random.default_rng(2)
+    tables = [
+        sparsity_case([256] * 8, args.budget, with_batch=True),
+        sparsity_case(sorted(rng.integers(512, 4097, size=64).tolist()), args.budget, with_batch=False),
+        topk_case(args.budget),
+    ]
+    info = regrad.build_info()
+    header = (
+        f"{datetime.date.today()} · {platform.processor() or platform.machine()} · python {platform.python_version()} · "
+        f"regrad {info['version']} (openmp={info['openmp']}, threads={info['max_threads']}) · torch {torch.__version__} · "
+        f"numpy {np.__version__}"
+    )
+    print(header)
+    for t in tables:
+        print()
+        print(t.markdown() if args.markdown else t.markdown().replace("|", " "))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+// The finite-difference engine on the GPU: points and steps, perturbation blocks, difference
+// quotients, random blocks and estimates. Same arithmetic as core/numerical.cpp (the module is
+// built with --fmad=false so no multiply-add is contracted differently from the CPU): the points,
+// blocks and quotients are the CPU's bits, Rademacher directions too; Gaussian directions differ
+// only by the CUDA math library's last-ulp rounding of log and cos.
+#include <climits>
+#include <cmath>
+
+#include "device_common.cuh"
+
+namespace regrad::cuda {
+
+namespace {
+
+/// Pointers [B] | offsets [B + 1], and for blocks the output buffers [B] after them.
+struct Ragged {
+    const int64_t* words;
+    int64_t batch;
+    __device__ const int64_t* offsets() const { return words + batch; }
+    template <class T>
+    __device__ const T* data(int64_t j) const {
+        return reinterpret_cast<const T*>(static_cast<std::uintptr_t>(words[j]));
+    }
+    template <class T>
+    __device__ T* out(int64_t j) const {
+        return reinterpret_cast<T*>(static_cast<std::uintptr_t>(words[2 * batch + 1 + j]));
+    }
+};
+
+/// Uploads pointers, offsets and (optionally) output buffers; `scratch` owns the device copy.
+template <class T>
+Ragged upload_ragged(const RaggedBatch<T>& x, T* const* out, Scratch& scratch, cudaStream_t stream) {
+    std::vector<int64_t> table;
+    table.reserve(static_cast<size_t>(3 * x.batch + 1));
+    append_pointers(table, x.data, x.batch);
+    table.insert(table.end(), x.offsets, x.offsets + x.batch + 1);
+    if (out != nullptr) append_pointers(table, out, x.batch);
+    int64_t* words = scratch.take<int64_t>(table.size());
+    upload(words, table, stream);
+    return Ragged{words, x.batch};
+}
+
+template <class T>
+void check_batch(const RaggedBatch<T>& x) {
+    check_offsets(x.offsets, x.batch, x.width);
+    for (int64_t j = 0; j < x.batch; ++j) {
+        if (x.length(j) > 0 && x.data[j] == nullptr) {
+            throw std::invalid_argument("datum " + std::to_string(j) + " has elements but no data pointer");
+        }
+    }
+}
+
+void check_range(const char* what, int64_t begin, int64_t count, int64_t total) {
+    if (begin < 0 || count < 0 || begin > total || count > total - begin) {
+        throw std::invalid_argument(std::string(what) + " [" + std::to_string(begin) + ", " +
+                                    std::to_string(begin + count) + ") is outside the " + std::to_string(total) +
+                                    " perturbations");
+    }
+}
+
+/// First problem in packed order: (element << 3) | code, reduced with an integer atomicMin
+/// (order-independent, so the reported element is deterministic).
+__device__ inline void report(unsigned long long* first, int64_t e, int64_t code) {
+    atomicMin(first, (static_cast<unsigned long long>(e) << 3) | static_cast<unsigned long long>(code));
+}
+
+template <class T>
+__global__ void points_kernel(Ragged x, int64_t n, int np, double scale, const double* step, int64_t step_len,
+                              T* points, double* spacing, unsigned long long* first) {
+    for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t j = datum_of(x.offsets(), x.batch, e);
+        const T xv = x.data<T>(j)[e - x.offsets()[j]];
+        if (!isfinite(xv)) {
+            report(first, e, kStatusNonFiniteInput);
+            continue;
+        }
+        const double h = step == nullptr ? formulas::default_step(static_cast<double>(xv), scale)
+                                         : step[step_len == 1 ? 0 : e];
+        if (!(h > 0) || !isfinite(h)) {
+            report(first, e, kStatusBadStep);
+            continue;
+        }
+        bool underflow = false;
+        for (int k = 0; k < np; ++k) {
+            const T p = static_cast<T>(static_cast<double>(xv) + formulas::point_fraction(k) * h);
+            underflow = underflow || p == xv || !isfinite(p);
+            points[k * n + e] = p;
+            spacing[k * n + e] = static_cast<double>(p) - static_cast<double>(xv);
+        }
+        if (underflow) report(first, e, kStatusStepUnderflow);
+    }
+}
+
+/// status = (code, datum, position) of the first problem, or (0, -1, -1).
+__global__ void decode_status(Ragged x, const unsigned long long* first, int64_t* status) {
+    const unsigned long long word = *first;
+    status[0] = kStatusOk;
+    status[1] = -1;
+    status[2] = -1;
+    if (word == ULLONG_MAX) return;
+    const int64_t e = static_cast<int64_t>(word >> 3);
+    const int64_t j = datum_of(x.offsets(), x.batch, e);
+    status[0] = static_cast<int64_t>(word & 7u);
+    status[1] = j;
+    status[2] = e - x.offsets()[j];
+}
+
+/// Every row of every datum's buffer = x (the first block, or a full rewrite).
+template <class T>
+__global__ void fill_rows(Ragged x, int64_t n, int64_t rows) {
+    const int64_t total = rows * n;
+    for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+         t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t r = t / n;
+        const int64_t e = t % n;
+        const int64_t j = datum_of(x.offsets(), x.batch, e);
+        const int64_t i = e - x.offsets()[j];
+        const int64_t len = x.offsets()[j + 1] - x.offsets()[j];
+        x.out<T>(j)[r * len + i] = x.data<T>(j)[i];
+    }
+}
+
+/// Row r gets perturbation q_begin + r: element q / P set to its point k = q % P, or, restore,
+/// set back to x (undoing the previous block, so a block costs O(rows), not O(rows * n)).
+template <class T, bool Restore>
+__global__ void scatter_rows(Ragged x, const T* points, int64_t points_stride, int npoints, int64_t q_begin,
+                             int64_t count) {
+    for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < count;
+         r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t q = q_begin + r;
+        const int64_t e = q / npoints;
+        const int64_t k = q % npoints;
+        const int64_t j = datum_of(x.offsets(), x.batch, e);
+        const int64_t i = e - x.offsets()[j];
+        const int64_t len = x.offsets()[j + 1] - x.offsets()[j];
+        x.out<T>(j)[r * len + i] = Restore ? x.data<T>(j)[i] : points[k * points_stride + e];
+    }
+}
+
+__global__ void quotients_kernel(DifferenceMethod method, int64_t n, const double* spacing, const double* f,
+                                 int64_t f_stride_e, int64_t f_stride_k, const double* f0, int64_t f0_stride,
+                                 double loss_eps, double* grad, double* error) {
+    for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const double* fe = f + e * f_stride_e;
+        if (method == DifferenceMethod::Forward) {
+            const double fb = f0[e * f0_stride];
+            const double d = spacing[e];
+            grad[e] = (fe[0] - fb) / d;
+            error[e] = loss_eps * (fabs(fe[0]) + fabs(fb)) / d;
+            continue;
+        }
+        double g1, r1;
+        formulas::central_quotient(fe[0], fe[f_stride_k], spacing[e], spacing[n + e], loss_eps, g1, r1);
+        if (method == DifferenceMethod::Central) {
+            grad[e] = g1;
+            error[e] = r1;
+            continue;
+        }
+        double g2, r2;
+        formulas::central_quotient(fe[2 * f_stride_k], fe[3 * f_stride_k], spacing[2 * n + e], spacing[3 * n + e],
+                                   loss_eps, g2, r2);
+        const double d1 = spacing[e] - spacing[n + e];
+        const double d2 = spacing[2 * n + e] - spacing[3 * n + e];
+        formulas::richardson_quotient(g1, r1, d1, g2, r2, d2, grad[e], error[e]);
+    }
+}
+
+template <class T>
+__global__ void random_rows(Ragged x, int64_t n, const double* scale, bool gaussian, uint64_t seed,
+                            int64_t index_offset, bool antithetic, int64_t q_begin, int64_t count) {
+    const int64_t total = count * n;
+    for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+         t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t r = t / n;
+        const int64_t e = t % n;
+        const int64_t q = q_begin + r;
+        const uint64_t sample = static_cast<uint64_t>(antithetic ? q / 2 : q);
+        const double sign = (antithetic && (q % 2 == 1)) ? -1.0 : 1.0;
+        const int64_t j = datum_of(x.offsets(), x.batch, e);
+        const int64_t i = e - x.offsets()[j];
+        const int64_t len = x.offsets()[j + 1] - x.offsets()[j];
+        const double u = formulas::random_direction<DeviceMath>(gaussian, seed, sample,
+                                                                static_cast<uint64_t>(index_offset + e));
+        x.out<T>(j)[r * len + i] = static_cast<T>(static_cast<double>(x.data<T>(j)[i]) + sign * scale[e] * u);
+    }
+}
+
+__global__ void estimate_kernel(bool gaussian, uint64_t seed, int64_t n, int64_t index_offset, const double* scale,
+                                const double* f, int64_t samples, bool antithetic, double f0, double* grad,
+                                double* variance) {
+    for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+         e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        double mean = 0.0;
+        double m2 = 0.0;  // Welford, in sample order as on the CPU
+        for (int64_t s = 0; s < samples; ++s) {
+            const double u = formulas::random_direction<DeviceMath>(gaussian, seed, static_cast<uint64_t>(s),
+                                                                    static_cast<uint64_t>(index_offset + e));
+            const double g = antithetic ? (f[2 * s] - f[2 * s + 1]) * u / (2.0 * scale[e]) : (f[s] - f0) * u / scale[e];
+            const double delta = g - mean;
+            mean += delta / static_cast<double>(s + 1);
+            m2 += delta * (g - mean);
+        }
+        grad[e] = mean;
+        variance[e] = samples > 1 ? m2 / static_cast<double>(samples - 1) / static_cast<double>(samples) : INFINITY;
+    }
+}
+
+__global__ void directions_kernel(bool gaussian, uint64_t seed, uint64_t sample, uint64_t index_begin, int64_t count,
+                                  double* out) {
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        out[i] = formulas::random_direction<DeviceMath>(gaussian, seed, sample, index_begin + static_cast<uint64_t>(i));
+    }
+}
+
+}  // namespace
+
+template <class T>
+void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double scale, const double* step_dev,
+                       int64_t step_len, T* points_dev, double* spacing_dev, int64_t* status_dev,
+                       std::uintptr_t stream_handle) {
+    check_batch(x);
+    const int64_t n = x.size();
+    if (step_dev != nullptr && step_len != 1 && step_len != n) {
+        throw std::invalid_argument("step has " + std::to_string(step_len) + " entries; expected 1 or " +
+                                    std::to_string(n) + " (one per log-prob)");
+    }
+    if (step_dev == nullptr && !(scale > 0 && std::isfinite(scale))) {
+        throw std::invalid_argument("relative step must be positive and finite, got " + std::to_string(scale));
+    }
+    const cudaStream_t stream = as_stream(stream_handle);
+    Scratch scratch(Scratch::bytes_for<int64_t>(2 * x.batch + 1) + Scratch::bytes_for<unsigned long long>(1), stream);
+    const Ragged ragged = upload_ragged<T>(x, nullptr, scratch, stream);
+    unsigned long long* first = scratch.take<unsigned long long>(1);
+    check(cudaMemsetAsync(first, 0xFF, sizeof *first, stream), "cudaMemsetAsync (status)");
+    if (n > 0) {
+        points_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(ragged, n, points_per_element(method), scale, step_dev,
+                                                               step_len, points_dev, spacing_dev, first);
+        check_launch("difference points kernel");
+    }
+    decode_status<<<1, 1, 0, stream>>>(ragged, first, status_dev);
+    check_launch("difference points status kernel");
+}
+
+template <class T>
+void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capacity, const T* points_dev,
+                            int64_t points_stride, int npoints, int64_t q_begin, int64_t count, bool full,
+                            int64_t prev_begin, int64_t prev_count, std::uintptr_t stream_handle) {
+    check_batch(x);
+    const int64_t n = x.size();
+    if (npoints != 1 && npoints != 2 && npoints != 4) throw std::invalid_argument("npoints must be 1, 2 or 4");
+    if (points_stride < n) throw std::invalid_argument("points_stride is smaller than the batch");
+    if (count > capacity) {
+        throw std::invalid_argument("block of " + std::to_string(count) + " perturbations exceeds the " +
+                                    std::to_string(capacity) + " rows of the buffers");
+    }
+    const int64_t total = n * npoints;
+    check_range("block", q_begin, count, total);
+    if (!full) {
+        check_range("previous block", prev_begin, prev_count, total);
+        if (prev_count > capacity) throw std::invalid_argument("previous block exceeds the buffers");
+    }
+    const cudaStream_t stream = as_stream(stream_handle);
+    Scratch scratch(Scratch::bytes_for<int64_t>(3 * x.batch + 1), stream);
+    const Ragged ragged = upload_ragged<T>(x, out, scratch, stream);
+    if (full) {
+        if (capacity * n > 0) {
+            fill_rows<T><<<grid_for(capacity * n), kThreads, 0, stream>>>(ragged, n, capacity);
+            check_launch("difference block fill kernel");
+        }
+    } else if (prev_count > 0) {
+        scatter_rows<T, true><<<grid_for(prev_count), kThreads, 0, stream>>>(ragged, points_dev, points_stride,
+                                                                            npoints, prev_begin, prev_count);
+        check_launch("difference block restore kernel");
+    }
+    if (count > 0) {
+        scatter_rows<T, false><<<grid_for(count), kThreads, 0, stream>>>(ragged, points_dev, points_stride, npoints,
+                                                                        q_begin, count);
+        check_launch("difference block scatter kernel");
+    }
+}
+
+void difference_quotients(DifferenceMethod method, int64_t n, const double* spacing_dev, const double* f_dev,
+                          int64_t f_stride_e, int64_t f_stride_k, const double* f0_dev, int64_t f0_stride,
+                          double loss_eps, double* grad_dev, double* error_dev, std::uintptr_t stream_handle) {
+    if (method == DifferenceMethod::Forward && f0_dev == nullptr) {
+        throw std::invalid_argument("forward differences need the loss at x (f0)");
+    }
+    if (n <= 0) return;
+    quotients_kernel<<<grid_for(n), kThreads, 0, as_stream(stream_handle)>>>(
+        method, n, spacing_dev, f_dev, f_stride_e, f_stride_k, f0_dev, f0_stride, loss_eps, grad_dev, error_dev);
+    check_launch("difference quotients kernel");
+}
+
+template <class T>
+void write_random_block(const RaggedBatch<T>& x, const double* scale_dev, Direction kind, uint64_t seed,
+                        int64_t index_offset, bool antithetic, T* const* out, int64_t capacity, int64_t q_begin,
+                        int64_t count, std::uintptr_t stream_handle) {
+    check_batch(x);
+    if (count > capacity) {
+        throw std::invalid_argument("block of " + std::to_string(count) + " perturbations exceeds the " +
+                                    std::to_string(capacity) + " rows of the buffers");
+    }
+    if (q_begin < 0 || count < 0 || index_offset < 0) throw std::invalid_argument("negative perturbation index");
+    const int64_t n = x.size();
+    if (count * n == 0) return;
+    const cudaStream_t stream = as_stream(stream_handle);
+    Scratch scratch(Scratch::bytes_for<int64_t>(3 * x.batch + 1), stream);
+    const Ragged ragged = upload_ragged<T>(x, out, scratch, stream);
+    random_rows<T><<<grid_for(count * n), kThreads, 0, stream>>>(ragged, n, scale_dev, kind == Direction::Gaussian,
+                                                                 seed, index_offset, antithetic, q_begin, count);
+    check_launch("random block kernel");
+}
+
+void random_estimate(Direction kind, uint64_t seed, int64_t n, int64_t index_offset, const double* scale_dev,
+                     const double* f_dev, int64_t samples, bool antithetic, double f0, double* grad_dev,
+                     double* variance_dev, std::uintptr_t stream_handle) {
+    if (samples < 1) throw std::invalid_argument("need at least one sample");
+    if (n <= 0) return;
+    estimate_kernel<<<grid_for(n), kThreads, 0, as_stream(stream_handle)>>>(
+        kind == Direction::Gaussian, seed, n, index_offset, scale_dev, f_dev, samples, antithetic, f0, grad_dev,
+        variance_dev);
+    check_launch("random estimate kernel");
+}
+
+void random_directions(Direction kind, uint64_t seed, uint64_t sample, uint64_t index_begin, int64_t count,
+                       double* out_dev, std::uintptr_t stream_handle) {
+    if (count < 0) throw std::invalid_argument("count must be >= 0");
+    if (count == 0) return;
+    directions_kernel<<<grid_for(count), kThreads, 0, as_stream(stream_handle)>>>(kind == Direction::Gaussian, seed,
+                                                                                 sample, index_begin, count, out_dev);
+    check_launch("random directions kernel");
+}
+
+template void difference_points<float>(const RaggedBatch<float>&, DifferenceMethod, double, const double*, int64_t,
+                                       float*, double*, int64_t*, std::uintptr_t);
+template void difference_points<double>(const RaggedBatch<double>&, DifferenceMethod, double, const double*,
+                                        int64_t, double*, double*, int64_t*, std::uintptr_t);
+template void write_difference_block<float>(const RaggedBatch<float>&, float* const*, int64_t, const float*, int64_t,
+                                            int, int64_t, int64_t, bool, int64_t, int64_t, std::uintptr_t);
+template void write_difference_block<double>(const RaggedBatch<double>&, double* const*, int64_t, const double*,
+                                             int64_t, int, int64_t, int64_t, bool, int64_t, int64_t, std::uintptr_t);
+template void write_random_block<float>(const RaggedBatch<float>&, const double*, Direction, uint64_t, int64_t, bool,
+                                        float* const*, int64_t, int64_t, int64_t, std::uintptr_t);
+template void write_random_block<double>(const RaggedBatch<double>&, const double*, Direction, uint64_t, int64_t,
+                                         bool, double* const*, int64_t, int64_t, int64_t, std::uintptr_t);
+
+}  // namespace regrad::cuda

@@ -1,0 +1,134 @@
+// Per-element formulas shared by the CPU kernel loops and the CUDA kernels: one definition, two
+// compilers. REGRAD_HD marks them __host__ __device__ under nvcc and is empty for the C++ compiler.
+// The regularizer ops are templated on the value type V, which may be a scalar (float, double) or
+// a GCC vector of them: the same source serves the SIMD loops, the scalar tails and the GPU.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define REGRAD_HD __host__ __device__
+#else
+#define REGRAD_HD
+#endif
+
+namespace regrad {
+namespace formulas {
+
+// Each op gives the per-element value v and the unscaled gradient g = dv/dx of x. Math supplies
+// exp for V (the CPU passes its vector exp, the GPU the CUDA math library's).
+struct L1 {  ///< v = |x|, g = sign(x) with sign(0) = 0
+    template <class Math, class V>
+    REGRAD_HD static void eval(V x, V& v, V& g) {
+        const V one = V{} + 1;  // broadcast to every lane of a vector
+        v = x < 0 ? -x : x;
+        g = (x > 0 ? one : V{}) - (x < 0 ? one : V{});
+    }
+};
+struct L2Squared {  ///< v = x^2, g = 2x
+    template <class Math, class V>
+    REGRAD_HD static void eval(V x, V& v, V& g) {
+        v = x * x;
+        g = x + x;
+    }
+};
+struct Identity {  ///< gradient pass of the L2 norm (g = x, later scaled by 1/||x||); no value
+    template <class Math, class V>
+    REGRAD_HD static void eval(V x, V& v, V& g) {
+        v = V{};
+        g = x;
+    }
+};
+struct Entropy {  ///< v = -exp(x) x, g = -exp(x) (1 + x)
+    template <class Math, class V>
+    REGRAD_HD static void eval(V x, V& v, V& g) {
+        const V e = Math::exp(x);
+        v = -e * x;
+        g = -e * (1 + x);
+    }
+};
+
+/// Gradient scale of the L2 norm of one datum: scale / ||x||, 0 at 0 (the subgradient we pick).
+REGRAD_HD inline double l2_norm_grad_scale(double norm, double scale) { return norm > 0 ? scale / norm : 0.0; }
+
+// ---- Finite differences: the same arithmetic as core/numerical.cpp (kept in step with it). ----
+
+/// Fraction of h at point k: +h, -h, +h/2, -h/2 (forward uses the first, central two, Richardson four).
+REGRAD_HD inline double point_fraction(int k) { return k == 0 ? 1.0 : k == 1 ? -1.0 : k == 2 ? 0.5 : -0.5; }
+
+/// Default step of element x: scale * max(1, |x|).
+REGRAD_HD inline double default_step(double x, double scale) {
+    const double ax = x < 0 ? -x : x;
+    return scale * (ax > 1.0 ? ax : 1.0);
+}
+
+/// Central quotient and its rounding-error bound from f(x + s_plus) and f(x + s_minus) (s_minus < 0).
+REGRAD_HD inline void central_quotient(double fp, double fm, double s_plus, double s_minus, double loss_eps,
+                                       double& grad, double& error) {
+    const double d = s_plus - s_minus;
+    grad = (fp - fm) / d;
+    error = loss_eps * ((fp < 0 ? -fp : fp) + (fm < 0 ? -fm : fm)) / d;
+}
+
+/// Richardson extrapolation of central quotients g1 (step d1) and g2 (step d2 ~ d1 / 2), using the
+/// true ratio of the rounded steps; error = |R - g2| plus the propagated rounding bounds.
+REGRAD_HD inline void richardson_quotient(double g1, double r1, double d1, double g2, double r2, double d2,
+                                          double& grad, double& error) {
+    const double ratio2 = (d1 / d2) * (d1 / d2);
+    const double extrapolated = (ratio2 * g2 - g1) / (ratio2 - 1.0);
+    const double diff = extrapolated - g2;
+    grad = extrapolated;
+    error = (diff < 0 ? -diff : diff) + (ratio2 * r2 + r1) / (ratio2 - 1.0);
+}
+
+// ---- Counter-based RNG: Philox4x32-10, the stream of regrad/rng.hpp, usable on the device. ----
+
+/// Philox4x32 with 10 rounds on plain arrays: c (4 counter words) is replaced by the output.
+REGRAD_HD inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c[0];
+        const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c[2];
+        const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c[1] ^ k0;
+        const uint32_t n1 = static_cast<uint32_t>(p1);
+        const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c[3] ^ k1;
+        const uint32_t n3 = static_cast<uint32_t>(p0);
+        c[0] = n0;
+        c[1] = n1;
+        c[2] = n2;
+        c[3] = n3;
+    }
+}
+
+/// 128 random bits for element `index` of stream `sample` under `seed` (as regrad::random_bits).
+REGRAD_HD inline void random_bits(uint64_t seed, uint64_t sample, uint64_t index, uint32_t out[4]) {
+    out[0] = static_cast<uint32_t>(index);
+    out[1] = static_cast<uint32_t>(index >> 32);
+    out[2] = static_cast<uint32_t>(sample);
+    out[3] = static_cast<uint32_t>(sample >> 32);
+    philox4x32_10(out, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+/// Uniform double in [0, 1) with 53 random bits.
+REGRAD_HD inline double uniform01(uint32_t hi, uint32_t lo) {
+    const uint64_t bits = (static_cast<uint64_t>(hi) << 32 | lo) >> 11;
+    return static_cast<double>(bits) * 0x1.0p-53;
+}
+
+/// Component `index` of random direction `sample`: Rademacher (+-1) or, with gaussian, a standard
+/// normal by Box-Muller (Math supplies log, sqrt and cos: libm on the CPU, CUDA's on the GPU).
+template <class Math>
+REGRAD_HD inline double random_direction(bool gaussian, uint64_t seed, uint64_t sample, uint64_t index) {
+    uint32_t r[4];
+    random_bits(seed, sample, index, r);
+    if (!gaussian) return (r[0] & 1u) ? 1.0 : -1.0;
+    const double u1 = 1.0 - uniform01(r[0], r[1]);
+    const double u2 = uniform01(r[2], r[3]);
+    return Math::sqrt(-2.0 * Math::log(u1)) * Math::cos(6.283185307179586 * u2);
+}
+
+}  // namespace formulas
+}  // namespace regrad

@@ -1,0 +1,105 @@
+"""Futures for client requests: `.result()` blocks, `await` suspends (Tinker's APIFuture shape)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Callable, Generator, Generic, Optional, TypeVar
+
+__all__ = ["RequestFuture", "MappedFuture"]
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+class RequestFuture(Generic[T]):
+    """A request's result: `.result(timeout)` in sync code, `await fut` or `fut.result_async()` in async code."""
+
+    def __init__(self, future: "concurrent.futures.Future[T]") -> None:
+        self._future = future
+
+    def result(self, timeout: Optional[float] = None) -> T:
+        """Blocks until the request finished; re-raises its error."""
+        return self._future.result(timeout)
+
+    async def result_async(self, timeout: Optional[float] = None) -> T:
+        """Waits without blocking the event loop."""
+        return await asyncio.wait_for(asyncio.wrap_future(self._future), timeout)
+
+    def future(self) -> "concurrent.futures.Future[T]":
+        """The underlying `concurrent.futures.Future` (for `wait`, `as_completed`, callbacks)."""
+        return self._future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.result_async().__await__()
+
+
+class MappedFuture(Generic[U]):
+    """`fn(inner.result())`, computed once, for any inner future with `.result()` (awaitable or not)."""
+
+    def __init__(self, inner: Any, fn: Callable[[Any], U]) -> None:
+        self._inner = inner
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._state: Optional[tuple] = None  # ("ok", value) or ("error", exception)
+
+    def _finish(self, get_inner: Callable[[], Any]) -> U:
+        with self._lock:
+            if self._state is None:
+                try:
+                    self._state = ("ok", self._fn(get_inner()))
+                except BaseException as err:  # noqa: BLE001 - stored and re-raised to every caller
+                    self._state = ("error", err)
+            kind, value = self._state
+        if kind == "error":
+            raise value
+        return value
+
+    def result(self, timeout: Optional[float] = None) -> U:
+        """Blocks until the inner request finished, then returns the mapped value."""
+        if self._state is None:
+            try:
+                inner_value = self._inner.result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise
+            except BaseException as err:  # noqa: BLE001 - the inner error becomes this future's error
+                return self._finish(lambda: _raise(err))
+            return self._finish(lambda: inner_value)
+        return self._finish(lambda: None)
+
+    async def result_async(self, timeout: Optional[float] = None) -> U:
+        """Awaits the inner future if it is awaitable, else waits for it on a worker thread."""
+        if self._state is None:
+            if hasattr(self._inner, "__await__"):
+                aw = _as_coroutine(self._inner)
+            else:
+                aw = asyncio.get_running_loop().run_in_executor(None, self._inner.result)
+            try:
+                inner_value = await asyncio.wait_for(aw, timeout)
+            except asyncio.TimeoutError:
+                raise
+            except BaseException as err:  # noqa: BLE001
+                return self._finish(lambda: _raise(err))
+            return self._finish(lambda: inner_value)
+        return self._finish(lambda: None)
+
+    def done(self) -> bool:
+        if self._state is not None:
+            return True
+        done = getattr(self._inner, "done", None)
+        return bool(done()) if callable(done) else False
+
+    def __await__(self) -> Generator[Any, None, U]:
+        return self.result_async().__await__()
+
+
+async def _as_coroutine(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _raise(err: BaseException) -> Any:
+    raise err

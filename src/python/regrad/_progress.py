@@ -1,0 +1,58 @@
+"""Progress reporting for long numerical-gradient runs: tqdm when installed, else one stderr line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Optional
+
+# A run whose first call predicts more than this many seconds shows progress unless told not to.
+AUTO_SECONDS = 3.0
+
+
+class Progress:
+    """Counts calls to fn. enabled=None decides after the first call from its duration."""
+
+    def __init__(self, total: int, enabled: Optional[bool], desc: str) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.desc = desc
+        self.done = 0
+        self._start = time.perf_counter()
+        self._bar: Any = None
+        self._last_print = 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.enabled is None:
+            elapsed = time.perf_counter() - self._start
+            expected = elapsed / max(self.done, 1) * self.total
+            self.enabled = expected > AUTO_SECONDS and self.done < self.total
+        if self.enabled:
+            self._show(n)
+
+    def _show(self, n: int) -> None:
+        if self._bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                self._bar = False
+            else:
+                self._bar = tqdm(total=self.total, desc=self.desc, unit="call", initial=self.done - n)
+        if self._bar is False:
+            now = time.perf_counter()
+            if now - self._last_print >= 0.5 or self.done >= self.total:
+                self._last_print = now
+                sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total} calls")
+                if self.done >= self.total:
+                    sys.stderr.write("\n")
+                sys.stderr.flush()
+        else:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None and self._bar is not False:
+            self._bar.close()
+        elif self._bar is False and self.done < self.total:
+            sys.stderr.write("\n")
+        self._bar = None

@@ -1,0 +1,85 @@
+"""Randomized gradient estimators (SPSA with Rademacher directions, Gaussian smoothing).
+
+Sample s perturbs every log-prob at once along direction u_s, whose components the C++ core
+regenerates from (seed, s, element index) with Philox: nothing is stored, any order and any
+executor give the same gradient for the same seed. With antithetic pairs (the default) sample s
+costs f(x + c*u_s) and f(x - c*u_s) and estimates g_e = (f+ - f-) * u_e / (2 c_e); the result is
+the mean over samples, with its variance (sample variance / num_samples) reported per element.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._evaluate import BufferPool, Problem, RandomWriter, Term, base_loss, block_chunk
+from ._progress import Progress
+
+DIRECTIONS = {"spsa": "rademacher", "gaussian": "gaussian"}
+EXECUTOR_CHUNKS = 64
+
+
+def randomized_gradient(
+    problem: Problem,
+    terms: List[Term],
+    method: str,
+    scale: np.ndarray,
+    seed: int,
+    num_samples: int,
+    antithetic: bool,
+    vectorized: bool,
+    max_batch_bytes: int,
+    block_rows: Callable[[Problem, Term, int, int], int],
+    executor: Any,
+    progress: Optional[bool],
+) -> Tuple[np.ndarray, np.ndarray, int, int, int, int]:
+    """(grad, variance of the mean, nfev, ncalls, blocks, rows per block), packed float64 [n]."""
+    kind = DIRECTIONS[method]
+    n = int(problem.offsets[-1])
+    grad = np.zeros(n)
+    variance = np.zeros(n)
+    nq = num_samples * (2 if antithetic else 1)
+    plan = [(t, block_rows(problem, t, nq, max_batch_bytes) if vectorized else 1) for t in terms]
+    per_term_calls = [(-(-nq // rows) if executor is None else len(_chunks(nq))) + (0 if antithetic else 1) for _, rows in plan]
+    bar = Progress(sum(per_term_calls), progress, f"regrad numerical_grad ({method}, {problem.structure})")
+    pool = BufferPool.shared()
+    nfev = ncalls = blocks = max_rows = 0
+    try:
+        for term, rows in plan:
+            f0 = 0.0
+            if not antithetic:
+                f0 = base_loss(problem, term, vectorized)
+                nfev += 1
+                ncalls += 1
+                bar.update(1)
+            writer = RandomWriter(scale, kind, seed, antithetic)
+            if executor is None:
+                f = block_chunk(problem, term, writer, 0, nq, rows, vectorized, pool, bar)
+            else:
+                spans = _chunks(nq)
+                results = executor.map(
+                    block_chunk, *zip(*[(problem, term, writer, q0, q1, 1, False) for q0, q1 in spans])
+                )
+                f = np.empty(nq)
+                for (q0, q1), values in zip(spans, results):
+                    f[q0:q1] = values
+                    bar.update(1)
+            g, v = _core.random_estimate(kind, seed, scale[term.e0 : term.e1], term.e0, f, antithetic, f0)
+            grad[term.e0 : term.e1] = g
+            variance[term.e0 : term.e1] = v
+            nfev += nq
+            ncalls += -(-nq // rows)
+            if vectorized:
+                blocks += -(-nq // rows)
+                max_rows = max(max_rows, rows)
+    finally:
+        bar.close()
+        pool.release()
+    return grad, variance, nfev, ncalls, blocks, max_rows
+
+
+def _chunks(total: int) -> List[Tuple[int, int]]:
+    size = max(1, -(-total // EXECUTOR_CHUNKS))
+    return [(q, min(q + size, total)) for q in range(0, total, size)]

@@ -1,0 +1,57 @@
+"""The `regrad` console script: `regrad demo`, `regrad bench` (also `python -m regrad ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="regrad", description="Fast, correct gradients for custom training losses on token log-probabilities."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .demo import add_arguments
+
+    add_arguments(sub.add_parser("demo", help="train the local byte-level model with regularizers (< 1 minute)"))
+    sub.add_parser("bench", help="run the benchmarks (arguments go to regrad.bench)", add_help=False)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 2 usage error or command not available)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["bench"]:
+        return _bench(args_list[1:])
+    parser = _parser()
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "demo":
+        from .demo import run_from_args
+
+        return run_from_args(args)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+    return 2
+
+
+def _bench(argv: List[str]) -> int:
+    """Forwards to `regrad.bench.main(argv)` when that module is installed."""
+    try:
+        bench = importlib.import_module("regrad.bench")
+    except ImportError as err:
+        if err.name not in ("regrad.bench",):
+            raise
+        print("regrad bench is not available in this installation (no regrad.bench module); "
+              "run the scripts in the repository's bench/ folder instead", file=sys.stderr)
+        return 2
+    return int(bench.main(argv) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""Training clients: `LocalTrainingClient` (the embedded default) and `forward_backward_custom`.
+
+The local client has Tinker's TrainingClient methods and semantics, so a training loop written
+against it runs unchanged on the Tinker service. Requests run one at a time, in submission order,
+on one worker thread; each returns a future (`.result()` or `await`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._futures import MappedFuture, RequestFuture
+from .data import input_tokens, loss_input
+from .errors import InputError, NonFiniteError
+from .model import ByteLM, default_model
+
+__all__ = [
+    "AdamParams",
+    "ForwardBackwardOutput",
+    "OptimStepResult",
+    "LocalTrainingClient",
+    "CustomLossResult",
+    "forward_backward_custom",
+]
+
+LossFn = Callable[[Sequence[Any], List[torch.Tensor]], Tuple[Any, Dict[str, float]]]
+_STATE_FORMAT = "regrad.LocalTrainingClient/1"
+
+
+@dataclass
+class AdamParams:
+    """Per-step Adam hyperparameters; the fields and defaults of `tinker.types.AdamParams`."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0  # decoupled (AdamW)
+    grad_clip_norm: float = 0.0  # 0 means no clipping
+
+
+@dataclass
+class ForwardBackwardOutput:
+    """What forward / forward_backward(_custom) return: per-datum {"logprobs": [T] or [T, K]} and metrics."""
+
+    loss_fn_output_type: str
+    loss_fn_outputs: List[Dict[str, torch.Tensor]]
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OptimStepResult:
+    """What optim_step returns: `optim/grad_norm` (before clipping), `optim/step`, `optim/learning_rate`."""
+
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    """Validated data, padded for one model call: ids [B, T_max] and per-datum targets/weights."""
+
+    data: List[Any]
+    ids: torch.Tensor
+    lengths: List[int]
+    targets: List[torch.Tensor]  # [T_i] or [T_i, K_i], int64
+    weights: List[torch.Tensor]  # shaped like targets, model dtype
+
+
+class LocalTrainingClient:
+    """Tinker-shaped training client over a local torch model (default: a seeded byte-level `ByteLM`).
+
+    `model` is any `nn.Module` mapping input ids [B, T] (int64) to logits [B, T, V]; if it has
+    `context` / `vocab_size` attributes (or `config.context` / `config.vocab_size`), data are
+    checked against them before the request is queued.
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, *, seed: int = 0) -> None:
+        self.model: nn.Module = default_model(seed) if model is None else model
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        self.seed = seed
+        self.context: Optional[int] = _model_attr(self.model, "context")
+        self.vocab_size: Optional[int] = _model_attr(self.model, "vocab_size")
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError("model has no trainable parameters")
+        self._optimizer: Optional[torch.optim.AdamW] = None
+        self._step = 0
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="regrad-client")
+
+    # ----------------------------------------------------------------- requests
+
+    def forward(
+        self, data: Sequence[Any], loss_fn: str = "cross_entropy", loss_fn_config: Optional[Mapping[str, Any]] = None
+    ) -> RequestFuture[ForwardBackwardOutput]:
+        """Log-probs of `target_tokens` ([T], or [T, K] for [T, K] targets) and the loss, without gradients."""
+        _check_builtin_loss(loss_fn, loss_fn_config)
+        batch = self._prepare(data)
+        return self._submit(lambda: self._run_forward(batch))
+
+    def forward_backward(
+        self, data: Sequence[Any], loss_fn: str = "cross_entropy", loss_fn_config: Optional[Mapping[str, Any]] = None
+    ) -> RequestFuture[ForwardBackwardOutput]:
+        """Cross-entropy `-Σ weights·logprobs` (a sum, as Tinker's); its gradient accumulates into `.grad`."""
+        _check_builtin_loss(loss_fn, loss_fn_config)
+        batch = self._prepare(data)
+        return self._submit(lambda: self._run_forward_backward(batch))
+
+    def forward_backward_custom(self, data: Sequence[Any], loss_fn: LossFn) -> RequestFuture[ForwardBackwardOutput]:
+        """Tinker's custom loss: `loss_fn(data, logprobs_list) -> (loss, metrics)`, differentiated w.r.t. the log-probs.
+
+        The gradients g_i = d loss / d logprobs_i weight a linear surrogate Σ_i Σ g_i·logprobs_i whose
+        backward reaches the parameters, so `.grad` gets exactly d loss / d parameters. Nothing is
+        accumulated if the request fails.
+        """
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (data, logprobs_list) -> (loss, metrics), got {loss_fn!r}")
+        batch = self._prepare(data)
+        return self._submit(lambda: self._run_forward_backward_custom(batch, loss_fn))
+
+    def optim_step(self, adam_params: Any = None) -> RequestFuture[OptimStepResult]:
+        """One AdamW step with the accumulated gradients (regrad or tinker AdamParams), then clears them."""
+        params = _adam_params(adam_params)
+        return self._submit(lambda: self._run_optim_step(params))
+
+    def save_state(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
+        """Saves weights, optimizer state and step count to `path` (a torch file); the future gives the path."""
+        target = os.fspath(path)
+        return self._submit(lambda: self._run_save_state(target))
+
+    def load_state(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
+        """Restores what `save_state` wrote (exactly) and clears pending gradients."""
+        source = os.fspath(path)
+        return self._submit(lambda: self._run_load_state(source))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def step(self) -> int:
+        """Number of optimizer steps applied so far."""
+        return self._step
+
+    def close(self) -> None:
+        """Finishes queued requests and stops the worker thread."""
+        self._worker.shutdown(wait=True)
+
+    def __enter__(self) -> "LocalTrainingClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- internals
+
+    def _submit(self, fn: Callable[[], Any]) -> RequestFuture[Any]:
+        return RequestFuture(self._worker.submit(fn))
+
+    def _prepare(self, data: Sequence[Any]) -> _Batch:
+        """Checks every datum (tokens, targets, weights, context) and pads the inputs into one id tensor."""
+        if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
+            raise InputError(f"data must be a list of Datum, got {type(data).__name__}")
+        data = list(data)
+        if not data:
+            raise InputError("data is empty: a request needs at least one Datum")
+        param = self._params[0]
+        dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
+        rows: List[List[int]] = []
+        targets: List[torch.Tensor] = []
+        weights: List[torch.Tensor] = []
+        for i, datum in enumerate(data):
+            tokens = input_tokens(datum, i)
+            n = len(tokens)
+            if n == 0:
+                raise InputError(f"datum {i} has no input tokens")
+            if self.context is not None and n > self.context:
+                raise InputError(f"datum {i} has {n} input tokens, longer than the model's context ({self.context})")
+            if self.vocab_size is not None and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
+                raise InputError(f"datum {i} has input token ids outside [0, {self.vocab_size})")
+            tgt = loss_input(datum, "target_tokens", i)
+            if tgt.ndim not in (1, 2) or tgt.shape[0] != n:
+                raise InputError(
+                    f"datum {i}: target_tokens has shape {tuple(tgt.shape)}; expected [{n}] or [{n}, K] "
+                    f"(one row per input token)"
+                )
+            if tgt.size and not np.issubdtype(tgt.dtype, np.integer):
+                if not np.all(np.equal(np.mod(tgt, 1), 0)):
+                    raise InputError(f"datum {i}: target_tokens has non-integer values (dtype {tgt.dtype})")
+            if tgt.ndim == 2 and tgt.shape[1] == 0:
+                raise InputError(f"datum {i}: target_tokens has shape {tuple(tgt.shape)}; K must be at least 1")
+            if self.vocab_size is not None and tgt.size and (tgt.min() < 0 or tgt.max() >= self.vocab_size):
+                raise InputError(f"datum {i}: target_tokens has ids outside [0, {self.vocab_size})")
+            w = loss_input(datum, "weights", i, required=False)
+            if w is None:
+                w = np.ones(tgt.shape)
+            elif w.shape != tgt.shape:
+                raise InputError(
+                    f"datum {i}: weights have shape {tuple(w.shape)} but target_tokens has {tuple(tgt.shape)}"
+                )
+            rows.append(tokens)
+            targets.append(torch.as_tensor(np.asarray(tgt, dtype=np.int64), device=param.device))
+            weights.append(torch.as_tensor(np.asarray(w, dtype=np.float64), device=param.device).to(dtype))
+        width = max(len(r) for r in rows)
+        # Right padding: the model is causal, so padding never changes earlier positions.
+        ids = torch.zeros((len(rows), width), dtype=torch.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
+        return _Batch(data, ids.to(param.device), [len(r) for r in rows], targets, weights)
+
+    def _logprobs(self, batch: _Batch) -> List[torch.Tensor]:
+        """One model call; per-datum log-probs of the target tokens, [T_i] or [T_i, K_i] (graph kept if enabled)."""
+        logits = self.model(batch.ids)
+        b, t = batch.ids.shape
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != (b, t):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise InputError(f"the model returned {shape}; expected logits [{b}, {t}, vocab]")
+        vocab = logits.shape[-1]
+        logp = torch.log_softmax(logits, dim=-1)
+        out = []
+        for i, (n, tgt) in enumerate(zip(batch.lengths, batch.targets)):
+            if tgt.numel() and int(tgt.max()) >= vocab:
+                raise InputError(f"datum {i}: target_tokens has ids >= the model's vocabulary ({vocab})")
+            rows = logp[i, :n]
+            out.append(rows.gather(1, tgt.unsqueeze(1)).squeeze(1) if tgt.dim() == 1 else rows.gather(1, tgt))
+        return out
+
+    def _apply_grads(self, loss: torch.Tensor) -> None:
+        """Backward of `loss` into `.grad`, all or nothing: gradients are computed first, then added."""
+        grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+        for p, g in zip(self._params, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g)
+
+    def _run_forward(self, batch: _Batch) -> ForwardBackwardOutput:
+        with torch.no_grad():
+            logprobs = self._logprobs(batch)
+            loss = sum(float(-(w * lp).sum()) for w, lp in zip(batch.weights, logprobs))
+        return _output(logprobs, {"loss:sum": loss})
+
+    def _run_forward_backward(self, batch: _Batch) -> ForwardBackwardOutput:
+        logprobs = self._logprobs(batch)
+        loss = torch.stack([-(w * lp).sum() for w, lp in zip(batch.weights, logprobs)]).sum()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise _non_finite(f"cross-entropy loss is {value}; no gradient applied")
+        self._apply_grads(loss)
+        return _output(logprobs, {"loss:sum": value})
+
+    def _run_forward_backward_custom(self, batch: _Batch, loss_fn: LossFn) -> ForwardBackwardOutput:
+        logprobs = self._logprobs(batch)
+        leaves = [lp.detach().clone().requires_grad_(True) for lp in logprobs]
+        grads, loss_value, metrics = _custom_loss_grads(loss_fn, batch.data, leaves)
+        surrogate = torch.stack([(g.to(lp.dtype) * lp).sum() for g, lp in zip(grads, logprobs)]).sum()
+        self._apply_grads(surrogate)
+        out_metrics = dict(metrics)
+        out_metrics["loss:sum"] = loss_value
+        out_metrics["surrogate_loss:sum"] = float(surrogate.detach())
+        return _output(logprobs, out_metrics)
+
+    def _run_optim_step(self, params: AdamParams) -> OptimStepResult:
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(self._params, lr=params.learning_rate)
+        for group in self._optimizer.param_groups:
+            group.update(
+                lr=params.learning_rate,
+                betas=(params.beta1, params.beta2),
+                eps=params.eps,
+                weight_decay=params.weight_decay,
+            )
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        if not math.isfinite(norm):
+            raise _non_finite(f"accumulated gradient norm is {norm}; optimizer step not applied")
+        if params.grad_clip_norm > 0 and grads:
+            torch.nn.utils.clip_grad_norm_(self._params, params.grad_clip_norm)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        self._step += 1
+        return OptimStepResult(
+            {"optim/grad_norm": norm, "optim/step": float(self._step), "optim/learning_rate": params.learning_rate}
+        )
+
+    def _run_save_state(self, path: str) -> str:
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        config = self.model.config.to_dict() if isinstance(self.model, ByteLM) else None
+        state = {
+            "format": _STATE_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+            "step": self._step,
+            "model_config": config,
+        }
+        torch.save(state, path)
+        return path
+
+    def _run_load_state(self, path: str) -> str:
+        device = self._params[0].device
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise InputError(f"{path} is not a state saved by LocalTrainingClient.save_state")
+        if isinstance(self.model, ByteLM) and state.get("model_config") not in (None, self.model.config.to_dict()):
+            raise InputError(
+                f"{path} holds a model with config {state['model_config']}, this client has {self.model.config.to_dict()}"
+            )
+        self.model.load_state_dict(state["model"])
+        if state["optimizer"] is None:
+            self._optimizer = None
+        else:
+            self._optimizer = torch.optim.AdamW(self._params)
+            self._optimizer.load_state_dict(state["optimizer"])
+        self._step = int(state["step"])
+        for p in self._params:
+            p.grad = None
+        return path
+
+
+def _model_attr(model: nn.Module, name: str) -> Optional[int]:
+    """`model.<name>` or `model.config.<name>` as an int, if the model declares it."""
+    for owner in (model, getattr(model, "config", None)):
+        value = getattr(owner, name, None) if owner is not None else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _check_builtin_loss(loss_fn: str, config: Optional[Mapping[str, Any]]) -> None:
+    if loss_fn != "cross_entropy":
+        raise ValueError(
+            f"LocalTrainingClient supports loss_fn='cross_entropy' (got {loss_fn!r}); "
+            "use forward_backward_custom for any other loss"
+        )
+    if config:
+        raise ValueError(f"cross_entropy takes no loss_fn_config (got {dict(config)})")
+
+
+def _adam_params(params: Any) -> AdamParams:
+    """A regrad AdamParams from ours, tinker's (same field names), a dict, or None (defaults)."""
+    if params is None:
+        return AdamParams()
+    if isinstance(params, AdamParams):
+        out = params
+    elif isinstance(params, Mapping):
+        out = AdamParams(**params)
+    else:
+        names = AdamParams.__dataclass_fields__
+        out = AdamParams(**{k: getattr(params, k) for k in names if hasattr(params, k)})
+    for name in AdamParams.__dataclass_fields__:
+        value = getattr(out, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"AdamParams.{name} must be a finite number >= 0, got {value!r}")
+    if not (out.beta1 < 1 and out.beta2 < 1):
+        raise ValueError(f"AdamParams betas must be < 1, got ({out.beta1}, {out.beta2})")
+    return out
+
+
+def _non_finite(message: str, datum: int = -1) -> Exception:
+    """A NonFiniteError carrying `.datum` (-1: the whole batch), like the ones the C++ core raises."""
+    err = NonFiniteError(message)
+    err.datum = datum  # type: ignore[attr-defined]
+    err.position = -1  # type: ignore[attr-defined]
+    return err
+
+
+def _output(logprobs: List[torch.Tensor], metrics: Dict[str, float]) -> ForwardBackwardOutput:
+    return ForwardBackwardOutput("ArrayRecord", [{"logprobs": lp.detach()} for lp in logprobs], metrics)
+
+
+def _custom_loss_grads(
+    loss_fn: LossFn, data: List[Any], leaves: List[torch.Tensor]
+) -> Tuple[List[torch.Tensor], float, Dict[str, float]]:
+    """Runs loss_fn on leaf log-prob tensors as Tinker's client does; returns d loss/d leaves, loss, metrics."""
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    result = loss_fn(data, leaves)
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise InputError(f"loss_fn {name!r} must return (loss, metrics), got {type(result).__name__}")
+    loss, metrics = result
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise InputError(f"loss_fn {name!r} must return a 0-d torch tensor as its loss, got {got}")
+    if not loss.requires_grad:
+        raise InputError(
+            f"loss_fn {name!r} returned a loss with no autograd graph: it must be computed from logprobs_list "
+            "with torch operations (or wrapped with regrad.numerical)"
+        )
+    if not isinstance(metrics, Mapping):
+        raise InputError(f"loss_fn {name!r} must return a dict of metrics, got {type(metrics).__name__}")
+    try:
+        clean_metrics = {str(k): float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+    except (TypeError, ValueError) as err:
+        raise InputError(f"loss_fn {name!r} returned a metric that is not a number: {err}") from None
+    loss_value = float(loss.detach().sum())
+    if not math.isfinite(loss_value):
+        raise _non_finite(f"loss_fn {name!r} returned a non-finite loss ({loss_value}); no gradient applied")
+    loss.sum().backward()
+    grads = []
+    for i, leaf in enumerate(leaves):
+        if leaf.grad is None:
+            raise InputError(
+                f"loss_fn {name!r}: the loss does not depend on logprobs_list[{i}] (datum {i}); "
+                "Tinker's client rejects this too (add 0 * logprobs to include it)"
+            )
+        if not bool(torch.isfinite(leaf.grad).all()):
+            raise _non_finite(f"loss_fn {name!r}: the gradient for datum {i} has non-finite values", i)
+        grads.append(leaf.grad)
+    return grads, loss_value, clean_metrics
+
+
+# --------------------------------------------------------------- composition
+
+
+@dataclass
+class CustomLossResult:
+    """Result of `regrad.forward_backward_custom`: total loss, its telemetry, d total/d logprobs, client output."""
+
+    loss: float
+    telemetry: Any  # regrad.CustomLossOutput
+    grads: List[torch.Tensor]  # per datum, shaped like its log-probs
+    output: Any  # what the client's forward_backward_custom returned (ForwardBackwardOutput)
+
+
+class _Recorder:
+    """Wraps a loss_fn to keep the log-prob tensors it was given, so their `.grad` can be read afterwards."""
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        self.loss_fn = loss_fn
+        self.__name__ = getattr(loss_fn, "__name__", "loss_fn")
+        self.logprobs: Optional[List[torch.Tensor]] = None
+
+    def __call__(self, data: Sequence[Any], logprobs_list: List[torch.Tensor]) -> Tuple[Any, Dict[str, float]]:
+        self.logprobs = list(logprobs_list)
+        return self.loss_fn(data, logprobs_list)
+
+    def finish(self, output: Any) -> CustomLossResult:
+        if self.logprobs is None:
+            raise RuntimeError("the client finished forward_backward_custom without calling the loss function")
+        grads = []
+        for lp in self.logprobs:
+            grads.append(torch.zeros_like(lp) if lp.grad is None else lp.grad.detach().clone())
+        _close(self.loss_fn)
+        telemetry = getattr(self.loss_fn, "last_output", None)
+        loss = float(getattr(telemetry, "loss_total", float("nan")))
+        if not math.isfinite(loss):
+            metrics = getattr(output, "metrics", None) or {}
+            loss = float(metrics.get("loss:sum", loss))
+        return CustomLossResult(loss=loss, telemetry=telemetry, grads=grads, output=output)
+
+
+_DEFAULT_BASE_LOSS: Any = object()
+
+
+def forward_backward_custom(
+    client: Any,
+    data: Sequence[Any],
+    *,
+    base_loss: Any = _DEFAULT_BASE_LOSS,
+    regularizers: Sequence[Any] = (),
+    **compose_options: Any,
+) -> MappedFuture[CustomLossResult]:
+    """Composes `base_loss + Σ weight·regularizer` and runs it through `client.forward_backward_custom`.
+
+    `client` is a `LocalTrainingClient` or anything with Tinker's `forward_backward_custom(data, loss_fn)`
+    (a `tinker` TrainingClient). Returns a future (`.result()` / `await`) of a `CustomLossResult`.
+    """
+    try:
+        from .compose import compose
+    except ImportError as err:  # pragma: no cover - only while compose is missing
+        raise ImportError(f"regrad.compose is not available: {err}") from err
+    method = getattr(client, "forward_backward_custom", None)
+    if not callable(method):
+        raise TypeError(
+            f"client {type(client).__name__} has no forward_backward_custom(data, loss_fn); "
+            "pass a regrad.LocalTrainingClient or a tinker TrainingClient"
+        )
+    if base_loss is _DEFAULT_BASE_LOSS:
+        from .losses import cross_entropy
+
+        base_loss = cross_entropy
+    loss_fn = compose(base_loss, list(regularizers), **compose_options)
+    recorder = _Recorder(loss_fn)
+    try:
+        inner = method(data, recorder)
+    except BaseException:
+        _close(loss_fn)
+        raise
+    done_future = getattr(inner, "future", None)  # a concurrent Future: close the worker threads once done
+    if callable(done_future) and isinstance(done_future(), concurrent.futures.Future):
+        done_future().add_done_callback(lambda _: _close(loss_fn))
+    return MappedFuture(inner, recorder.finish)
+
+
+def _close(loss_fn: Any) -> None:
+    """Stops a composed loss's worker threads (a no-op for plain functions)."""
+    close = getattr(loss_fn, "close", None)
+    if callable(close):
+        close()

@@ -1,0 +1,417 @@
+"""The composition pipeline: `compose(base_loss, regularizers)` -> a Tinker-compatible `loss_fn`.
+
+Each call runs every term once (sync ones on a thread pool, async ones together on one event loop),
+takes each term's gradient by its route, sums `base + Σ weight·regularizer` and its gradient in the
+same pass, and records telemetry. A failing term fails the whole call with `RegularizerError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+import weakref
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import losses
+from .errors import NonFiniteError, RegularizerError
+from .grad import CallInputs, Cancelled, TermResult, compute_term, compute_term_async, resolve
+from .specs import RegularizerSpec, SpecLike, as_specs
+from .telemetry import BaseLossTelemetry, CustomLossOutput, EventCallback, RegularizerTelemetry, emit
+
+__all__ = ["compose", "ComposedLoss"]
+
+BASE = "base_loss"
+_DEFAULT = object()
+
+
+def compose(
+    base_loss: Union[Callable[..., Any], RegularizerSpec, None] = losses.cross_entropy,
+    regularizers: Iterable[SpecLike] = (),
+    *,
+    parallel: bool = True,
+    max_workers: Optional[int] = None,
+    track_grad_norms: bool = True,
+    on_event: Optional[EventCallback] = None,
+) -> "ComposedLoss":
+    """`loss_fn(data, logprobs_list) -> (loss, metrics)` for base_loss + Σ weight·regularizer.
+
+    Pass it to a Tinker `TrainingClient.forward_backward_custom(data, loss_fn)` unchanged;
+    `loss_fn.last_output` then holds the full `CustomLossOutput`. base_loss may be None.
+    """
+    return ComposedLoss(
+        base_loss,
+        regularizers,
+        parallel=parallel,
+        max_workers=max_workers,
+        track_grad_norms=track_grad_norms,
+        on_event=on_event,
+    )
+
+
+def _base_spec(base_loss: Union[Callable[..., Any], RegularizerSpec, None]) -> Optional[RegularizerSpec]:
+    """The base loss as a spec of weight 1 (named "base_loss" unless given as a spec)."""
+    if base_loss is None:
+        return None
+    if isinstance(base_loss, RegularizerSpec):
+        if base_loss.weight != 1.0:
+            raise ValueError(f"base loss {base_loss.name!r} has weight {base_loss.weight}; a base loss has weight 1")
+        base_loss.validate()
+        return base_loss
+    if not callable(base_loss):
+        raise TypeError(f"base_loss must be callable, a RegularizerSpec or None, got {type(base_loss).__name__}")
+    if inspect.iscoroutinefunction(base_loss):
+        return RegularizerSpec.async_(BASE, 1.0, base_loss, timeout=None)
+    return RegularizerSpec.sync(BASE, 1.0, base_loss)
+
+
+class ComposedLoss:
+    """The composed loss function (see `compose`); also `acall`, `evaluate`, `aevaluate` and `last_output`."""
+
+    def __init__(
+        self,
+        base_loss: Union[Callable[..., Any], RegularizerSpec, None],
+        regularizers: Iterable[SpecLike],
+        *,
+        parallel: bool = True,
+        max_workers: Optional[int] = None,
+        track_grad_norms: bool = True,
+        on_event: Optional[EventCallback] = None,
+    ) -> None:
+        if max_workers is not None and (isinstance(max_workers, bool) or int(max_workers) < 1):
+            raise ValueError(f"max_workers must be a positive int or None, got {max_workers!r}")
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be callable, got {type(on_event).__name__}")
+        self.base_spec = _base_spec(base_loss)
+        self.regularizers: Tuple[RegularizerSpec, ...] = as_specs(regularizers)
+        self.parallel = bool(parallel)
+        self.max_workers = max_workers
+        self.track_grad_norms = bool(track_grad_norms)
+        self.on_event = on_event
+        self.last_output: Optional[CustomLossOutput] = None
+        scoped = [("regularizer", s) for s in self.regularizers]
+        self._terms: List[Tuple[str, RegularizerSpec]] = ([(BASE, self.base_spec)] if self.base_spec else []) + scoped
+        self._has_async = any(spec.is_async for _, spec in self._terms)
+        self._needs_detached: Dict[str, bool] = {}
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        names = [spec.name for _, spec in self._terms]
+        return f"ComposedLoss({names}, parallel={self.parallel})"
+
+    # -- public entry points -------------------------------------------------------------------
+
+    def __call__(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[Any, Dict[str, float]]:
+        """(loss, metrics): loss a 0-d tensor whose backward() gives d(total)/d(logprobs); metrics flat floats."""
+        inputs, value, flat, output = self._evaluate(data, logprobs_list)
+        return self._loss_tensor(inputs, value, flat), output.flat()
+
+    async def acall(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[Any, Dict[str, float]]:
+        """`__call__` for callers already inside an event loop: async terms run on that loop."""
+        inputs, value, flat, output = await self._aevaluate(data, logprobs_list)
+        return self._loss_tensor(inputs, value, flat), output.flat()
+
+    def evaluate(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[float, List[Any], CustomLossOutput]:
+        """(total value, d(total)/d(logprobs) per datum like the inputs, telemetry), without autograd."""
+        inputs, value, flat, output = self._evaluate(data, logprobs_list)
+        return value, self._split(inputs, flat), output
+
+    async def aevaluate(
+        self, data: Sequence[Any], logprobs_list: Sequence[Any]
+    ) -> Tuple[float, List[Any], CustomLossOutput]:
+        """`evaluate` for callers already inside an event loop."""
+        inputs, value, flat, output = await self._aevaluate(data, logprobs_list)
+        return value, self._split(inputs, flat), output
+
+    def close(self) -> None:
+        """Stops the worker threads (a later call starts new ones)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "ComposedLoss":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- one call --------------------------------------------------------------------------------
+
+    def _evaluate(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
+        start = time.perf_counter()
+        emit(self.on_event, "start", "loss", "loss")
+        try:
+            inputs = CallInputs.build(data, logprobs_list, self._needs_detached)
+            results = self._run_async_from_sync(inputs) if self._has_async else self._run_threads(inputs)
+            return self._finish(inputs, results, start)
+        except BaseException as err:
+            self._fail(err, start)
+            raise
+
+    async def _aevaluate(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
+        start = time.perf_counter()
+        emit(self.on_event, "start", "loss", "loss")
+        try:
+            inputs = CallInputs.build(data, logprobs_list, self._needs_detached)
+            results = await self._run_on_loop(inputs)
+            return self._finish(inputs, results, start)
+        except BaseException as err:
+            self._fail(err, start)
+            raise
+
+    def _fail(self, err: BaseException, start: float) -> None:
+        self.last_output = None
+        emit(self.on_event, "exception", "loss", "loss", duration_ms=_ms_since(start), error=err)
+
+    # -- running the terms -----------------------------------------------------------------------
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                workers = self.max_workers or min(32, max(1, len(self._terms)))
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="regrad")
+                weakref.finalize(self, self._pool.shutdown, wait=False)
+            return self._pool
+
+    def _run_threads(self, inputs: CallInputs) -> List[TermResult]:
+        """Sync terms only; fail fast, first failure in spec order.
+
+        Analytic terms (one C++ pass, already OpenMP-parallel) run in this thread; the others go to
+        the pool when there are two or more of them, and this thread runs the analytic ones meanwhile.
+        """
+        cancel = threading.Event()
+        count = len(self._terms)
+        pooled = [i for i, (_, spec) in enumerate(self._terms) if resolve(spec) != "analytic"]
+        if not self.parallel or len(pooled) < 2:
+            return [self._run_sync_term(i, inputs, cancel) for i in range(count)]
+        pool = self._executor()
+        futures: Dict[int, Future] = {i: pool.submit(self._run_sync_term, i, inputs, cancel) for i in pooled}
+        results: Dict[int, TermResult] = {}
+        try:
+            for i in range(count):
+                if i not in futures:
+                    results[i] = self._run_sync_term(i, inputs, cancel)
+            wait(futures.values(), return_when=FIRST_EXCEPTION)
+        except BaseException:
+            _cancel_futures(cancel, futures.values())
+            raise
+        failed = [f for _, f in sorted(futures.items()) if f.done() and not f.cancelled() and f.exception() is not None]
+        if failed:
+            _cancel_futures(cancel, futures.values())
+            raise failed[0].exception()  # type: ignore[misc]  # the first failure in spec order
+        results.update({i: f.result() for i, f in futures.items()})
+        return [results[i] for i in range(count)]
+
+    def _run_async_from_sync(self, inputs: CallInputs) -> List[TermResult]:
+        """Runs the terms on a fresh event loop; on a helper thread if this thread already runs one."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._run_on_loop(inputs))
+        # e.g. Tinker calls a custom loss from inside its own event loop
+        with ThreadPoolExecutor(1, thread_name_prefix="regrad-loop") as helper:
+            return helper.submit(asyncio.run, self._run_on_loop(inputs)).result()
+
+    async def _run_on_loop(self, inputs: CallInputs) -> List[TermResult]:
+        """All terms concurrently: async ones as tasks on this loop, sync ones on the pool (inline if not parallel)."""
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        tasks: Dict[int, "asyncio.Future[TermResult]"] = {}
+        results: Dict[int, TermResult] = {}
+        try:
+            for i, (_, spec) in enumerate(self._terms):
+                if spec.is_async:
+                    tasks[i] = asyncio.ensure_future(self._run_async_term(i, inputs, cancel))
+                elif self.parallel:
+                    tasks[i] = loop.run_in_executor(self._executor(), self._run_sync_term, i, inputs, cancel)
+            for i, (_, spec) in enumerate(self._terms):
+                if not spec.is_async and not self.parallel:
+                    results[i] = self._run_sync_term(i, inputs, cancel)
+            if tasks:
+                await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
+        except BaseException:
+            await _cancel_tasks(cancel, tasks.values())
+            raise
+        failed = [i for i, t in sorted(tasks.items()) if t.done() and not t.cancelled() and t.exception() is not None]
+        if failed:
+            await _cancel_tasks(cancel, tasks.values())
+            raise tasks[failed[0]].exception()  # type: ignore[misc]
+        results.update({i: t.result() for i, t in tasks.items()})
+        return [results[i] for i in range(len(self._terms))]
+
+    def _run_sync_term(self, index: int, inputs: CallInputs, cancel: threading.Event) -> TermResult:
+        scope, spec = self._terms[index]
+        start = time.perf_counter()
+        emit(self.on_event, "start", scope, spec.name)
+        try:
+            if cancel.is_set():
+                raise Cancelled("a sibling term failed before this one started")
+            result = self._checked(compute_term(spec, inputs, cancel))
+        except Exception as err:
+            raise self._term_error(scope, spec, err, start) from err
+        return self._term_done(scope, spec, result, start)
+
+    async def _run_async_term(self, index: int, inputs: CallInputs, cancel: threading.Event) -> TermResult:
+        scope, spec = self._terms[index]
+        start = time.perf_counter()
+        emit(self.on_event, "start", scope, spec.name)
+        task = asyncio.ensure_future(compute_term_async(spec, inputs, cancel))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=spec.timeout)
+            if not done:
+                raise TimeoutError(f"no result within the timeout of {spec.timeout} s")
+            result = self._checked(task.result())
+        except asyncio.CancelledError as err:
+            emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err)
+            raise
+        except Exception as err:
+            raise self._term_error(scope, spec, err, start) from err
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return self._term_done(scope, spec, result, start)
+
+    def _term_error(self, scope: str, spec: RegularizerSpec, err: Exception, start: float) -> RegularizerError:
+        emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err)
+        return err if isinstance(err, RegularizerError) else RegularizerError(spec.name, err)
+
+    def _term_done(self, scope: str, spec: RegularizerSpec, result: TermResult, start: float) -> TermResult:
+        result.duration_ms = _ms_since(start)
+        emit(self.on_event, "stop", scope, spec.name, duration_ms=result.duration_ms, value=result.value)
+        return result
+
+    def _checked(self, result: TermResult) -> TermResult:
+        """Grad norm (same pass, no re-run) and the finiteness check of one term's gradient."""
+        flat = result.flat_grad
+        assert flat is not None
+        if self.track_grad_norms:
+            norm = float(np.linalg.norm(flat))
+            if not np.isfinite(norm) and np.isfinite(flat).all():
+                norm = float(np.linalg.norm(flat.astype(np.float64)))  # float32 squares overflowed
+            result.grad_norm = norm
+            finite = bool(np.isfinite(norm))
+        else:
+            finite = bool(np.isfinite(flat).all())
+        if not finite:
+            raise NonFiniteError(f"the {result.grad_method} gradient has non-finite entries")
+        return result
+
+    # -- the result ------------------------------------------------------------------------------
+
+    def _finish(self, inputs: CallInputs, results: List[TermResult], start: float) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
+        total: Optional[np.ndarray] = None
+        for (_, spec), result in zip(self._terms, results):
+            if spec.weight == 0.0:
+                continue
+            g = result.flat_grad
+            if total is None:
+                total = g.copy() if spec.weight == 1.0 else g * g.dtype.type(spec.weight)
+            elif spec.weight == 1.0:
+                total += g
+            else:
+                total += g * g.dtype.type(spec.weight)
+        if total is None:
+            total = np.zeros(inputs.size, inputs.batch.dtype)
+        output = self._telemetry(results, total, start)
+        self.last_output = output
+        emit(self.on_event, "stop", "loss", "loss", duration_ms=output.duration_ms, value=output.loss_total)
+        return inputs, output.loss_total, total, output
+
+    def _telemetry(self, results: List[TermResult], total: np.ndarray, start: float) -> CustomLossOutput:
+        base: Optional[BaseLossTelemetry] = None
+        regularizers: Dict[str, RegularizerTelemetry] = {}
+        for (scope, spec), r in zip(self._terms, results):
+            common = dict(
+                value=r.value, grad_norm=r.grad_norm, grad_method=r.grad_method, duration_ms=r.duration_ms,
+                custom=r.custom, nfev=r.nfev, grad_error=r.grad_error,
+            )
+            if scope == BASE:
+                base = BaseLossTelemetry(**common)  # type: ignore[arg-type]
+            else:
+                regularizers[spec.name] = RegularizerTelemetry(weight=spec.weight, **common)  # type: ignore[arg-type]
+        regularizer_total = sum(reg.contribution for reg in regularizers.values())
+        loss_total = (base.value if base is not None else 0.0) + regularizer_total
+        total_norm = float(np.linalg.norm(total)) if self.track_grad_norms else None
+        return CustomLossOutput(loss_total, base, regularizers, regularizer_total, total_norm, _ms_since(start))
+
+    @staticmethod
+    def _split(inputs: CallInputs, flat: np.ndarray) -> List[Any]:
+        """The packed gradient as one array (or CPU tensor) per datum, shaped like the inputs."""
+        bounds = np.cumsum(inputs.sizes)[:-1]
+        parts = [p.reshape(s) for p, s in zip(np.split(flat, bounds), inputs.batch.shapes)]
+        if inputs.batch.is_torch:
+            import torch
+
+            return [torch.from_numpy(p) for p in parts]
+        return parts
+
+    def _loss_tensor(self, inputs: CallInputs, value: float, flat: np.ndarray) -> Any:
+        """0-d tensor of the total; backward() hands each log-prob tensor grad_output × its gradient."""
+        import torch
+
+        dtype = torch.float32 if inputs.batch.dtype == np.float32 else torch.float64
+        value_t = torch.tensor(value, dtype=dtype)
+        tensors = inputs.logprobs if inputs.batch.is_torch else []
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _TotalGrad.apply(value_t, torch.from_numpy(flat), inputs.sizes, inputs.batch.shapes, *tensors)
+        return value_t
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
+
+
+def _cancel_futures(cancel: threading.Event, futures: Iterable[Future]) -> None:
+    cancel.set()  # numerical routes stop at their next evaluation
+    for f in futures:
+        f.cancel()
+
+
+async def _cancel_tasks(cancel: threading.Event, tasks: Iterable["asyncio.Future[Any]"]) -> None:
+    cancel.set()
+    pending = [t for t in tasks if not t.done()]
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _total_grad_function() -> Any:
+    import torch
+
+    class TotalGrad(torch.autograd.Function):
+        """The composed total; backward scales the packed gradient once and hands out per-datum views."""
+
+        @staticmethod
+        def forward(ctx: Any, value: Any, flat: Any, sizes: List[int], shapes: List[tuple], *inputs: Any) -> Any:
+            ctx.flat, ctx.sizes, ctx.shapes = flat, sizes, shapes
+            return value.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad_output: Any) -> Any:
+            scaled = ctx.flat * grad_output.to(ctx.flat.dtype)
+            parts = [p if len(shape) == 1 else p.view(shape) for p, shape in zip(torch.split(scaled, ctx.sizes), ctx.shapes)]
+            return (None, None, None, None, *parts)
+
+    return TotalGrad
+
+
+class _LazyTotalGrad:
+    """Builds the autograd.Function on first use, so importing regrad never imports torch."""
+
+    _fn: Any = None
+
+    @classmethod
+    def apply(cls, *args: Any) -> Any:
+        if cls._fn is None:
+            cls._fn = _total_grad_function()
+        return cls._fn.apply(*args)
+
+
+_TotalGrad = _LazyTotalGrad

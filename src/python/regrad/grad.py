@@ -1,0 +1,436 @@
+"""Gradient routes: how one term's d(loss)/d(logprobs) is obtained, and "auto" selection.
+
+Routes: "analytic" (the fn carries a `value_and_grad`, e.g. the C++ kernels), "user" (a grad_fn),
+"autograd" (torch), "numerical" / "spsa" / "gaussian" (regrad.numerical_grad). "auto" picks
+user grad_fn > analytic > autograd when the returned loss carries a graph > numerical.
+Every route runs the term's fn once on the unperturbed log-probs for its value and metrics;
+numerical routes add only the engine's perturbed evaluations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import threading
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._arrays import ArrayBatch, as_array_batch
+from .errors import InputError, NonFiniteError
+
+__all__ = ["ROUTES", "NUMERICAL_ROUTES", "NUMERICAL_OPTIONS", "TermResult", "analytic", "has_analytic"]
+
+ROUTES = ("auto", "analytic", "autograd", "user", "numerical", "spsa", "gaussian")
+NUMERICAL_ROUTES = ("numerical", "spsa", "gaussian")
+# Keyword arguments passed through to regrad.numerical_grad.
+NUMERICAL_OPTIONS = frozenset(
+    {"method", "structure", "vectorized", "step", "max_batch_bytes", "executor", "progress", "seed",
+     "num_samples", "sigma", "antithetic"}
+)
+
+
+def analytic(value_and_grad: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator giving `fn(data, logprobs_list)` an analytic route: `value_and_grad(data, arrays)`.
+
+    `arrays` are numpy views of the log-probs (one per datum); it returns `(value, grads, metrics)`
+    with grads either one array per datum or one packed 1-D array of all tokens in order.
+    """
+
+    def attach(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.value_and_grad = value_and_grad  # type: ignore[attr-defined]
+        return fn
+
+    return attach
+
+
+def has_analytic(fn: Any) -> bool:
+    """True when fn carries an analytic `value_and_grad` (built-in kernels, cross_entropy)."""
+    return callable(getattr(fn, "value_and_grad", None))
+
+
+@dataclass
+class TermResult:
+    """One term's value, metrics and gradient (packed 1-D in the batch dtype), and how it was obtained."""
+
+    value: float
+    custom: Dict[str, float]
+    grad_method: str
+    flat_grad: Optional[np.ndarray] = None
+    grad_norm: Optional[float] = None
+    nfev: Optional[int] = None
+    grad_error: Optional[float] = None
+    duration_ms: float = 0.0
+
+
+@dataclass
+class CallInputs:
+    """The caller's batch, checked once per call and shared by every term (read-only)."""
+
+    data: Sequence[Any]
+    logprobs: List[Any]
+    batch: ArrayBatch
+    detached: List[Any] = field(default_factory=list)  # what fns see: detached tensors, or the arrays
+    # names of auto terms found to need detached inputs (numpy-based fns); kept across calls
+    needs_detached: Dict[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, data: Sequence[Any], logprobs_list: Sequence[Any], needs_detached: Optional[Dict[str, bool]] = None
+    ) -> "CallInputs":
+        logprobs = list(logprobs_list)
+        data = list(data)
+        if len(data) != len(logprobs):
+            raise InputError(f"data has {len(data)} entries but logprobs_list has {len(logprobs)}; one per datum")
+        batch = as_array_batch(logprobs)
+        detached = [t.detach() for t in logprobs] if batch.is_torch else batch.arrays
+        return cls(data, logprobs, batch, detached, {} if needs_detached is None else needs_detached)
+
+    def __post_init__(self) -> None:
+        self.sizes: List[int] = self.batch.sizes
+        self.size: int = int(sum(self.sizes))
+
+    def leaves(self) -> List[Any]:
+        """Torch tensors requiring grad to differentiate a term with respect to (torch.autograd.grad).
+
+        The caller's own tensors when they all require grad (autograd.grad never touches their .grad),
+        else fresh leaves sharing their memory.
+        """
+        import torch
+
+        if self.batch.is_torch and all(t.requires_grad for t in self.logprobs):
+            return self.logprobs
+        source = self.detached if self.batch.is_torch else [torch.from_numpy(a) for a in self.batch.arrays]
+        return [t.detach().requires_grad_(True) for t in source]
+
+    def flatten(self, grads: Any) -> np.ndarray:
+        """One term's gradient as a packed 1-D array in the batch dtype; checks count and shapes."""
+        dtype = self.batch.dtype
+        if isinstance(grads, np.ndarray) and grads.ndim == 1 and not _is_sequence_of_arrays(grads):
+            if grads.size != self.size:
+                raise InputError(f"packed gradient has {grads.size} values; the batch has {self.size} log-probs")
+            return grads.astype(dtype, copy=False)
+        parts = list(grads)
+        if len(parts) != len(self.batch.shapes):
+            raise InputError(f"gradient has {len(parts)} entries; expected one per datum ({len(self.batch.shapes)})")
+        for i, (g, shape) in enumerate(zip(parts, self.batch.shapes)):
+            if tuple(np.shape(g) if not hasattr(g, "shape") else g.shape) != tuple(shape):
+                raise InputError(f"gradient of datum {i} has shape {tuple(np.shape(g))}; the log-probs have {tuple(shape)}")
+        if not parts:
+            return np.zeros(0, dtype)
+        if all(hasattr(g, "detach") for g in parts):  # torch: one cat instead of one conversion per datum
+            import torch
+
+            return _to_numpy(torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in parts])).astype(dtype, copy=False)
+        return np.concatenate([_to_numpy(g).reshape(-1) for g in parts]).astype(dtype, copy=False)
+
+
+def _is_sequence_of_arrays(a: np.ndarray) -> bool:
+    return a.dtype == object
+
+
+def _to_numpy(g: Any) -> np.ndarray:
+    if hasattr(g, "detach"):
+        return g.detach().cpu().numpy()
+    return np.asarray(g)
+
+
+Known = Tuple[float, Dict[str, float]]  # a term's value and metrics, before its gradient
+
+
+class Cancelled(Exception):
+    """Raised inside a term's numerical evaluations once a sibling term has failed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking what a fn returned
+
+
+def split_output(out: Any) -> Tuple[Any, Dict[str, float]]:
+    """`(loss, metrics)` from a fn's return value: a `(loss, dict)` tuple, or a bare loss."""
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise TypeError(f"returned a tuple of {len(out)} items; expected (loss, metrics)")
+        return out[0], metrics_dict(out[1])
+    return out, {}
+
+
+def metrics_dict(metrics: Any) -> Dict[str, float]:
+    """A fn's metrics as {str: float}; None gives {}."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"returned metrics of type {type(metrics).__name__}; expected a dict of floats")
+    custom: Dict[str, float] = {}
+    for key, value in metrics.items():
+        if hasattr(value, "detach"):  # a tensor metric: read it without touching its graph
+            value = value.detach()
+        try:
+            custom[str(key)] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a float") from None
+    return custom
+
+
+def scalar_value(loss: Any, *, batched: bool = False) -> float:
+    """The loss as a finite float; it must be a 0-d tensor / array or a real number (shape [1] if batched)."""
+    if isinstance(loss, bool):
+        raise TypeError("returned a bool loss; expected a 0-d tensor or a float")
+    shape = tuple(getattr(loss, "shape", ()))
+    expected: Tuple[int, ...] = (1,) if batched else ()
+    if hasattr(loss, "shape") and shape != expected:
+        raise TypeError(f"returned a loss of shape {shape}; expected a scalar (shape {expected})")
+    if hasattr(loss, "detach"):
+        value = float(loss.detach().reshape(()).item())
+    elif isinstance(loss, (Real, np.ndarray, np.generic)):
+        value = float(np.asarray(loss).reshape(()))
+    else:
+        raise TypeError(f"returned a {type(loss).__name__} loss; expected a 0-d tensor or a float")
+    if not math.isfinite(value):
+        raise NonFiniteError(f"loss is {value}")
+    return value
+
+
+def carries_graph(loss: Any) -> bool:
+    """True when loss is a torch tensor that autograd can differentiate."""
+    return bool(getattr(loss, "requires_grad", False))
+
+
+def autograd_grads(loss: Any, leaves: List[Any]) -> List[Any]:
+    """d(loss)/d(leaves) by torch autograd; leaves the loss does not use get zeros."""
+    import torch
+
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+
+
+def _requires_grad_error(err: BaseException) -> bool:
+    # torch's message when numpy()/__array__ meets a tensor that requires grad
+    return isinstance(err, RuntimeError) and "requires grad" in str(err)
+
+
+def resolve(spec: Any) -> str:
+    """The route decided without running fn: user / analytic / autograd / numerical..., or "probe" for auto."""
+    if spec.grad != "auto":
+        return spec.grad
+    if spec.grad_fn is not None:
+        return "user"
+    if has_analytic(spec.fn):
+        return "analytic"
+    if _vectorized(spec) or _structure(spec) != "batch":
+        return "numerical"  # such fns do not return one scalar for the plain batch: nothing to probe
+    return "probe"
+
+
+# ---------------------------------------------------------------------------------------------
+# The numerical routes (regrad.numerical_grad)
+
+
+def _guarded(fn: Callable[..., Any], cancel: Optional[threading.Event]) -> Callable[..., Any]:
+    """fn that stops the engine (raises Cancelled) once a sibling has failed."""
+    if cancel is None:
+        return fn
+
+    def guarded(data: Any, logprobs_list: Any) -> Any:
+        if cancel.is_set():
+            raise Cancelled("a sibling term failed")
+        return fn(data, logprobs_list)
+
+    return guarded
+
+
+def _numerical(
+    spec: Any, route: str, fn: Callable[..., Any], inputs: CallInputs, cancel: Optional[threading.Event]
+) -> Tuple[Any, Optional[int], Optional[float], str]:
+    """(grads, nfev, error estimate, grad_method label) from regrad.numerical_grad."""
+    from . import numerical_grad  # type: ignore[attr-defined]  # the C++ engine's Python face
+
+    options = dict(spec.numerical_options)
+    if route in ("spsa", "gaussian"):
+        options["method"] = route
+    if options.get("executor") is None:  # a remote executor must get fn itself (picklable)
+        fn = _guarded(fn, cancel)
+    result = numerical_grad(fn, inputs.data, inputs.detached, **options)
+    nfev = getattr(result, "nfev", None)
+    method = str(options.get("method", "central"))
+    label = route if route != "numerical" or method == "central" else f"numerical:{method}"
+    return result.grads, (None if nfev is None else int(nfev)), _max_abs(getattr(result, "error", None)), label
+
+
+def _max_abs(error: Any) -> Optional[float]:
+    """The engine's error estimate as one float (max over tokens when it is per token)."""
+    if error is None:
+        return None
+    if isinstance(error, (list, tuple)):
+        parts = [_to_numpy(e).reshape(-1) for e in error]
+        return float(np.max(np.abs(np.concatenate(parts)))) if parts else 0.0
+    try:
+        return float(np.max(np.abs(_to_numpy(error))))
+    except (TypeError, ValueError):
+        return None
+
+
+def _vectorized(spec: Any) -> bool:
+    return bool(spec.numerical_options.get("vectorized", False))
+
+
+def _structure(spec: Any) -> str:
+    """The engine's structure, canonical: "batch" (also "dense"), "datum" ("per_sequence") or "token"."""
+    structure = spec.numerical_options.get("structure", "batch")
+    return {"dense": "batch", "per_sequence": "datum", "per_token": "token"}.get(structure, structure)
+
+
+def _value_calls(spec: Any, inputs: CallInputs) -> List[Tuple[Any, Any]]:
+    """The unperturbed call(s) giving a numerical term's value, in the fn's own signature.
+
+    structure "datum": fn(datum, logprobs) once per datum; otherwise fn(data, logprobs_list) once.
+    A vectorized fn gets a leading copy dimension of 1.
+    """
+    vectorized = _vectorized(spec)
+    if _structure(spec) == "datum":
+        return [(d, x[None] if vectorized else x) for d, x in zip(inputs.data, inputs.detached)]
+    return [(inputs.data, [x[None] for x in inputs.detached] if vectorized else inputs.detached)]
+
+
+def _value_from(spec: Any, outs: List[Any]) -> Known:
+    """(value, metrics) from the value calls: summed over data ("datum"; metrics averaged) or tokens ("token")."""
+    vectorized = _vectorized(spec)
+    if _structure(spec) == "token":
+        losses, custom = split_output(outs[0])
+        if isinstance(losses, np.ndarray) or hasattr(losses, "detach"):
+            raise TypeError("structure='token' expects a list of per-token loss arrays, one per datum")
+        return scalar_value(sum(float(np.sum(_to_numpy(p))) for p in losses)), custom
+    value = 0.0
+    merged: Dict[str, float] = {}
+    for out in outs:
+        loss, custom = split_output(out)
+        value += scalar_value(loss, batched=vectorized)
+        for key, v in custom.items():
+            merged[key] = merged.get(key, 0.0) + v / len(outs)
+    return scalar_value(value), merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a term: sync and async drivers of the same steps
+
+
+
+def compute_term(spec: Any, inputs: CallInputs, cancel: Optional[threading.Event] = None) -> TermResult:
+    """Value, metrics and packed gradient of one synchronous term, by the spec's route."""
+    route = resolve(spec)
+    if route == "analytic":
+        value, grads, metrics = spec.fn.value_and_grad(inputs.data, inputs.batch.arrays)
+        return _finish(scalar_value(value), metrics_dict(metrics), grads, "analytic", inputs)
+    if route == "user":
+        loss, custom = split_output(spec.fn(inputs.data, inputs.detached))
+        value = scalar_value(loss)
+        return _finish(value, custom, spec.grad_fn(inputs.data, inputs.detached), "user", inputs)
+    known: Optional[Known] = None
+    if route in ("autograd", "probe"):
+        probed = _probe(spec, inputs)
+        if isinstance(probed, TermResult):
+            return probed
+        known, route = probed, "numerical"
+    if known is None:
+        known = _value_from(spec, [spec.fn(*call) for call in _value_calls(spec, inputs)])
+    grads, nfev, error, label = _numerical(spec, route, spec.fn, inputs, cancel)
+    return _finish(known[0], known[1], grads, label, inputs, nfev=nfev, grad_error=error)
+
+
+async def compute_term_async(spec: Any, inputs: CallInputs, cancel: Optional[threading.Event] = None) -> TermResult:
+    """Value, metrics and packed gradient of an `async def` term; awaits fn (and an async grad_fn) here."""
+    route = resolve(spec)
+    if route == "user":
+        loss, custom = split_output(await spec.fn(inputs.data, inputs.detached))
+        value = scalar_value(loss)
+        grads = spec.grad_fn(inputs.data, inputs.detached)
+        if inspect.isawaitable(grads):
+            grads = await grads
+        return _finish(value, custom, grads, "user", inputs)
+    known: Optional[Known] = None
+    if route in ("autograd", "probe"):
+        probed = await _probe_async(spec, inputs)
+        if isinstance(probed, TermResult):
+            return probed
+        known, route = probed, "numerical"
+    if known is None:
+        known = _value_from(spec, [await spec.fn(*call) for call in _value_calls(spec, inputs)])
+    loop = asyncio.get_running_loop()
+
+    def blocking_fn(data: Any, logprobs_list: Any) -> Any:
+        # the engine runs in a worker thread; each evaluation is awaited on this loop
+        return asyncio.run_coroutine_threadsafe(spec.fn(data, logprobs_list), loop).result()
+
+    grads, nfev, error, label = await asyncio.to_thread(_numerical, spec, route, blocking_fn, inputs, cancel)
+    return _finish(known[0], known[1], grads, label, inputs, nfev=nfev, grad_error=error)
+
+
+def _skip_probe(spec: Any, inputs: CallInputs) -> bool:
+    return spec.grad != "autograd" and (not inputs.batch.is_torch or inputs.needs_detached.get(spec.name, False))
+
+
+def _probe(spec: Any, inputs: CallInputs) -> Union[TermResult, Known, None]:
+    """Runs fn on torch leaves: the autograd result, (value, metrics) if no graph, or None if not probed."""
+    import torch
+
+    if _skip_probe(spec, inputs):
+        return None
+    leaves = inputs.leaves()
+    try:
+        with torch.enable_grad():
+            out = spec.fn(inputs.data, leaves)
+    except RuntimeError as err:
+        if not _retry_detached(spec, inputs, err):
+            raise
+        return None
+    return _from_probe(spec, out, leaves, inputs)
+
+
+async def _probe_async(spec: Any, inputs: CallInputs) -> Union[TermResult, Known, None]:
+    import torch
+
+    if _skip_probe(spec, inputs):
+        return None
+    leaves = inputs.leaves()
+    try:
+        with torch.enable_grad():
+            out = await spec.fn(inputs.data, leaves)
+    except RuntimeError as err:
+        if not _retry_detached(spec, inputs, err):
+            raise
+        return None
+    return _from_probe(spec, out, leaves, inputs)
+
+
+def _retry_detached(spec: Any, inputs: CallInputs, err: RuntimeError) -> bool:
+    """A numpy-based fn rejected tensors that require grad: remember it and go numerical (auto only)."""
+    if spec.grad == "autograd" or not _requires_grad_error(err):
+        return False
+    inputs.needs_detached[spec.name] = True
+    return True
+
+
+def _from_probe(spec: Any, out: Any, leaves: List[Any], inputs: CallInputs) -> Union[TermResult, Known]:
+    loss, custom = split_output(out)
+    value = scalar_value(loss)
+    if carries_graph(loss):
+        return _finish(value, custom, autograd_grads(loss, leaves), "autograd", inputs)
+    if spec.grad == "autograd":
+        raise TypeError("grad='autograd' but the loss carries no autograd graph (use grad='numerical')")
+    return value, custom  # known value and metrics; only the gradient is left to the numerical route
+
+
+def _finish(
+    value: float,
+    custom: Dict[str, float],
+    grads: Any,
+    method: str,
+    inputs: CallInputs,
+    *,
+    nfev: Optional[int] = None,
+    grad_error: Optional[float] = None,
+) -> TermResult:
+    return TermResult(value, custom, method, inputs.flatten(grads), nfev=nfev, grad_error=grad_error)

@@ -1,0 +1,67 @@
+"""Base losses for `regrad.compose`: `cross_entropy` (weighted mean token NLL, metric `perplexity`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from ._arrays import as_array_batch
+from .data import loss_input
+from .errors import InputError
+from .grad import analytic
+
+__all__ = ["cross_entropy"]
+
+
+def _token_weights(data: Sequence[Any], shapes: Sequence[Tuple[int, ...]]) -> List[np.ndarray]:
+    """Each datum's `weights` ([T_i], all ones if absent) as 1-D arrays (not copied), checked against its log-probs."""
+    out = []
+    for i, (datum, shape) in enumerate(zip(data, shapes)):
+        if len(shape) != 1:
+            raise InputError(f"cross_entropy takes [T_i] log-probs of the target tokens; datum {i} has shape {shape}")
+        w = loss_input(datum, "weights", i, required=False)
+        if w is None:
+            out.append(np.ones(shape[0]))
+            continue
+        w = np.asarray(w).reshape(-1)
+        if w.shape != shape:
+            raise InputError(f"datum {i} has weights of shape {w.shape} but log-probs of shape {shape}")
+        out.append(w)
+    return out
+
+
+def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[float, np.ndarray, Dict[str, float]]:
+    """-Σ w·lp / Σ w and its gradient -w / Σ w (packed), in one pass; zero total weight gives 0 and 0."""
+    if len(data) != len(arrays):
+        raise InputError(f"data has {len(data)} entries but logprobs_list has {len(arrays)}")
+    weights = _token_weights(data, [a.shape for a in arrays])
+    if not arrays:
+        return 0.0, np.zeros(0), {"perplexity": 1.0}
+    packed_weights = np.concatenate(weights).astype(arrays[0].dtype, copy=False)  # dot in the batch dtype
+    total_weight = float(packed_weights.sum(dtype=np.float64))
+    scale = 1.0 / total_weight if total_weight != 0 else 0.0
+    nll = -float(np.dot(packed_weights, np.concatenate(arrays))) * scale
+    return nll, packed_weights * -scale, {"perplexity": math.exp(nll)}
+
+
+@analytic(_value_and_grad)
+def cross_entropy(data: Sequence[Any], logprobs_list: List[Any]) -> Tuple[Any, Dict[str, float]]:
+    """Mean negative log-likelihood over tokens, weighted by each datum's `weights`; metric perplexity = exp(value).
+
+    With torch log-probs the loss is a 0-d tensor carrying the autograd graph (usable directly as a
+    Tinker custom loss); inside `compose` the analytic gradient above is used instead.
+    """
+    batch = as_array_batch(logprobs_list)
+    if not batch.is_torch:
+        value, _, metrics = _value_and_grad(data, batch.arrays)
+        return value, metrics
+    import torch
+
+    weights = _token_weights(data, batch.shapes)
+    total_weight = float(sum(w.sum(dtype=np.float64) for w in weights))
+    scale = 1.0 / total_weight if total_weight != 0 else 0.0
+    weighted = [torch.dot(torch.tensor(w, dtype=lp.dtype), lp) for w, lp in zip(weights, logprobs_list)]
+    loss = -torch.stack(weighted).sum() * scale if weighted else torch.zeros(())
+    return loss, {"perplexity": math.exp(float(loss.detach()))}

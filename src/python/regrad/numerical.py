@@ -1,0 +1,596 @@
+"""Numerical gradients of losses torch cannot differentiate, computed by the C++ engine.
+
+`numerical_grad(fn, data, logprobs_list, ...)` returns d(loss)/d(logprobs) for every log-prob by
+finite differences (central, forward, Richardson) or randomized estimators (SPSA, Gaussian
+smoothing), exploiting the loss's structure when told:
+
+- structure="batch" (alias "dense"): `fn(data, logprobs_list) -> loss`, a black box; 2 calls per
+  log-prob (central), or one call per block of perturbed copies with `vectorized=True`.
+- structure="datum" (alias "per_sequence"): `fn(datum, logprobs) -> loss`, total = sum over data;
+  perturbing datum i re-evaluates only its own term.
+- structure="token" (alias "per_token"): `fn(data, logprobs_list) -> per-token losses` shaped like
+  the log-probs, total = their sum; the whole gradient costs 2 calls (4 with Richardson).
+
+fn may return a scalar (float, 0-d tensor or array) or a `(loss, metrics)` pair as Tinker's
+custom losses do. It receives the log-probs as the caller gave them (torch tensors or numpy
+arrays) and must not modify them in place. See docs/numerical.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core
+from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, split_packed
+from ._evaluate import (
+    POINT_LABELS,
+    BufferPool,
+    DifferenceWriter,
+    Problem,
+    Term,
+    block_chunk,
+    difference_scalar_chunk,
+    fn_name,
+    split_loss,
+)
+from ._progress import Progress
+from ._randomized import randomized_gradient
+from .errors import InputError, NonFiniteError, NumericalError
+
+__all__ = ["NumericalGrad", "NumericalResult", "CheckResult", "numerical_grad", "numerical", "check"]
+
+METHODS = ("central", "forward", "richardson", "spsa", "gaussian")
+RANDOMIZED = ("spsa", "gaussian")
+STRUCTURES = {"batch": "batch", "dense": "batch", "datum": "datum", "per_sequence": "datum",
+              "token": "token", "per_token": "token"}
+# Blocks larger than this gain nothing (fn's per-call overhead is already amortised) and fall out
+# of the CPU caches; max_batch_bytes is the hard limit, this the preferred size (see docs).
+PREFERRED_BLOCK_BYTES = 8 << 20
+# At most this many chunks of calls are handed to an executor (each chunk is one task).
+EXECUTOR_CHUNKS = 64
+
+
+@dataclass
+class NumericalGrad:
+    """A numerical gradient and how it was obtained.
+
+    grads / error / variance: one entry per datum, the same type (numpy or torch), dtype and shape as
+    the log-probs. error is a per-element error estimate (finite differences: a rounding-error bound,
+    plus the truncation estimate |R - D(h/2)| for Richardson; randomized: the standard error of the
+    mean). nfev counts loss evaluations (perturbed copies, plus unperturbed ones), ncalls calls to fn.
+    """
+
+    grads: List[Any]
+    error: List[Any]
+    nfev: int
+    ncalls: int
+    method: str
+    structure: str
+    dtype: str  # the working dtype the differences were taken in
+    dtype_note: Optional[str] = None  # set when float16/bfloat16 inputs were widened
+    step_scale: Optional[float] = None  # c of h = c * max(1, |x|) (None when `step` was given)
+    variance: Optional[List[Any]] = None  # randomized methods: variance of the mean, per element
+    num_samples: Optional[int] = None
+    seed: Optional[int] = None
+    blocks: int = 0  # vectorized: number of blocks fn was called on
+    block_rows: int = 0  # vectorized: perturbed copies per full block
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_error(self) -> float:
+        """The largest per-element error estimate (0.0 for an empty batch)."""
+        parts = [np.abs(_numpy(e)).reshape(-1) for e in self.error]
+        return float(max((p.max() for p in parts if p.size), default=0.0))
+
+
+NumericalResult = NumericalGrad  # DESIGN.md's name for the same result
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Inputs:
+    batch: ArrayBatch  # working arrays (float32 / float64)
+    original_dtypes: List[Any]  # per datum: numpy dtype or torch dtype of the caller's input
+    dtype_note: Optional[str]
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if is_torch_tensor(x):
+        t = x.detach().cpu()
+        if str(t.dtype) not in ("torch.float32", "torch.float64"):
+            t = t.double()
+        return t.numpy()
+    return np.asarray(x)
+
+
+def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
+    """Widens float16 / bfloat16 to float32 (the working dtype) and checks the ragged batch."""
+    if isinstance(logprobs_list, np.ndarray) or is_torch_tensor(logprobs_list):
+        raise InputError("logprobs_list must be a list with one array per datum, not a single array")
+    items = list(logprobs_list) if logprobs_list is not None else None
+    if items is None:
+        raise InputError("logprobs_list is None; expected a list of arrays (one per datum)")
+    widened, originals, narrow = [], [], set()
+    for x in items:
+        if is_torch_tensor(x):
+            import torch
+
+            originals.append(x.dtype)
+            if x.dtype in (torch.float16, torch.bfloat16):
+                narrow.add(str(x.dtype).replace("torch.", ""))
+                x = x.detach().to(torch.float32)
+        elif isinstance(x, np.ndarray):
+            originals.append(x.dtype)
+            if x.dtype == np.float16 or x.dtype.name == "bfloat16":
+                narrow.add(x.dtype.name)
+                x = x.astype(np.float32)
+        else:
+            originals.append(None)
+        widened.append(x)
+    batch = as_array_batch(widened)
+    note = None
+    if narrow:
+        note = f"{' and '.join(sorted(narrow))} log-probs were differentiated in float32 (results cast back)"
+    return _Inputs(batch, originals, note)
+
+
+def _as_output(packed: np.ndarray, inputs: _Inputs) -> List[Any]:
+    """Per-datum results in the caller's type and dtype."""
+    batch = inputs.batch
+    parts = split_packed(np.ascontiguousarray(packed, dtype=batch.dtype), batch)
+    if batch.is_torch:
+        return [p.to(d) if p.dtype != d else p for p, d in zip(parts, inputs.original_dtypes)]
+    return [p.astype(d, copy=False) for p, d in zip(parts, inputs.original_dtypes)]
+
+
+def _per_element(value: Any, n: int, batch: ArrayBatch, what: str) -> Optional[np.ndarray]:
+    """A scalar or per-element option (one array per datum, or packed [n]) as float64 [n] (or None)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        out = np.full(n, float(value))
+    elif isinstance(value, (list, tuple)):
+        if len(value) != len(batch.arrays):
+            raise InputError(f"{what} has {len(value)} entries but the batch has {len(batch.arrays)} data")
+        parts = []
+        for j, (v, shape) in enumerate(zip(value, batch.shapes)):
+            a = np.asarray(_numpy(v), dtype=np.float64)
+            if a.shape != tuple(shape):
+                raise InputError(f"{what}[{j}] has shape {a.shape}; datum {j} has {tuple(shape)}")
+            parts.append(a.reshape(-1))
+        out = np.concatenate(parts) if parts else np.zeros(0)
+    else:
+        a = np.asarray(_numpy(value), dtype=np.float64)
+        if a.ndim == 0:
+            out = np.full(n, float(a))
+        elif a.shape == (n,):
+            out = a.copy()
+        else:
+            raise InputError(f"{what} has shape {a.shape}; expected a scalar, one array per datum, or [{n}] packed")
+    if not np.all(np.isfinite(out)) or np.any(out <= 0):
+        bad = int(np.flatnonzero(~(np.isfinite(out) & (out > 0)))[0])
+        raise InputError(f"{what} must be positive and finite; got {out[bad]} for packed element {bad}")
+    return out
+
+
+def _check_options(method: str, structure: str, vectorized: bool, executor: Any, max_batch_bytes: Any,
+                   num_samples: Any, seed: Any) -> str:
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if structure not in STRUCTURES:
+        raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {structure!r}")
+    canonical = STRUCTURES[structure]
+    if canonical == "token" and vectorized:
+        raise InputError("vectorized=True applies to structure 'batch' or 'datum'; 'token' already needs only 2 calls")
+    if canonical == "token" and method in RANDOMIZED:
+        raise InputError(
+            f"method {method!r} applies to structure 'batch' or 'datum'; with per-token losses "
+            "structure='token' gives the central difference of every token in 2 calls"
+        )
+    if vectorized and executor is not None:
+        raise InputError("executor applies to vectorized=False (a vectorized fn already gets whole blocks)")
+    if executor is not None and not callable(getattr(executor, "map", None)):
+        raise InputError(f"executor must be a concurrent.futures.Executor, got {type(executor).__name__}")
+    if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral) or max_batch_bytes <= 0:
+        raise InputError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return canonical
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+
+def numerical_grad(
+    fn: Callable[..., Any],
+    data: Any,
+    logprobs_list: Sequence[Any],
+    *,
+    method: str = "central",
+    structure: str = "batch",
+    vectorized: bool = False,
+    step: Any = None,
+    max_batch_bytes: int = 256 << 20,
+    executor: Any = None,
+    progress: Optional[bool] = None,
+    seed: int = 0,
+    num_samples: int = 64,
+    sigma: Any = None,
+    antithetic: bool = True,
+) -> NumericalGrad:
+    """d(loss)/d(logprobs) of `fn` by finite differences or a randomized estimator.
+
+    logprobs_list: one [T_i] or [T_i, K] array per datum (numpy or CPU torch; float32/64, float16
+    and bfloat16 are widened to float32). Returns a NumericalGrad whose grads match the inputs.
+    method: "central" (default, O(h^2)), "forward" (O(h)), "richardson" (O(h^4)), "spsa", "gaussian".
+    step: None (h = c * max(1, |x|), c = eps^(1/3), eps^(1/2) for forward), or an absolute step
+    (scalar, one array per datum, or packed). vectorized: fn takes a leading dimension of P
+    perturbed copies and returns P losses. executor: maps chunks of calls (vectorized=False).
+    progress: True / False, or None to show a bar when the run is predicted to exceed a few seconds.
+    seed, num_samples, sigma (perturbation scale, default the central step), antithetic: randomized.
+    """
+    if not callable(fn):
+        raise InputError(f"fn must be callable, got {type(fn).__name__}")
+    structure_name = _check_options(method, structure, vectorized, executor, max_batch_bytes, num_samples, seed)
+    inputs = _prepare_inputs(logprobs_list)
+    batch = inputs.batch
+    arrays = batch.arrays
+    offsets = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum(batch.sizes, out=offsets[1:])
+    n = int(offsets[-1])
+    width = int(arrays[0].shape[1]) if arrays and arrays[0].ndim == 2 else 1
+    if structure_name == "datum":
+        if data is None or len(data) != len(arrays):
+            got = "None" if data is None else f"{len(data)} data"
+            raise InputError(f"structure='datum' needs one datum per log-prob array: got {got} for {len(arrays)} arrays")
+    problem = Problem(fn, data, structure_name, arrays, offsets, width, batch.is_torch)
+    dtype_name = batch.dtype.name
+    common = dict(method=method, structure=structure_name, dtype=dtype_name, dtype_note=inputs.dtype_note)
+
+    if n == 0:
+        zeros = np.zeros(0)
+        return NumericalGrad(_as_output(zeros, inputs), _as_output(zeros, inputs), 0, 0, **common)
+
+    if method in RANDOMIZED:
+        central_scale = _core.difference_step_scale("central", dtype_name)
+        scale = _per_element(sigma, n, batch, "sigma")
+        if scale is None:
+            scale = central_scale * np.maximum(1.0, np.abs(np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)))
+        _difference_points(problem, "central", 1.0, scale)  # checks x +- sigma is representable
+        grad, variance, nfev, ncalls, blocks, rows = randomized_gradient(
+            problem, _terms(problem), method, scale, seed, num_samples, antithetic, vectorized,
+            max_batch_bytes, _block_rows, executor, progress,
+        )
+        return NumericalGrad(
+            _as_output(grad, inputs), _as_output(np.sqrt(variance), inputs), nfev, ncalls, **common,
+            variance=_as_output(variance, inputs), num_samples=num_samples, seed=seed, blocks=blocks, block_rows=rows,
+            info={"sigma_default": sigma is None, "antithetic": antithetic},
+        )
+
+    step_values = _per_element(step, n, batch, "step")
+    scale = _core.difference_step_scale(method, dtype_name)
+    points, spacing = _difference_points(problem, method, scale, step_values)
+    loss_eps = float(np.finfo(batch.dtype).eps)
+    if structure_name == "token":
+        grad, error, nfev = _token_gradient(problem, method, points, spacing, loss_eps, executor)
+        return NumericalGrad(_as_output(grad, inputs), _as_output(error, inputs), nfev, nfev, **common,
+                             step_scale=None if step is not None else scale)
+    grad, error, nfev, ncalls, blocks, rows = _separable_gradient(
+        problem, method, points, spacing, loss_eps, vectorized, max_batch_bytes, executor, progress
+    )
+    return NumericalGrad(
+        _as_output(grad, inputs), _as_output(error, inputs), nfev, ncalls, **common,
+        step_scale=None if step is not None else scale, blocks=blocks, block_rows=rows,
+    )
+
+
+def _difference_points(problem: Problem, method: str, scale: float, step: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        return _core.difference_points(problem.arrays, method, scale, step)
+    except NonFiniteError:
+        raise
+    except ValueError as err:
+        if "underflow" in str(err):
+            raise NumericalError(str(err)) from None
+        raise InputError(str(err)) from None
+
+
+def _terms(problem: Problem) -> List[Term]:
+    offsets = problem.offsets
+    if problem.structure == "datum":
+        return [Term([j], int(offsets[j]), int(offsets[j + 1])) for j in range(len(problem.arrays)) if offsets[j + 1] > offsets[j]]
+    return [Term(list(range(len(problem.arrays))), 0, int(offsets[-1]))]
+
+
+def _block_rows(problem: Problem, term: Term, nq: int, max_batch_bytes: int) -> int:
+    """Perturbed copies per block: as many as fit max_batch_bytes, preferring cache-sized blocks."""
+    copy_bytes = term.size * problem.arrays[0].itemsize
+    limit = max_batch_bytes // copy_bytes
+    if limit < 1:
+        where = f"datum {term.datums[0]}" if problem.structure == "datum" else "the batch"
+        raise NumericalError(
+            f"max_batch_bytes={max_batch_bytes} cannot hold one perturbed copy of {where} ({copy_bytes} bytes)"
+        )
+    preferred = max(1, min(max_batch_bytes, PREFERRED_BLOCK_BYTES) // copy_bytes)
+    return int(min(nq, limit, preferred))
+
+
+def _chunks(total: int, count: int) -> List[Tuple[int, int]]:
+    size = max(1, -(-total // count))
+    return [(q, min(q + size, total)) for q in range(0, total, size)]
+
+
+def _separable_gradient(
+    problem: Problem, method: str, points: np.ndarray, spacing: np.ndarray, loss_eps: float, vectorized: bool,
+    max_batch_bytes: int, executor: Any, progress: Optional[bool],
+) -> Tuple[np.ndarray, np.ndarray, int, int, int, int]:
+    """Structures "batch" and "datum": one term (all data) or one term per datum."""
+    from ._evaluate import base_loss
+
+    npoints = len(POINT_LABELS[method])
+    n = int(problem.offsets[-1])
+    terms = _terms(problem)
+    f = np.empty(n * npoints)
+    f0 = np.zeros(n) if method == "forward" else None
+    nfev = ncalls = blocks = max_rows = 0
+    plan = []
+    for term in terms:
+        nq = term.size * npoints
+        rows = _block_rows(problem, term, nq, max_batch_bytes) if vectorized else 1
+        plan.append((term, nq, rows))
+    total_calls = sum(-(-nq // rows) for _, nq, rows in plan) + (len(terms) if f0 is not None else 0)
+    bar = Progress(total_calls if executor is None else sum(len(_chunks(nq, EXECUTOR_CHUNKS)) for _, nq, _ in plan),
+                   progress, f"regrad numerical_grad ({method}, {problem.structure})")
+    pool = BufferPool.shared()
+    try:
+        for term, nq, rows in plan:
+            if f0 is not None:
+                f0[term.e0 : term.e1] = base_loss(problem, term, vectorized)
+                nfev += 1
+                ncalls += 1
+                if executor is None:
+                    bar.update(1)
+            out = f[term.e0 * npoints : term.e1 * npoints]
+            if vectorized:
+                writer = DifferenceWriter(points, method)
+                out[:] = block_chunk(problem, term, writer, 0, nq, rows, True, pool, bar)
+                blocks += -(-nq // rows)
+                ncalls += -(-nq // rows)
+                max_rows = max(max_rows, rows)
+            elif executor is None:
+                for q0, q1 in _chunks(nq, max(1, nq // 256)):
+                    out[q0:q1] = difference_scalar_chunk(problem, term, points, method, q0, q1)
+                    bar.update(q1 - q0)
+                ncalls += nq
+            else:
+                spans = _chunks(nq, EXECUTOR_CHUNKS)
+                results = executor.map(
+                    difference_scalar_chunk, *zip(*[(problem, term, points, method, q0, q1) for q0, q1 in spans])
+                )
+                for (q0, q1), values in zip(spans, results):
+                    out[q0:q1] = values
+                    bar.update(1)
+                ncalls += nq
+            nfev += nq
+    finally:
+        bar.close()
+        pool.release()
+    grad, error = _core.difference_quotients(method, spacing, f, npoints, 1, f0, 1, loss_eps)
+    return grad, error, nfev, ncalls, blocks, max_rows
+
+
+def _token_gradient(
+    problem: Problem, method: str, points: np.ndarray, spacing: np.ndarray, loss_eps: float, executor: Any
+) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Structure "token": every element perturbed at once, one call per point (2, or 4 for Richardson)."""
+    npoints = len(POINT_LABELS[method])
+    n = int(problem.offsets[-1])
+    calls = [(problem, k, points, method) for k in range(npoints)]
+    if method == "forward":
+        calls.append((problem, -1, points, method))
+    if executor is None:
+        rows = [_token_call(*c) for c in calls]
+    else:
+        rows = list(executor.map(_token_call, *zip(*calls)))
+    f = np.stack(rows[:npoints]) if npoints else np.zeros((0, n))
+    f0 = rows[npoints] if method == "forward" else None
+    grad, error = _core.difference_quotients(method, spacing, f, 1, n, f0, 1, loss_eps)
+    return grad, error, len(calls)
+
+
+def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> np.ndarray:
+    """Per-token losses with every element at point k (k = -1: unperturbed), packed float64 [n]."""
+    offsets = problem.offsets
+    if k < 0:
+        source = [problem.fn_view(a) for a in problem.arrays]
+        where = "the unperturbed log-probs"
+    else:
+        row = points[k]
+        bounds = offsets.tolist()
+        source = [problem.fn_view(row[bounds[j] : bounds[j + 1]].reshape(a.shape)) for j, a in enumerate(problem.arrays)]
+        where = f"every log-prob at step {POINT_LABELS[method][k]} (call {k + 1} of {len(POINT_LABELS[method])})"
+    term = Term(list(range(len(problem.arrays))), 0, int(offsets[-1]))
+    with problem.no_grad():
+        out = problem.invoke(term, source, where)
+    return problem.token_loss(out, where)
+
+
+# ---- torch.autograd.Function wrapper ------------------------------------------------------------
+
+
+def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """Wraps `fn(data, logprobs_list)` so torch autograd differentiates it numerically.
+
+    The wrapper calls fn once (forward) and returns what fn returns, the loss as a 0-d torch tensor:
+    `(loss, metrics)` if fn returns a pair, else `loss`. When a log-prob tensor requires grad, the
+    loss is the output of a torch.autograd.Function whose backward runs `numerical_grad(fn, data,
+    logprobs_list, **options)` and returns grad_output times the gradient, so `loss.backward()`
+    (and Tinker's forward_backward_custom) work unchanged. `wrapped.last_result` holds the last
+    NumericalGrad. numpy inputs: fn's return value is passed through untouched.
+    """
+    if not callable(fn):
+        raise InputError(f"fn must be callable, got {type(fn).__name__}")
+    structure = STRUCTURES.get(options.get("structure", "batch"), "batch")
+    if structure != "batch" or options.get("vectorized"):
+        raise InputError(
+            "regrad.numerical wraps a plain fn(data, logprobs_list) -> loss; for structure='datum'/'token' or "
+            "vectorized fns call regrad.numerical_grad directly"
+        )
+    _check_options(options.get("method", "central"), "batch", False, options.get("executor"),
+                   options.get("max_batch_bytes", 256 << 20), options.get("num_samples", 64), options.get("seed", 0))
+
+    @functools.wraps(fn)
+    def wrapped(data: Any, logprobs_list: Sequence[Any]) -> Any:
+        tensors = list(logprobs_list)
+        if not tensors or not all(is_torch_tensor(t) for t in tensors):
+            return fn(data, logprobs_list)
+        import torch
+
+        detached = [t.detach() for t in tensors]
+        with torch.no_grad():
+            out = fn(data, detached)
+        loss = split_loss(out)
+        dtype = loss.dtype if is_torch_tensor(loss) and loss.is_floating_point() else tensors[0].dtype
+        try:
+            value = torch.as_tensor(float(loss), dtype=dtype)
+        except (TypeError, ValueError) as err:
+            raise NumericalError(f"{fn_name(fn)} returned {type(loss).__name__}; expected a scalar loss") from err
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            value = _NumericalFunction.apply(value, (wrapped, fn, data, options), *tensors)
+        return (value, out[1]) if loss is not out else value
+
+    wrapped.last_result = None  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _numerical_function() -> Any:
+    import torch
+
+    class NumericalFunction(torch.autograd.Function):
+        """A loss value whose backward pass is regrad.numerical_grad of the wrapped fn."""
+
+        @staticmethod
+        def forward(ctx: Any, value: Any, spec: Tuple[Any, ...], *tensors: Any) -> Any:  # noqa: D401
+            ctx.spec = spec
+            ctx.save_for_backward(*tensors)
+            return value.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad_output: Any) -> Any:
+            wrapped, fn, data, options = ctx.spec
+            tensors = [t.detach() for t in ctx.saved_tensors]
+            result = numerical_grad(fn, data, tensors, **options)
+            wrapped.last_result = result
+            grads = [grad_output.to(g.dtype) * g for g in result.grads]
+            return (None, None, *grads)
+
+    return NumericalFunction
+
+
+class _LazyFunction:
+    """Builds the torch.autograd.Function on first use, so importing regrad never imports torch."""
+
+    def __init__(self) -> None:
+        self._fn: Any = None
+
+    def apply(self, *args: Any) -> Any:
+        if self._fn is None:
+            self._fn = _numerical_function()
+        return self._fn.apply(*args)
+
+
+_NumericalFunction = _LazyFunction()
+
+
+# ---- comparison with autograd -------------------------------------------------------------------
+
+
+@dataclass
+class CheckResult:
+    """Numerical vs autograd gradients, like torch.autograd.gradcheck.
+
+    passed: every element satisfies |numerical - autograd| <= atol + rtol * |autograd|.
+    max_abs_error / max_rel_error: one float per datum (relative error divides by max(|autograd|, atol)).
+    worst: (datum, flat index) of the largest absolute error, or None for an empty batch.
+    """
+
+    passed: bool
+    max_abs_error: List[float]
+    max_rel_error: List[float]
+    atol: float
+    rtol: float
+    worst: Optional[Tuple[int, int]]
+    numerical: NumericalGrad
+    autograd: List[np.ndarray]
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+def check(
+    fn: Callable[..., Any],
+    data: Any,
+    logprobs_list: Sequence[Any],
+    *,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    **options: Any,
+) -> CheckResult:
+    """Compares numerical_grad(fn, ...) with torch autograd of the same fn (which must be written in
+    differentiable torch; both routes give it torch tensors). Defaults: atol=1e-5, rtol=1e-3 in float64 (gradcheck's), 1e-3 and 1e-2
+    in float32. `options` go to numerical_grad (structure applies to both routes)."""
+    import torch
+
+    inputs = _prepare_inputs(logprobs_list)
+    batch = inputs.batch
+    f64 = batch.dtype == np.float64
+    atol = (1e-5 if f64 else 1e-3) if atol is None else float(atol)
+    rtol = (1e-3 if f64 else 1e-2) if rtol is None else float(rtol)
+    structure = STRUCTURES.get(options.get("structure", "batch"))
+    if structure is None:
+        raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {options.get('structure')!r}")
+    leaves = [torch.tensor(a).requires_grad_(True) for a in batch.arrays]
+    with torch.enable_grad():
+        total = _autograd_total(fn, data, leaves, structure)
+        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+            raise InputError(f"{fn_name(fn)} does not return a torch loss with a graph; check() needs autograd")
+        auto = torch.autograd.grad(total, leaves, allow_unused=True)
+    auto_np = [np.zeros(a.shape) if g is None else g.detach().double().numpy() for g, a in zip(auto, batch.arrays)]
+    result = numerical_grad(fn, data, [torch.from_numpy(a) for a in batch.arrays], **options)
+    abs_err, rel_err, ok, worst, worst_val = [], [], True, None, -1.0
+    for j, (g, a) in enumerate(zip(result.grads, auto_np)):
+        diff = np.abs(_numpy(g).astype(np.float64) - a)
+        if diff.size == 0:
+            abs_err.append(0.0)
+            rel_err.append(0.0)
+            continue
+        abs_err.append(float(diff.max()))
+        rel_err.append(float((diff / np.maximum(np.abs(a), atol)).max()))
+        ok = ok and bool(np.all(diff <= atol + rtol * np.abs(a)))
+        i = int(np.argmax(diff))
+        if diff.reshape(-1)[i] > worst_val:
+            worst, worst_val = (j, i), float(diff.reshape(-1)[i])
+    return CheckResult(ok, abs_err, rel_err, atol, rtol, worst, result, auto_np)
+
+
+def _autograd_total(fn: Callable[..., Any], data: Any, tensors: List[Any], structure: str) -> Any:
+    """The total loss as a torch scalar with a graph, for each structure's fn signature."""
+    import torch
+
+    if structure == "datum":
+        terms = [split_loss(fn(d, t)) for d, t in zip(data, tensors)]
+        return torch.stack([torch.as_tensor(v) for v in terms]).sum()
+    out = split_loss(fn(data, tensors))
+    if structure == "token":
+        return torch.stack([torch.as_tensor(p).sum() for p in out]).sum()
+    return out

@@ -1,0 +1,659 @@
+"""compose(): gradients through every route, concurrency, failures, and the real Tinker SDK path."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import regrad  # noqa: E402
+from regrad import RegularizerError, RegularizerSpec  # noqa: E402
+from regrad.errors import NonFiniteError  # noqa: E402
+
+LENGTHS = (7, 3, 12, 5)
+
+
+def make_batch(dtype=torch.float64, seed=0):
+    """Random log-probs in (-4, -0.01) and data with random weights (one datum without weights)."""
+    gen = np.random.default_rng(seed)
+    lps = [torch.from_numpy(-gen.uniform(0.01, 4.0, n)).to(dtype) for n in LENGTHS]
+    data = []
+    for i, n in enumerate(LENGTHS):
+        inputs = {"target_tokens": gen.integers(0, 255, n)}
+        if i != 1:
+            inputs["weights"] = gen.uniform(0.0, 1.0, n).astype(np.float32)
+        data.append(regrad.Datum(list(range(n)), inputs))
+    return data, lps
+
+
+def leaves(lps):
+    return [x.clone().requires_grad_(True) for x in lps]
+
+
+def weights_of(data):
+    out = []
+    for d, n in zip(data, LENGTHS):
+        w = d.loss_fn_inputs.get("weights")
+        out.append(torch.ones(n, dtype=torch.float64) if w is None else torch.from_numpy(np.asarray(w, np.float64)))
+    return out
+
+
+# Regularizers, each paired with a torch expression of the same value for the hand-written total
+
+
+def softplus_reg(data, logprobs_list):
+    """Plain torch: autograd route."""
+    total = sum(torch.nn.functional.softplus(x).sum() for x in logprobs_list)
+    return total / len(logprobs_list), {"softplus_total": total.item()}
+
+
+def cubic_value(data, logprobs_list):
+    """numpy only (torch cannot differentiate it): user or numerical route."""
+    return float(sum(np.sum(np.asarray(x) ** 3) for x in logprobs_list)), {}
+
+
+def cubic_grad(data, logprobs_list):
+    return [3 * np.asarray(x) ** 2 for x in logprobs_list]
+
+
+def hand_total(data, xs, terms):
+    """Σ weight·term by hand in torch; terms name the pieces in `terms`."""
+    n = len(xs)
+    ws = weights_of(data)
+    pieces = {
+        "ce": lambda: -sum((w * x).sum() for w, x in zip(ws, xs)) / sum(w.sum() for w in ws),
+        "l1": lambda: sum(x.abs().sum() for x in xs) / n,
+        "l2": lambda: sum((x * x).sum() for x in xs) / n,
+        "entropy": lambda: sum(-(x.exp() * x).sum() for x in xs) / n,
+        "softplus": lambda: softplus_reg(data, xs)[0],
+        "cubic": lambda: sum((x**3).sum() for x in xs),
+    }
+    return sum(weight * pieces[name]() for name, weight in terms)
+
+
+MIX = [("ce", 1.0), ("l1", 0.1), ("l2", 0.01), ("entropy", 0.2), ("softplus", 0.3), ("cubic", 0.05)]
+
+
+def mixed_loss(**options):
+    return regrad.compose(
+        regrad.losses.cross_entropy,
+        [
+            regrad.l1(0.1),
+            regrad.l2(0.01),
+            regrad.entropy(0.2),
+            {"fn": softplus_reg, "weight": 0.3, "name": "softplus"},
+            RegularizerSpec.with_grad("cubic", 0.05, cubic_value, cubic_grad),
+        ],
+        **options,
+    )
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_gradient_of_mixed_routes_equals_hand_written_autograd(parallel):
+    data, lps = make_batch()
+    loss_fn = mixed_loss(parallel=parallel)
+    ours = leaves(lps)
+    loss, metrics = loss_fn(data, ours)
+    assert loss.dim() == 0 and loss.dtype == torch.float64
+    loss.backward()
+    ref = leaves(lps)
+    total = hand_total(data, ref, MIX)
+    total.backward()
+    assert loss.item() == pytest.approx(total.item(), rel=1e-12)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    out = loss_fn.last_output
+    methods = {name: r.grad_method for name, r in out.regularizers.items()}
+    assert methods == {"l1": "analytic", "l2": "analytic", "entropy": "analytic", "softplus": "autograd", "cubic": "user"}
+    assert out.base_loss.grad_method == "analytic"
+    assert metrics["loss_total"] == pytest.approx(total.item(), rel=1e-12)
+
+
+def test_grad_norms_equal_hand_computed_ones():
+    data, lps = make_batch()
+    loss_fn = mixed_loss()
+    loss_fn(data, leaves(lps))
+    out = loss_fn.last_output
+    total_grad = []
+    for name, weight in MIX:
+        xs = leaves(lps)
+        term = hand_total(data, xs, [(name, 1.0)])
+        grads = torch.autograd.grad(term, xs)
+        norm = torch.cat(grads).norm().item()
+        total_grad.append(weight * torch.cat(grads))
+        entry = out.base_loss if name == "ce" else out.regularizers[{"softplus": "softplus"}.get(name, name)]
+        assert entry.grad_norm == pytest.approx(norm, rel=1e-12)
+        if name != "ce":
+            assert entry.grad_norm_weighted == pytest.approx(weight * norm, rel=1e-12)
+    assert out.total_grad_norm == pytest.approx(sum(total_grad).norm().item(), rel=1e-12)
+
+
+def test_evaluate_returns_the_gradient_without_autograd():
+    data, lps = make_batch()
+    value, grads, output = mixed_loss().evaluate(data, lps)
+    ref = leaves(lps)
+    total = hand_total(data, ref, MIX)
+    total.backward()
+    assert value == pytest.approx(total.item(), rel=1e-12) and output.loss_total == value
+    assert all(isinstance(g, torch.Tensor) and g.shape == x.shape for g, x in zip(grads, lps))
+    for g, x in zip(grads, ref):
+        torch.testing.assert_close(g, x.grad)
+
+
+def test_numpy_inputs_give_numpy_gradients():
+    data, lps = make_batch()
+    arrays = [x.numpy() for x in lps]
+    loss_fn = regrad.compose(regrad.losses.cross_entropy, [regrad.l1(0.1), RegularizerSpec.with_grad("cubic", 0.05, cubic_value, cubic_grad)])
+    value, grads, _ = loss_fn.evaluate(data, arrays)
+    ref = leaves(lps)
+    hand_total(data, ref, [("ce", 1.0), ("l1", 0.1), ("cubic", 0.05)]).backward()
+    for g, x in zip(grads, ref):
+        assert isinstance(g, np.ndarray) and g.dtype == np.float64
+        np.testing.assert_allclose(g, x.grad.numpy(), rtol=1e-12)
+    loss, _ = loss_fn(data, arrays)
+    assert isinstance(loss, torch.Tensor) and not loss.requires_grad and loss.item() == pytest.approx(value)
+
+
+def test_float32_inputs_keep_their_dtype():
+    data, lps = make_batch(torch.float32)
+    ours = leaves(lps)
+    loss, _ = mixed_loss()(data, ours)
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(x.grad.dtype == torch.float32 for x in ours)
+    ref = leaves([x.double() for x in lps])
+    hand_total(data, ref, MIX).backward()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_regularizers_only_and_zero_weight():
+    data, lps = make_batch()
+    loss_fn = regrad.compose(None, [regrad.l1(0.0, name="off"), regrad.l2(2.0)])
+    ours = leaves(lps)
+    loss, metrics = loss_fn(data, ours)
+    loss.backward()
+    ref = leaves(lps)
+    hand_total(data, ref, [("l2", 2.0)]).backward()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert loss_fn.last_output.base_loss is None and "base_loss/value" not in metrics
+    assert loss_fn.last_output.regularizers["off"].contribution == 0.0
+
+
+def test_backward_scales_with_grad_output():
+    data, lps = make_batch()
+    ours = leaves(lps)
+    loss, _ = mixed_loss()(data, ours)
+    (3.0 * loss).backward()
+    _, grads, _ = mixed_loss().evaluate(data, lps)
+    for x, g in zip(ours, grads):
+        torch.testing.assert_close(x.grad, 3.0 * g)
+
+
+def test_each_fn_runs_once_per_call():
+    data, lps = make_batch()
+    calls = {"torch": 0, "user": 0, "grad": 0}
+
+    def counted_torch(data, lp):
+        calls["torch"] += 1
+        return softplus_reg(data, lp)
+
+    def counted_user(data, lp):
+        calls["user"] += 1
+        return cubic_value(data, lp)
+
+    def counted_grad(data, lp):
+        calls["grad"] += 1
+        return cubic_grad(data, lp)
+
+    loss_fn = regrad.compose(
+        regrad.losses.cross_entropy,
+        [RegularizerSpec.sync("t", 0.1, counted_torch), RegularizerSpec.with_grad("u", 0.1, counted_user, counted_grad)],
+    )
+    loss, _ = loss_fn(data, leaves(lps))
+    loss.backward()
+    assert calls == {"torch": 1, "user": 1, "grad": 1}
+
+
+def test_results_are_reported_in_spec_order():
+    data, lps = make_batch()
+
+    def slow(data, lp):
+        time.sleep(0.05)
+        return 1.0, {}
+
+    specs = [RegularizerSpec.with_grad(f"r{i}", 0.1, slow if i == 0 else cubic_value, cubic_grad) for i in range(4)]
+    loss_fn = regrad.compose(regrad.losses.cross_entropy, specs)
+    _, metrics = loss_fn(data, lps)
+    assert list(loss_fn.last_output.regularizers) == ["r0", "r1", "r2", "r3"]
+    keys = [k.split("/")[1] for k in metrics if k.startswith("reg/") and k.endswith("/value")]
+    assert keys == ["r0", "r1", "r2", "r3"]
+
+
+def test_sync_regularizers_run_on_worker_threads():
+    data, lps = make_batch()
+    threads = []
+
+    def where(data, lp):
+        threads.append(threading.current_thread().name)
+        return 0.0, {}
+
+    specs = [RegularizerSpec.with_grad(f"r{i}", 0.1, where, cubic_grad) for i in range(3)]
+    regrad.compose(regrad.losses.cross_entropy, specs)(data, lps)
+    assert sum(name.startswith("regrad") for name in threads) == 3
+    threads.clear()
+    regrad.compose(regrad.losses.cross_entropy, specs, parallel=False)(data, lps)
+    assert threads == [threading.current_thread().name] * 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Failures: RegularizerError naming the regularizer, no partial result
+
+
+def _failing(exc):
+    def fn(data, lp):
+        raise exc
+
+    return fn
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize(
+    ("fn", "cause", "message"),
+    [
+        (_failing(ValueError("bad topology")), ValueError, "bad topology"),
+        (lambda data, lp: (float("nan"), {}), NonFiniteError, "loss is nan"),
+        (lambda data, lp: (torch.tensor(float("inf")), {}), NonFiniteError, "loss is inf"),
+        (lambda data, lp: (torch.ones(3), {}), TypeError, r"shape \(3,\)"),
+        (lambda data, lp: (torch.ones(1), {}), TypeError, r"shape \(1,\)"),
+        (lambda data, lp: ("1.0", {}), TypeError, "str loss"),
+        (lambda data, lp: (1.0, {"m": "x"}), TypeError, "metric 'm'"),
+        (lambda data, lp: (1.0, 2.0, 3.0), TypeError, "tuple of 3"),
+    ],
+)
+def test_a_failing_regularizer_fails_the_call(fn, cause, message, parallel):
+    data, lps = make_batch()
+    armed = []
+
+    def topology(data, lp):
+        return fn(data, lp) if armed else (sum(x.sum() for x in lp) * 0.0, {})
+
+    loss_fn = regrad.compose(regrad.losses.cross_entropy, [regrad.l1(0.1), RegularizerSpec.sync("topology", 0.1, topology)], parallel=parallel)
+    loss_fn(data, lps)
+    assert loss_fn.last_output is not None
+    armed.append(True)
+    with pytest.raises(RegularizerError, match=r"'topology'") as info:
+        loss_fn(data, leaves(lps))
+    assert info.value.name == "topology" and isinstance(info.value.cause, cause)
+    assert info.value.__cause__ is info.value.cause
+    assert re.search(message, str(info.value.cause))
+    assert loss_fn.last_output is None
+
+
+def test_non_finite_or_misshapen_gradients_fail_the_call():
+    data, lps = make_batch()
+    bad_value = RegularizerSpec.with_grad("g", 0.1, cubic_value, lambda d, lp: [x * float("nan") for x in lp])
+    with pytest.raises(RegularizerError, match="'g'.*non-finite") as info:
+        regrad.compose(None, [bad_value])(data, lps)
+    assert isinstance(info.value.cause, NonFiniteError)
+    bad_shape = RegularizerSpec.with_grad("s", 0.1, cubic_value, lambda d, lp: [x[:-1] for x in lp])
+    with pytest.raises(RegularizerError, match=r"'s'.*datum 0 has shape \(6,\)"):
+        regrad.compose(None, [bad_shape])(data, lps)
+    too_few = RegularizerSpec.with_grad("f", 0.1, cubic_value, lambda d, lp: lp[:2])
+    with pytest.raises(RegularizerError, match=r"'f'.*2 entries"):
+        regrad.compose(None, [too_few])(data, lps)
+
+
+def test_autograd_route_needs_a_graph():
+    data, lps = make_batch()
+    spec = RegularizerSpec.sync("counted", 0.1, lambda d, lp: (float(len(lp)), {}), grad="autograd")
+    with pytest.raises(RegularizerError, match="'counted'.*no autograd graph"):
+        regrad.compose(None, [spec])(data, lps)
+
+
+def test_a_failure_stops_later_terms_when_sequential():
+    data, lps = make_batch()
+    ran = []
+
+    def later(data, lp):
+        ran.append("later")
+        return 0.0, {}
+
+    loss_fn = regrad.compose(None, [RegularizerSpec.sync("first", 0.1, _failing(RuntimeError("x"))), RegularizerSpec.with_grad("later", 0.1, later, cubic_grad)], parallel=False)
+    with pytest.raises(RegularizerError, match="'first'"):
+        loss_fn(data, lps)
+    assert ran == []
+
+
+def test_base_loss_failure_names_the_base_loss():
+    data, lps = make_batch()
+    with pytest.raises(RegularizerError, match="'base_loss'") as info:
+        regrad.compose(_failing(KeyError("weights")), [regrad.l1(0.1)])(data, lps)
+    assert info.value.name == "base_loss"
+
+
+def test_input_errors_are_not_regularizer_errors():
+    data, lps = make_batch()
+    with pytest.raises(regrad.InputError, match="4 entries but logprobs_list has 3"):
+        mixed_loss()(data, lps[:3])
+
+
+# ------------------------------------------------------------------------------------------------
+# Async regularizers: one event loop, concurrent, timeouts cancel siblings
+
+
+def _sleeper(stamps, name, seconds):
+    async def fn(data, lp):
+        stamps[name] = [time.perf_counter()]
+        await asyncio.sleep(seconds)
+        stamps[name].append(time.perf_counter())
+        return sum(x.sum() for x in lp) * 0.0 + 1.0, {"slept": seconds}
+
+    return fn
+
+
+def test_async_regularizers_overlap():
+    data, lps = make_batch()
+    stamps = {}
+    loss_fn = regrad.compose(
+        regrad.losses.cross_entropy,
+        [RegularizerSpec.async_("a", 0.1, _sleeper(stamps, "a", 0.1)), RegularizerSpec.async_("b", 0.1, _sleeper(stamps, "b", 0.1)), regrad.l1(0.1)],
+    )
+    loss, metrics = loss_fn(data, leaves(lps))
+    loss.backward()
+    # both started before either finished: they ran concurrently on one loop
+    assert max(stamps["a"][0], stamps["b"][0]) < min(stamps["a"][1], stamps["b"][1])
+    assert metrics["reg/a/value"] == 1.0 and metrics["reg/b/custom/slept"] == 0.1
+    assert loss_fn.last_output.regularizers["a"].grad_method == "autograd"
+
+
+def test_timeout_cancels_siblings_and_names_the_regularizer():
+    data, lps = make_batch()
+    seen = {}
+
+    async def stuck(data, lp):
+        await asyncio.sleep(30)
+
+    async def sibling(data, lp):
+        seen["started"] = True
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen["cancelled"] = True
+            raise
+        return 0.0, {}
+
+    loss_fn = regrad.compose(
+        regrad.losses.cross_entropy,
+        [RegularizerSpec.async_("verifier", 0.1, stuck, timeout=0.05), RegularizerSpec.async_("kb", 0.1, sibling, timeout=None)],
+    )
+    with pytest.raises(RegularizerError, match="'verifier'.*timeout of 0.05 s") as info:
+        loss_fn(data, lps)
+    assert info.value.name == "verifier" and isinstance(info.value.cause, TimeoutError)
+    assert seen == {"started": True, "cancelled": True}
+    assert loss_fn.last_output is None
+
+
+def test_async_failure_cancels_async_siblings():
+    data, lps = make_batch()
+    seen = []
+
+    async def boom(data, lp):
+        await asyncio.sleep(0.01)
+        raise ConnectionError("verifier down")
+
+    async def sibling(data, lp):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    loss_fn = regrad.compose(None, [RegularizerSpec.async_("kb", 0.1, sibling), RegularizerSpec.async_("verifier", 0.1, boom)])
+    with pytest.raises(RegularizerError, match="'verifier'.*verifier down"):
+        loss_fn(data, lps)
+    assert seen == ["cancelled"]
+
+
+def test_acall_inside_a_running_loop():
+    data, lps = make_batch()
+    stamps = {}
+
+    async def main():
+        loss_fn = regrad.compose(
+            regrad.losses.cross_entropy,
+            [RegularizerSpec.async_("a", 0.1, _sleeper(stamps, "a", 0.05)), {"fn": softplus_reg, "weight": 0.3, "name": "softplus"}],
+        )
+        ours = leaves(lps)
+        loss, metrics = await loss_fn.acall(data, ours)
+        loss.backward()
+        value, grads, out = await loss_fn.aevaluate(data, lps)
+        return ours, loss, value, grads
+
+    ours, loss, value, grads = asyncio.run(main())
+    ref = leaves(lps)
+    hand_total(data, ref, [("ce", 1.0), ("softplus", 0.3)]).backward()
+    assert loss.item() == pytest.approx(value)
+    for a, g, b in zip(ours, grads, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+        torch.testing.assert_close(g, b.grad)
+
+
+def test_sync_call_from_inside_a_running_loop_with_async_terms():
+    """Tinker calls a custom loss synchronously from inside its own event loop."""
+    data, lps = make_batch()
+    stamps = {}
+    loss_fn = regrad.compose(regrad.losses.cross_entropy, [RegularizerSpec.async_("a", 0.1, _sleeper(stamps, "a", 0.01))])
+
+    async def main():
+        return loss_fn(data, lps)
+
+    _, metrics = asyncio.run(main())
+    assert metrics["reg/a/value"] == 1.0
+
+
+def test_async_user_gradient():
+    data, lps = make_batch()
+
+    async def value(data, lp):
+        await asyncio.sleep(0)
+        return cubic_value(data, lp)
+
+    async def grad(data, lp):
+        return cubic_grad(data, lp)
+
+    _, grads, out = regrad.compose(None, [RegularizerSpec.async_("c", 0.5, value, grad_fn=grad)]).evaluate(data, lps)
+    ref = leaves(lps)
+    hand_total(data, ref, [("cubic", 0.5)]).backward()
+    for g, b in zip(grads, ref):
+        torch.testing.assert_close(g, b.grad)
+    assert out.regularizers["c"].grad_method == "user"
+
+
+# ------------------------------------------------------------------------------------------------
+# The real Tinker SDK's client-side custom-loss path (no server)
+
+
+def _tinker_batch():
+    tinker = pytest.importorskip("tinker")
+    from tinker import types
+
+    data, lps = make_batch(torch.float32, seed=3)
+    tinker_data = []
+    outputs = []
+    for d, lp in zip(data, lps):
+        inputs = {"target_tokens": np.asarray(d.loss_fn_inputs["target_tokens"], dtype=np.int64)}
+        if "weights" in d.loss_fn_inputs:
+            inputs["weights"] = d.loss_fn_inputs["weights"]
+        tinker_data.append(types.Datum(model_input=types.ModelInput.from_ints(d.model_input.to_ints()), loss_fn_inputs=inputs))
+        outputs.append({"logprobs": types.TensorData.from_numpy(lp.numpy())})
+    forward = types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs, metrics={})
+    return tinker, data, lps, tinker_data, forward
+
+
+def test_tinker_sdk_custom_loss_path_sends_minus_the_gradient():
+    tinker, data, lps, tinker_data, forward = _tinker_batch()
+    from tinker.lib.public_interfaces.training_client import TrainingClient
+
+    loss_fn = mixed_loss()
+    result = TrainingClient._compute_custom_loss(tinker_data, loss_fn, forward)
+    ref = leaves([x.double() for x in lps])
+    total = hand_total(data, ref, MIX)
+    total.backward()
+    assert result.loss_sum == pytest.approx(total.item(), rel=1e-5)
+    assert result.metrics == loss_fn.last_output.flat()
+    assert all(isinstance(v, float) for v in result.metrics.values())
+    for datum, x in zip(result.data, ref):
+        sent = datum.loss_fn_inputs["weights"].to_numpy()
+        np.testing.assert_allclose(sent, -x.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_tinker_sdk_path_with_an_async_regularizer_inside_a_loop():
+    tinker, data, lps, tinker_data, forward = _tinker_batch()
+    from tinker.lib.public_interfaces.training_client import TrainingClient
+
+    stamps = {}
+    loss_fn = regrad.compose(regrad.losses.cross_entropy, [RegularizerSpec.async_("kb", 0.1, _sleeper(stamps, "kb", 0.01)), regrad.l2(0.01)])
+
+    async def in_loop():  # as in the SDK, the loss runs inside a running event loop
+        return TrainingClient._compute_custom_loss(tinker_data, loss_fn, forward)
+
+    result = asyncio.run(in_loop())
+    ref = leaves([x.double() for x in lps])
+    hand_total(data, ref, [("ce", 1.0), ("l2", 0.01)]).backward()
+    for datum, x in zip(result.data, ref):
+        np.testing.assert_allclose(datum.loss_fn_inputs["weights"].to_numpy(), -x.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert result.metrics["reg/kb/value"] == 1.0
+
+
+def test_cross_entropy_alone_matches_torch_and_reads_tinker_weights():
+    tinker, data, lps, tinker_data, forward = _tinker_batch()
+    ref = leaves([x.double() for x in lps])
+    expected = hand_total(data, ref, [("ce", 1.0)])
+    loss, metrics = regrad.losses.cross_entropy(tinker_data, leaves([x.double() for x in lps]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert metrics["perplexity"] == pytest.approx(np.exp(expected.item()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Numerical routes (regrad.numerical_grad, the C++ engine)
+
+
+def _needs_engine():
+    if not hasattr(regrad, "numerical_grad"):
+        pytest.skip("regrad.numerical_grad (the numerical engine) is not available in this build")
+
+
+@pytest.mark.parametrize("grad", ["auto", "numerical"])
+def test_numerical_route_matches_autograd(grad):
+    _needs_engine()
+    data, lps = make_batch()
+    calls = []
+
+    def numpy_cubic(data, lp):
+        calls.append(1)
+        return cubic_value(data, [x.detach().numpy() if hasattr(x, "detach") else x for x in lp])
+
+    loss_fn = regrad.compose(regrad.losses.cross_entropy, [RegularizerSpec.sync("cubic", 0.05, numpy_cubic, grad=grad), regrad.l1(0.1)])
+    ours = leaves(lps)
+    loss, _ = loss_fn(data, ours)
+    loss.backward()
+    ref = leaves(lps)
+    hand_total(data, ref, [("ce", 1.0), ("cubic", 0.05), ("l1", 0.1)]).backward()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+    entry = loss_fn.last_output.regularizers["cubic"]
+    assert entry.grad_method == "numerical" and entry.nfev is not None and entry.nfev > 0
+
+
+def test_auto_falls_back_to_numerical_for_numpy_code():
+    _needs_engine()
+    data, lps = make_batch()
+
+    def strict_numpy(data, lp):  # np.asarray on a tensor that requires grad raises in torch
+        return cubic_value(data, [np.asarray(x) for x in lp])
+
+    loss_fn = regrad.compose(None, [RegularizerSpec.sync("cubic", 1.0, strict_numpy)])
+    _, grads, out = loss_fn.evaluate(data, lps)
+    ref = leaves(lps)
+    hand_total(data, ref, [("cubic", 1.0)]).backward()
+    for g, b in zip(grads, ref):
+        torch.testing.assert_close(g, b.grad, rtol=1e-6, atol=1e-6)
+    assert out.regularizers["cubic"].grad_method == "numerical"
+
+
+@pytest.mark.parametrize("route", ["spsa", "gaussian"])
+def test_randomized_routes_run(route):
+    _needs_engine()
+    data, lps = make_batch()
+    spec = RegularizerSpec.sync("cubic", 1.0, cubic_value, grad=route, num_samples=8, seed=1)
+    _, grads, out = regrad.compose(None, [spec]).evaluate(data, lps)
+    assert out.regularizers["cubic"].grad_method == route
+    assert all(g.shape == x.shape and torch.isfinite(g).all() for g, x in zip(grads, lps))
+
+
+def test_async_numerical_route():
+    _needs_engine()
+    data, lps = make_batch()
+
+    async def remote_cubic(data, lp):
+        await asyncio.sleep(0)
+        return cubic_value(data, lp)
+
+    spec = RegularizerSpec.async_("remote", 1.0, remote_cubic, grad="numerical")
+    _, grads, out = regrad.compose(None, [spec]).evaluate(data, lps)
+    ref = leaves(lps)
+    hand_total(data, ref, [("cubic", 1.0)]).backward()
+    for g, b in zip(grads, ref):
+        torch.testing.assert_close(g, b.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("options", "fn"),
+    [
+        ({"structure": "datum"}, lambda datum, lp: float(np.sum(np.asarray(lp) ** 3))),
+        ({"structure": "token"}, lambda data, lp: [np.asarray(x) ** 3 for x in lp]),
+        ({"vectorized": True}, lambda data, lp: sum((np.asarray(x) ** 3).sum(axis=1) for x in lp)),
+        ({"method": "richardson"}, cubic_value),
+    ],
+)
+def test_numerical_options_pass_through(options, fn):
+    _needs_engine()
+    data, lps = make_batch()
+    spec = RegularizerSpec.sync("cubic", 0.05, fn, **options)
+    value, grads, out = regrad.compose(regrad.losses.cross_entropy, [spec]).evaluate(data, lps)
+    ref = leaves(lps)
+    total = hand_total(data, ref, [("ce", 1.0), ("cubic", 0.05)])
+    total.backward()
+    assert value == pytest.approx(total.item(), rel=1e-12)
+    for g, b in zip(grads, ref):
+        torch.testing.assert_close(g, b.grad, rtol=1e-6, atol=1e-6)
+    assert out.regularizers["cubic"].grad_method.startswith("numerical")
+
+
+def test_a_failure_stops_a_running_numerical_sibling():
+    _needs_engine()
+    data, lps = make_batch()
+    calls = []
+
+    def slow_cubic(data, lp):
+        calls.append(1)
+        time.sleep(0.005)
+        return cubic_value(data, lp)
+
+    def failing_later(data, lp):
+        time.sleep(0.05)
+        raise RuntimeError("late failure")
+
+    full = 1 + 2 * sum(LENGTHS)  # the value call + two evaluations per token (central)
+    loss_fn = regrad.compose(failing_later, [RegularizerSpec.sync("cubic", 1.0, slow_cubic, grad="numerical")])
+    with pytest.raises(RegularizerError, match="'base_loss'.*late failure"):
+        loss_fn(data, lps)
+    time.sleep(full * 0.005)  # long enough for an uncancelled run to finish
+    assert 1 < len(calls) < full

@@ -1,0 +1,313 @@
+"""The CUDA module (regrad._cuda) against the CPU core, and the parts of it checkable without a GPU.
+
+Tests marked `gpu` need a CUDA device, a CUDA build of torch and regrad built with REGRAD_CUDA=ON;
+they skip otherwise. The rest run everywhere: the build's failure mode without nvcc, the error for
+CUDA inputs without the module, and the shared formulas / RNG compiled for the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import regrad
+from regrad import _core, _gpu, kernels
+from regrad.errors import InputError, NonFiniteError
+
+from conftest import ragged
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_GPU = torch.cuda.is_available() and regrad._cuda is not None
+gpu_only = pytest.mark.skipif(
+    not HAVE_GPU,
+    reason="needs a CUDA GPU, a CUDA build of torch and regrad._cuda (REGRAD_CUDA=ON pip install .)",
+)
+TOL = {np.float32: dict(rtol=2e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+# ---------------------------------------------------------------- everywhere (no GPU needed)
+
+
+def test_missing_cuda_module_says_how_to_build_it(monkeypatch):
+    monkeypatch.setattr(regrad, "_cuda", None)
+    with pytest.raises(InputError, match=r"REGRAD_CUDA=ON pip install \."):
+        _gpu.cuda_module()
+
+
+def test_cpu_inputs_stay_on_the_cpu_path(rng):
+    arrays = ragged(rng, [5, 0, 7])
+    assert not _gpu.on_cuda(arrays)
+    assert not _gpu.on_cuda([torch.from_numpy(a) for a in arrays])
+    assert not _gpu.on_cuda([]) and not _gpu.on_cuda(torch.zeros(3))
+    res = kernels.l1([torch.from_numpy(a) for a in arrays])
+    assert res.grads[0].device.type == "cpu"
+
+
+def _host_compiler():
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+FORMULAS_CHECK = r"""
+#include <cmath>
+#include <cstdio>
+#include "regrad/formulas.hpp"
+#include "regrad/rng.hpp"
+
+struct HostMath {
+    static double exp(double x) { return std::exp(x); }
+    static double log(double x) { return std::log(x); }
+    static double sqrt(double x) { return std::sqrt(x); }
+    static double cos(double x) { return std::cos(x); }
+};
+
+int main() {
+    int bad = 0;
+    // The device RNG (formulas.hpp) must be the CPU's stream (rng.hpp), bit for bit on one libm.
+    const unsigned long long seeds[] = {0ull, 1ull, 1234ull, 0xDEADBEEFCAFEull, ~0ull};
+    for (unsigned long long seed : seeds) {
+        for (unsigned long long sample = 0; sample < 40; sample += 3) {
+            for (unsigned long long index = 0; index < 5000; index += 7) {
+                const unsigned long long big = index + (sample << 33);
+                for (int g = 0; g < 2; ++g) {
+                    const auto kind = g ? regrad::Direction::Gaussian : regrad::Direction::Rademacher;
+                    const double a = regrad::random_direction(kind, seed, sample, big);
+                    const double b = regrad::formulas::random_direction<HostMath>(g == 1, seed, sample, big);
+                    if (a != b) ++bad;
+                }
+            }
+        }
+    }
+    // The scalar instantiation of the ops (what the GPU runs), printed for the Python side.
+    const double xs[] = {-3.5, -1.0, -0.0, 0.0, 0.25, 2.0};
+    for (double x : xs) {
+        double v[4], g[4];
+        regrad::formulas::L1::eval<HostMath>(x, v[0], g[0]);
+        regrad::formulas::L2Squared::eval<HostMath>(x, v[1], g[1]);
+        regrad::formulas::Entropy::eval<HostMath>(x, v[2], g[2]);
+        regrad::formulas::Identity::eval<HostMath>(x, v[3], g[3]);
+        std::printf("%.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g\n", x, v[0], g[0], v[1], g[1], v[2], g[2],
+                    v[3], g[3]);
+    }
+    std::printf("mismatches %d\n", bad);
+    return bad == 0 ? 0 : 1;
+}
+"""
+
+
+@pytest.mark.skipif(_host_compiler() is None, reason="needs a host C++ compiler")
+def test_shared_formulas_and_device_rng_match_the_cpu(tmp_path):
+    src = tmp_path / "formulas_check.cpp"
+    src.write_text(FORMULAS_CHECK)
+    exe = tmp_path / "formulas_check"
+    subprocess.run(
+        [_host_compiler(), "-std=c++17", "-O1", "-I", str(ROOT / "src/cpp/include"), str(src), "-o", str(exe)],
+        check=True, capture_output=True, text=True,
+    )
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = np.array([[float(v) for v in line.split()] for line in out.stdout.splitlines()[:-1]])
+    x = rows[:, 0]
+    np.testing.assert_array_equal(rows[:, 1], np.abs(x))
+    np.testing.assert_array_equal(rows[:, 2], np.sign(x))
+    np.testing.assert_array_equal(rows[:, 3], x * x)
+    np.testing.assert_array_equal(rows[:, 4], 2 * x)
+    np.testing.assert_allclose(rows[:, 5], -np.exp(x) * x, rtol=1e-15)
+    np.testing.assert_allclose(rows[:, 6], -np.exp(x) * (1 + x), rtol=1e-15)
+    np.testing.assert_array_equal(rows[:, 8], x)
+
+
+def test_cuda_build_without_nvcc_fails_with_a_clear_error(tmp_path):
+    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("needs cmake")
+    pybind11 = pytest.importorskip("pybind11")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_HOME", "CUDA_PATH", "CUDAToolkit_ROOT")}
+    env["PATH"] = os.pathsep.join(
+        d for d in env.get("PATH", "").split(os.pathsep) if d and not os.path.exists(os.path.join(d, "nvcc"))
+    )
+    args = [
+        cmake, "-S", str(ROOT), "-B", str(tmp_path / "build"), "-DREGRAD_CUDA=ON",
+        "-DSKBUILD_PROJECT_NAME=regrad", "-DSKBUILD_PROJECT_VERSION=0.1.0",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}",
+    ]
+    ninja = shutil.which("ninja", path=os.path.dirname(sys.executable))
+    if ninja:
+        args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    if out.returncode == 0:
+        pytest.skip("cmake found a CUDA compiler outside PATH")
+    assert "REGRAD_CUDA=ON but no CUDA compiler (nvcc) was found" in out.stderr + out.stdout
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+def _cuda_list(arrays, requires_grad=False):
+    return [torch.from_numpy(a).cuda().requires_grad_(requires_grad) for a in arrays]
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_cuda_input_without_module_raises_input_error(monkeypatch, rng):
+    monkeypatch.setattr(regrad, "_cuda", None)
+    with pytest.raises(InputError, match="REGRAD_CUDA=ON"):
+        kernels.l1(_cuda_list(ragged(rng, [4, 3])))
+
+
+CASES = [
+    pytest.param([7, 0, 40000, 1, 33000], None, id="ragged-multichunk"),
+    pytest.param([5, 9, 1], 6, id="rows-K6"),
+    pytest.param([30, 2], 16384 + 5, id="K-above-chunk"),
+]
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", kernels.KERNELS)
+@pytest.mark.parametrize("lengths,width", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gpu_kernels_match_cpu(rng, dtype, kind, lengths, width, reduction):
+    arrays = ragged(rng, lengths, dtype=dtype, width=width)
+    if kind == "entropy":
+        arrays = [-np.abs(a) for a in arrays]
+    mask = [rng.integers(0, 2, size=n) for n in lengths]
+    for m in (None, mask):
+        cpu = kernels.regularizer(kind, arrays, reduction=reduction, mask=m)
+        gpu = kernels.regularizer(kind, _cuda_list(arrays), reduction=reduction, mask=m)
+        assert gpu.value.device.type == "cuda" and gpu.grads[0].device.type == "cuda"
+        assert gpu.value.dtype == (torch.float32 if dtype == np.float32 else torch.float64)
+        np.testing.assert_allclose(gpu.value.item(), cpu.value, **TOL[dtype])
+        np.testing.assert_allclose(gpu.per_datum.cpu().numpy(), cpu.per_datum, **TOL[dtype])
+        for g_gpu, g_cpu, a in zip(gpu.grads, cpu.grads, arrays):
+            assert tuple(g_gpu.shape) == a.shape
+            np.testing.assert_allclose(g_gpu.cpu().numpy(), g_cpu, **TOL[dtype])
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("kind", kernels.KERNELS)
+def test_gpu_kernels_are_deterministic(rng, kind):
+    tensors = _cuda_list([-np.abs(a) for a in ragged(rng, [70000, 3, 50000], dtype=np.float32)])
+    first = kernels.regularizer(kind, tensors)
+    for _ in range(5):
+        again = kernels.regularizer(kind, tensors)
+        assert torch.equal(again.value, first.value) and torch.equal(again.per_datum, first.per_datum)
+        assert all(torch.equal(a, b) for a, b in zip(again.grads, first.grads))
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_non_finite_input_names_datum_and_position(rng):
+    arrays = ragged(rng, [10, 20000, 5])
+    arrays[1][17000] = np.nan
+    arrays[1][18000] = np.inf
+    with pytest.raises(NonFiniteError) as cpu_err:
+        kernels.l2(arrays)
+    with pytest.raises(NonFiniteError) as gpu_err:
+        kernels.l2(_cuda_list(arrays))
+    assert (gpu_err.value.datum, gpu_err.value.position) == (cpu_err.value.datum, cpu_err.value.position) == (1, 17000)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_value_backward_and_side_stream(rng):
+    arrays = ragged(rng, [100, 300], dtype=np.float64)
+    tensors = _cuda_list(arrays, requires_grad=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        res = kernels.entropy(tensors)
+        (2.0 * res.value).backward()
+    stream.synchronize()
+    cpu = kernels.entropy(arrays)
+    for t, g in zip(tensors, cpu.grads):
+        np.testing.assert_allclose(t.grad.cpu().numpy(), 2.0 * g, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("method", ["forward", "central", "richardson"])
+def test_gpu_difference_engine_matches_cpu_bits(rng, dtype, method):
+    arrays = ragged(rng, [6, 0, 11], dtype=dtype, scale=3.0)
+    tensors = _cuda_list(arrays)
+    scale = _core.difference_step_scale(method, np.dtype(dtype).name)
+    p_cpu, s_cpu = _core.difference_points(arrays, method, scale, None)
+    p_gpu, s_gpu = _gpu.difference_points(tensors, method, scale)
+    np.testing.assert_array_equal(p_gpu.cpu().numpy(), p_cpu)
+    np.testing.assert_array_equal(s_gpu.cpu().numpy(), s_cpu)
+
+    npoints, n = p_cpu.shape
+    rows = 5
+    outs_cpu = [np.empty((rows,) + a.shape, dtype) for a in arrays]
+    outs_gpu = [torch.empty((rows,) + a.shape, dtype=t.dtype, device="cuda") for a, t in zip(arrays, tensors)]
+    prev = None
+    for q in range(0, n * npoints, rows):
+        count = min(rows, n * npoints - q)
+        full = prev is None
+        pb, pc = prev if prev else (0, 0)
+        _core.difference_block(arrays, outs_cpu, p_cpu, 0, npoints, q, count, full, pb, pc)
+        _gpu.difference_block(tensors, outs_gpu, p_gpu, 0, npoints, q, count, full, pb, pc)
+        for o_cpu, o_gpu in zip(outs_cpu, outs_gpu):
+            np.testing.assert_array_equal(o_gpu[:count].cpu().numpy(), o_cpu[:count])
+        prev = (q, count)
+
+    f = rng.normal(size=n * npoints)
+    f0 = rng.normal(size=n)
+    g_cpu, e_cpu = _core.difference_quotients(method, s_cpu, f, npoints, 1, f0, 1, 1e-16)
+    g_gpu, e_gpu = _gpu.difference_quotients(method, s_gpu, torch.from_numpy(f).cuda(), npoints, 1,
+                                             torch.from_numpy(f0).cuda(), 1, 1e-16)
+    np.testing.assert_array_equal(g_gpu.cpu().numpy(), g_cpu)
+    np.testing.assert_array_equal(e_gpu.cpu().numpy(), e_cpu)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_step_underflow_raises(rng):
+    x = [torch.ones(4, dtype=torch.float32, device="cuda")]
+    with pytest.raises(ValueError, match="step underflow at datum 0, element 0"):
+        _gpu.difference_points(x, "central", 1e-12)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_gpu_random_stream_and_estimates_match_cpu(rng, kind, antithetic):
+    exact = kind == "rademacher"  # Gaussian: CUDA's log/cos may round the last bit differently from libm
+    u_cpu = _core.random_directions(kind, 7, 3, 1 << 33, 4096)
+    u_gpu = _gpu.random_directions(kind, 7, 3, 1 << 33, 4096).cpu().numpy()
+    if exact:
+        np.testing.assert_array_equal(u_gpu, u_cpu)
+    else:
+        np.testing.assert_allclose(u_gpu, u_cpu, rtol=1e-14, atol=1e-15)
+
+    arrays = ragged(rng, [9, 4, 13], dtype=np.float64)
+    tensors = _cuda_list(arrays)
+    n = sum(a.size for a in arrays)
+    scale = np.full(n, 1e-3)
+    rows = 6
+    outs_cpu = [np.empty((rows,) + a.shape) for a in arrays]
+    outs_gpu = [torch.empty((rows,) + a.shape, dtype=torch.float64, device="cuda") for a in arrays]
+    _core.random_block(arrays, scale, kind, 11, 5, antithetic, outs_cpu, 2, rows)
+    _gpu.random_block(tensors, torch.from_numpy(scale).cuda(), kind, 11, 5, antithetic, outs_gpu, 2, rows)
+    for o_cpu, o_gpu in zip(outs_cpu, outs_gpu):
+        if exact:
+            np.testing.assert_array_equal(o_gpu.cpu().numpy(), o_cpu)
+        else:
+            np.testing.assert_allclose(o_gpu.cpu().numpy(), o_cpu, rtol=1e-15, atol=1e-17)
+
+    f = rng.normal(size=2 * 8 if antithetic else 8)
+    g_cpu, v_cpu = _core.random_estimate(kind, 11, scale, 5, f, antithetic, 0.3)
+    g_gpu, v_gpu = _gpu.random_estimate(kind, 11, torch.from_numpy(scale).cuda(), 5, torch.from_numpy(f).cuda(),
+                                        antithetic, 0.3)
+    np.testing.assert_allclose(g_gpu.cpu().numpy(), g_cpu, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(v_gpu.cpu().numpy(), v_cpu, rtol=1e-10, atol=1e-12)

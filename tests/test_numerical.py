@@ -1,0 +1,485 @@
+"""The numerical-gradient engine: accuracy against torch autograd, structures, execution modes,
+randomized estimators, the autograd.Function wrapper, and every bad input."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+import regrad
+from regrad import NumericalGrad, check, numerical, numerical_grad
+from regrad.errors import InputError, NonFiniteError, NumericalError
+
+
+def ragged(seed=0, lengths=(5, 3, 7), k=None, dtype=np.float64, kind="numpy"):
+    rng = np.random.default_rng(seed)
+    arrays = [rng.normal(size=(t,) if k is None else (t, k)).astype(dtype) for t in lengths]
+    return [torch.from_numpy(a) for a in arrays] if kind == "torch" else arrays
+
+
+def smooth_torch(data, lps):
+    """A smooth non-separable loss in torch: couples every log-prob through a log-sum-exp."""
+    total = sum((torch.sin(lp) * lp).sum() for lp in lps)
+    mix = torch.logsumexp(torch.cat([lp.reshape(-1) for lp in lps]), 0)
+    return total + 0.5 * mix**2, {"mix": float(mix.detach())}
+
+
+def autograd_grads(fn, lps):
+    leaves = [lp.detach().clone().requires_grad_(True) for lp in lps]
+    loss = fn(None, leaves)[0]
+    return [g.numpy() for g in torch.autograd.grad(loss, leaves)]
+
+
+def max_rel_error(numerical_grads, reference):
+    scale = max(np.abs(r).max() for r in reference)
+    return max(np.abs(np.asarray(g, dtype=np.float64) - r).max() for g, r in zip(numerical_grads, reference)) / scale
+
+
+def packed(grads):
+    return np.concatenate([np.asarray(g).reshape(-1) for g in grads])
+
+
+# ---- accuracy against autograd ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,dtype,tol",
+    [
+        ("richardson", torch.float64, 1e-8),
+        ("central", torch.float64, 1e-6),
+        ("forward", torch.float64, 1e-4),
+        ("central", torch.float32, 1e-3),
+        ("richardson", torch.float32, 1e-3),
+    ],
+)
+@pytest.mark.parametrize("k", [None, 3])
+def test_smooth_function_matches_autograd(method, dtype, tol, k):
+    lps = [t.to(dtype) for t in ragged(1, k=k, kind="torch")]
+    result = numerical_grad(smooth_torch, None, lps, method=method)
+    assert isinstance(result, NumericalGrad)
+    assert [g.dtype for g in result.grads] == [dtype] * 3
+    assert [g.shape for g in result.grads] == [lp.shape for lp in lps]
+    reference = autograd_grads(smooth_torch, [lp.double() for lp in lps])
+    assert max_rel_error(result.grads, reference) <= tol
+    # The error estimate is an honest bound on the actual error (up to a small factor).
+    actual = np.abs(packed(result.grads).astype(np.float64) - packed(reference))
+    assert np.all(actual <= 10 * packed(result.error).astype(np.float64) + 1e-12)
+    assert result.nfev == {"forward": 1, "central": 2, "richardson": 4}[method] * sum(lp.numel() for lp in lps) + (
+        method == "forward"
+    )
+
+
+def test_numpy_inputs_give_numpy_outputs_and_fn_sees_numpy():
+    seen = []
+
+    def fn(data, lps):
+        seen.append(type(lps[0]))
+        return float(sum(np.sum(lp**2) for lp in lps))
+
+    lps = ragged(2)
+    result = numerical_grad(fn, None, lps)
+    assert all(isinstance(g, np.ndarray) and g.dtype == np.float64 for g in result.grads)
+    assert set(seen) == {np.ndarray}
+    np.testing.assert_allclose(packed(result.grads), 2 * packed(lps), rtol=1e-8)
+
+
+def test_fn_inputs_are_read_only_numpy():
+    def fn(data, lps):
+        lps[0][0] = 0.0
+        return 0.0
+
+    with pytest.raises(NumericalError, match="read-only"):
+        numerical_grad(fn, None, ragged())
+
+
+def test_float16_and_bfloat16_are_widened():
+    lps16 = [torch.tensor([0.5, -1.25, 2.0], dtype=torch.float16)]
+    result = numerical_grad(lambda d, lps: (lps[0].double() ** 2).sum(), None, lps16)
+    assert result.grads[0].dtype == torch.float16
+    assert result.dtype == "float32" and "float16" in result.dtype_note
+    np.testing.assert_allclose(result.grads[0].double().numpy(), [1.0, -2.5, 4.0], rtol=1e-3)
+    lpsb = [torch.tensor([0.5, -1.25], dtype=torch.bfloat16)]
+    result = numerical_grad(lambda d, lps: (lps[0] ** 2).sum(), None, lpsb)
+    assert result.grads[0].dtype == torch.bfloat16 and "bfloat16" in result.dtype_note
+    np.testing.assert_allclose(result.grads[0].float().numpy(), [1.0, -2.5], rtol=1e-2)
+    assert numerical_grad(lambda d, lps: (lps[0] ** 2).sum(), None, [torch.ones(2)]).dtype_note is None
+
+
+def test_kink_gives_zero_at_zero():
+    lps = [np.array([0.0, 1.5, -2.0, 0.0])]
+    for method in ("central", "richardson"):
+        result = numerical_grad(lambda d, lps: float(np.abs(lps[0]).sum()), None, lps, method=method)
+        np.testing.assert_allclose(result.grads[0], [0.0, 1.0, -1.0, 0.0], atol=1e-9)
+
+
+def test_step_override_scalar_and_per_element():
+    lps = ragged(3)
+    fn = lambda d, lps: float(sum(np.sum(lp**3) for lp in lps))  # noqa: E731
+    exact = [3 * lp**2 for lp in lps]
+    result = numerical_grad(fn, None, lps, step=1e-4)
+    assert result.step_scale is None
+    assert max_rel_error(result.grads, exact) < 1e-6
+    steps = [np.full(lp.shape, 1e-3) for lp in lps]
+    coarse = numerical_grad(fn, None, lps, step=steps)
+    # Central truncation error is h^2 * f''' / 6 = 1e-6 for x^3.
+    np.testing.assert_allclose(packed(coarse.grads) - packed(exact), 1e-6, rtol=1e-3)
+
+
+def test_tuple_return_and_data_are_passed_through():
+    data = ["a", "b", "c"]
+    seen = []
+
+    def fn(d, lps):
+        seen.append(d)
+        return sum(float(np.sum(lp)) for lp in lps), {"metric": 1.0}
+
+    result = numerical_grad(fn, data, ragged())
+    np.testing.assert_allclose(packed(result.grads), 1.0, rtol=1e-9)
+    assert all(d is data for d in seen)
+
+
+# ---- structures ---------------------------------------------------------------------------------
+
+
+def per_token(x):
+    return np.exp(-x) * np.sin(3 * x)
+
+
+def test_structures_agree_on_separable_function():
+    lps = ragged(4, lengths=(6, 2, 9))
+    data = ["d0", "d1", "d2"]
+    batch = numerical_grad(lambda d, lps: float(sum(per_token(lp).sum() for lp in lps)), data, lps)
+    datum_calls = []
+
+    def datum_fn(datum, lp):
+        datum_calls.append((datum, lp.size))
+        return float(per_token(lp).sum())
+
+    datum = numerical_grad(datum_fn, data, lps, structure="datum")
+    token = numerical_grad(lambda d, lps: [per_token(lp) for lp in lps], data, lps, structure="token")
+    for other in (datum, token):
+        np.testing.assert_allclose(packed(other.grads), packed(batch.grads), rtol=1e-8, atol=1e-9)
+    assert (batch.structure, datum.structure, token.structure) == ("batch", "datum", "token")
+    # Perturbing datum i re-evaluates only term i, with datum i's own data.
+    assert datum.nfev == 2 * 17 and {c for c in datum_calls} == {("d0", 6), ("d1", 2), ("d2", 9)}
+    assert token.nfev == 2
+
+
+@pytest.mark.parametrize("alias,canonical", [("dense", "batch"), ("per_sequence", "datum"), ("per_token", "token")])
+def test_design_aliases(alias, canonical):
+    lps = ragged(5)
+    fns = {
+        "batch": lambda d, lps: float(sum(np.sum(lp**2) for lp in lps)),
+        "datum": lambda d, lp: float(np.sum(lp**2)),
+        "token": lambda d, lps: [lp**2 for lp in lps],
+    }
+    result = numerical_grad(fns[canonical], [None] * 3, lps, structure=alias)
+    assert result.structure == canonical
+    np.testing.assert_allclose(packed(result.grads), 2 * packed(lps), rtol=1e-8)
+
+
+@pytest.mark.parametrize("method,calls", [("central", 2), ("forward", 2), ("richardson", 4)])
+def test_token_structure_call_count_and_2d(method, calls):
+    lps = ragged(6, k=4, kind="torch")
+    count = []
+
+    def fn(data, lps):
+        count.append(1)
+        return [torch.tanh(lp) * lp for lp in lps], {"n": 1.0}
+
+    result = numerical_grad(fn, None, lps, structure="token", method=method)
+    assert len(count) == calls == result.nfev
+    x = packed([lp.numpy() for lp in lps])
+    exact = np.tanh(x) + x * (1 - np.tanh(x) ** 2)
+    np.testing.assert_allclose(packed(result.grads), exact, rtol=1e-4 if method == "forward" else 1e-7)
+
+
+# ---- execution modes ----------------------------------------------------------------------------
+
+
+def square_sum_rows(block):
+    """One loss per row, computed row by row so scalar and vectorized calls round identically."""
+    return np.array([np.sum(np.sin(row) * row) for row in block.reshape(block.shape[0], -1)])
+
+
+def batch_scalar(data, lps):
+    return float(sum(np.sum(np.sin(lp) * lp) for lp in lps))
+
+
+def batch_vectorized(data, lps):
+    return sum(square_sum_rows(lp) for lp in lps)
+
+
+@pytest.fixture(scope="module")
+def dask_executor():
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        yield client.get_executor()
+
+
+@pytest.mark.parametrize("method", ["central", "forward", "richardson", "spsa", "gaussian"])
+def test_vectorized_scalar_and_executors_give_identical_bits(method, dask_executor):
+    lps = ragged(7, lengths=(4, 6), k=2)
+    opts = dict(method=method, num_samples=8, seed=3)
+    scalar = numerical_grad(batch_scalar, None, lps, **opts)
+    vectorized = numerical_grad(batch_vectorized, None, lps, vectorized=True, **opts)
+    small_blocks = numerical_grad(batch_vectorized, None, lps, vectorized=True, max_batch_bytes=3 * 20 * 8, **opts)
+    with ThreadPoolExecutor(2) as pool:
+        threaded = numerical_grad(batch_scalar, None, lps, executor=pool, **opts)
+    dask = numerical_grad(batch_scalar, None, lps, executor=dask_executor, **opts)
+    for other in (vectorized, small_blocks, threaded, dask):
+        np.testing.assert_array_equal(packed(other.grads), packed(scalar.grads))
+        np.testing.assert_array_equal(packed(other.error), packed(scalar.error))
+    assert vectorized.blocks == 1 and small_blocks.blocks > 1
+
+
+def test_datum_structure_vectorized_and_executor_identical(dask_executor):
+    lps = ragged(8, lengths=(5, 1, 8))
+    data = [0, 1, 2]
+    scalar = numerical_grad(lambda d, lp: float(np.sum(np.sin(lp) * lp)), data, lps, structure="datum")
+    vec = numerical_grad(lambda d, lp: square_sum_rows(lp), data, lps, structure="datum", vectorized=True)
+    dask = numerical_grad(lambda d, lp: float(np.sum(np.sin(lp) * lp)), data, lps, structure="datum",
+                          executor=dask_executor)
+    np.testing.assert_array_equal(packed(vec.grads), packed(scalar.grads))
+    np.testing.assert_array_equal(packed(dask.grads), packed(scalar.grads))
+    assert vec.blocks == 3
+
+
+def test_torch_vectorized_block_shapes_and_byte_limit():
+    lps = ragged(9, lengths=(8, 5), k=3, kind="torch")
+    limit = 4096
+    seen = []
+
+    def fn(data, lps):
+        seen.append(([tuple(lp.shape) for lp in lps], sum(lp.numel() * lp.element_size() for lp in lps)))
+        assert all(isinstance(lp, torch.Tensor) for lp in lps)
+        return sum((lp**2).sum(dim=(1, 2)) for lp in lps)
+
+    result = numerical_grad(fn, None, lps, vectorized=True, max_batch_bytes=limit)
+    n = sum(lp.numel() for lp in lps)
+    assert all(nbytes <= limit for _, nbytes in seen)
+    assert sum(shapes[0][0] for shapes, _ in seen) == 2 * n
+    assert all(shapes == [(shapes[0][0], 8, 3), (shapes[0][0], 5, 3)] for shapes, _ in seen)
+    assert result.blocks == len(seen) > 1
+    np.testing.assert_allclose(packed(result.grads), 2 * packed([lp.numpy() for lp in lps]), rtol=1e-8)
+
+
+# ---- randomized estimators ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["spsa", "gaussian"])
+def test_randomized_mean_converges_and_is_reproducible(method):
+    lps = ragged(10, lengths=(6, 4))
+    weights = np.linspace(-1, 1, 10)
+
+    def fn(data, lps):
+        x = np.concatenate(lps)
+        return float(np.sum(weights * x) + 0.25 * np.sum(x**2))
+
+    exact = weights + 0.5 * np.concatenate(lps)
+    result = numerical_grad(fn, None, lps, method=method, num_samples=4000, seed=11)
+    g = packed(result.grads)
+    se = np.sqrt(packed(result.variance))
+    assert np.all(np.abs(g - exact) <= 5 * se + 1e-6)
+    np.testing.assert_allclose(packed(result.error), se)
+    assert result.nfev == 8000 and result.num_samples == 4000 and result.seed == 11
+    again = numerical_grad(fn, None, lps, method=method, num_samples=4000, seed=11)
+    np.testing.assert_array_equal(packed(again.grads), g)
+    other = numerical_grad(fn, None, lps, method=method, num_samples=4000, seed=12)
+    assert not np.array_equal(packed(other.grads), g)
+    one_sided = numerical_grad(fn, None, lps, method=method, num_samples=4000, seed=11, antithetic=False)
+    assert one_sided.nfev == 4001
+    assert np.all(np.abs(packed(one_sided.grads) - exact) <= 5 * packed(one_sided.error) + 1e-6)
+
+
+def test_gaussian_smoothing_of_a_kink():
+    # E[d/dx |x + sigma u|] at x = 0 is 0; at x = 2 sigma it is erf(sqrt(2)) ~ 0.954.
+    lps = [np.array([0.0, 0.2])]
+    result = numerical_grad(lambda d, lps: float(np.abs(lps[0]).sum()), None, lps, method="gaussian", sigma=0.1,
+                            num_samples=4000, seed=1, structure="batch")
+    g, se = result.grads[0], result.error[0]
+    assert abs(g[0]) <= 5 * se[0]
+    assert abs(g[1] - 0.9545) <= 5 * se[1] + 0.01
+
+
+def test_datum_structure_randomized():
+    lps = ragged(12, lengths=(3, 5))
+    exact = 2 * packed(lps)
+    result = numerical_grad(lambda d, lp: float(np.sum(lp**2)), [0, 1], lps, structure="datum", method="spsa",
+                            num_samples=500)
+    assert np.all(np.abs(packed(result.grads) - exact) <= 5 * packed(result.error) + 1e-6)
+
+
+# ---- autograd.Function wrapper and check ----------------------------------------------------------
+
+
+def test_numerical_wrapper_backward():
+    lps = [lp.requires_grad_(True) for lp in ragged(13, kind="torch")]
+
+    def fn(data, lps):
+        # numpy inside: torch cannot differentiate this
+        x = np.concatenate([lp.numpy() for lp in lps])
+        return float(np.sum(np.cos(x))), {"n": float(x.size)}
+
+    wrapped = numerical(fn, method="richardson")
+    loss, metrics = wrapped(None, lps)
+    assert metrics == {"n": 15.0} and loss.requires_grad and loss.dim() == 0
+    (3 * loss).backward()
+    for lp in lps:
+        np.testing.assert_allclose(lp.grad.numpy(), -3 * np.sin(lp.detach().numpy()), rtol=1e-8)
+    assert isinstance(wrapped.last_result, NumericalGrad)
+
+
+def test_numerical_wrapper_mirrors_scalar_return_and_no_grad():
+    fn = lambda d, lps: float(sum(np.sum(lp.numpy() ** 2) for lp in lps))  # noqa: E731
+    lps = ragged(14, kind="torch")
+    out = numerical(fn)(None, lps)
+    assert isinstance(out, torch.Tensor) and not out.requires_grad
+    leaves = [lp.clone().requires_grad_(True) for lp in lps]
+    loss = numerical(fn)(None, leaves)
+    loss.backward()
+    np.testing.assert_allclose(packed([lp.grad for lp in leaves]), 2 * packed(lps), rtol=1e-7)
+    # numpy inputs: fn's value passes through untouched
+    assert numerical(lambda d, lps: 1.5)(None, ragged()) == 1.5
+
+
+def test_check_passes_and_fails():
+    lps = ragged(15, k=2, kind="torch")
+    result = check(smooth_torch, None, lps)
+    assert result.passed and bool(result) and len(result.max_abs_error) == 3
+    assert max(result.max_rel_error) < 1e-6
+
+    def wrong(data, lps):  # autograd sees d/dx = 1, the values say 2x
+        return sum((lp.detach() ** 2 + lp - lp.detach()).sum() for lp in lps)
+
+    bad = check(wrong, None, lps)
+    assert not bad.passed and bad.worst is not None
+    per_datum = check(lambda d, lp: (lp**3).sum(), [0, 1, 2], lps, structure="datum", method="richardson")
+    assert per_datum.passed
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+
+def test_progress_only_when_asked(capsys):
+    fn = lambda d, lps: float(sum(np.sum(lp) for lp in lps))  # noqa: E731
+    numerical_grad(fn, None, ragged())
+    assert capsys.readouterr().err == ""
+    numerical_grad(fn, None, ragged(), progress=True)
+    assert "regrad numerical_grad" in capsys.readouterr().err
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def test_fn_raising_names_fn_and_perturbation():
+    def exploding(data, lps):
+        if lps[1][2] != ragged()[1][2]:
+            raise RuntimeError("boom")
+        return 0.0
+
+    with pytest.raises(NumericalError, match=r"'test_fn_raising.*exploding' raised RuntimeError: boom") as info:
+        numerical_grad(exploding, None, ragged())
+    assert "perturbation 14 of 30: datum 1, token 2, step +h" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(NumericalError, match="block of perturbations"):
+        numerical_grad(lambda d, lps: 1 / 0, None, ragged(), vectorized=True)
+    with pytest.raises(NumericalError, match=r"sample 0, \+ direction"):
+        numerical_grad(lambda d, lps: 1 / 0, None, ragged(), method="spsa")
+    with pytest.raises(NumericalError, match="step -h"), ThreadPoolExecutor(2) as pool:
+        numerical_grad(lambda d, lps: 1 / 0 if lps[0][0] < ragged()[0][0] else 0.0, None, ragged(), executor=pool)
+
+
+@pytest.mark.parametrize(
+    "kwargs,fn,match",
+    [
+        ({}, lambda d, lps: np.zeros(3), r"returned shape \(3,\).*expects a scalar"),
+        ({"vectorized": True}, lambda d, lps: 0.0, r"returned shape \(\).*one loss per perturbed copy, shape \(30,\)"),
+        ({"vectorized": True}, lambda d, lps: np.zeros(2), r"shape \(2,\).*shape \(30,\)"),
+        ({"structure": "token"}, lambda d, lps: 0.0, "returned a single scalar.*list of 3 per-token"),
+        ({"structure": "token"}, lambda d, lps: [lp[:1] for lp in lps], r"shape \(1,\) for datum 0.*expected \(5,\)"),
+        ({"structure": "token"}, lambda d, lps: [lps[0]], "returned 1 per-token loss arrays.*3 data"),
+    ],
+)
+def test_wrong_return_shape(kwargs, fn, match):
+    with pytest.raises(NumericalError, match=match):
+        numerical_grad(fn, None, ragged(), **kwargs)
+
+
+def test_non_finite_losses_and_inputs():
+    with pytest.raises(NonFiniteError, match="non-finite loss nan at perturbation 0"):
+        numerical_grad(lambda d, lps: float("nan"), None, ragged())
+    with pytest.raises(NonFiniteError, match="non-finite loss inf for copy 0"):
+        numerical_grad(lambda d, lps: np.full(30, np.inf), None, ragged(), vectorized=True)
+    with pytest.raises(NonFiniteError, match="non-finite per-token loss.*datum 0, token 1"):
+        numerical_grad(lambda d, lps: [np.where(np.arange(lp.size) == 1, np.nan, lp) for lp in lps], None, ragged(),
+                       structure="token")
+    lps = ragged()
+    lps[2][4] = np.inf
+    with pytest.raises(NonFiniteError, match="datum 2, token 4"):
+        numerical_grad(lambda d, lps: 0.0, None, lps)
+
+
+def test_step_underflow_and_bad_steps():
+    with pytest.raises(NumericalError, match=r"step underflow at datum 0, token 0: x \+ h == x"):
+        numerical_grad(lambda d, lps: 0.0, None, [np.array([1.0, 2.0])], step=1e-30)
+    with pytest.raises(NumericalError, match="step underflow"):
+        numerical_grad(lambda d, lps: 0.0, None, [np.array([1.0], np.float32)], step=1e-9)
+    with pytest.raises(InputError, match="step must be positive"):
+        numerical_grad(lambda d, lps: 0.0, None, ragged(), step=-1.0)
+    with pytest.raises(InputError, match=r"step\[1\] has shape"):
+        numerical_grad(lambda d, lps: 0.0, None, ragged(), step=[np.ones(5), np.ones(2), np.ones(7)])
+    with pytest.raises(NumericalError, match="step underflow"):
+        numerical_grad(lambda d, lps: 0.0, None, [np.array([1e6])], method="spsa", sigma=1e-12)
+
+
+def test_max_batch_bytes_too_small():
+    with pytest.raises(NumericalError, match=r"max_batch_bytes=64 cannot hold one perturbed copy of the batch \(120"):
+        numerical_grad(batch_vectorized, None, ragged(), vectorized=True, max_batch_bytes=64)
+    with pytest.raises(NumericalError, match="datum 2"):
+        numerical_grad(lambda d, lp: square_sum_rows(lp), [0, 1, 2], ragged(), structure="datum", vectorized=True,
+                       max_batch_bytes=48)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"method": "secant"}, "method must be one of"),
+        ({"structure": "rows"}, "structure must be one of"),
+        ({"structure": "token", "vectorized": True}, "vectorized=True applies"),
+        ({"structure": "token", "method": "spsa"}, "method 'spsa' applies"),
+        ({"vectorized": True, "executor": ThreadPoolExecutor(1)}, "executor applies to vectorized=False"),
+        ({"executor": object()}, "concurrent.futures.Executor"),
+        ({"max_batch_bytes": 0}, "max_batch_bytes must be a positive integer"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"seed": -1}, "seed"),
+        ({"structure": "datum"}, "structure='datum' needs one datum per log-prob array"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        numerical_grad(lambda d, lps: 0.0, None, ragged(), **kwargs)
+    if "executor" in kwargs and hasattr(kwargs["executor"], "shutdown"):
+        kwargs["executor"].shutdown()
+
+
+def test_bad_logprobs():
+    with pytest.raises(InputError, match="not a single array"):
+        numerical_grad(lambda d, lps: 0.0, None, np.zeros(3))
+    with pytest.raises(InputError, match="dtype int64"):
+        numerical_grad(lambda d, lps: 0.0, None, [np.zeros(3, np.int64)])
+    with pytest.raises(InputError, match="fn must be callable"):
+        numerical_grad(3, None, ragged())
+
+
+def test_empty_batch_calls_nothing():
+    result = numerical_grad(lambda d, lps: 1 / 0, None, [np.zeros(0)])
+    assert result.nfev == 0 and result.grads[0].shape == (0,)
+
+
+def test_exported_from_package():
+    for name in ("numerical_grad", "numerical", "check", "NumericalGrad"):
+        assert name in regrad.__all__ and getattr(regrad, name) is not None
