@@ -13,7 +13,7 @@ namespace regrad {
 namespace {
 
 constexpr double kFractions[4] = {1.0, -1.0, 0.5, -0.5};
-constexpr int64_t kParallelElements = 1 << 14;  // below this, threads cost more than they save
+constexpr int64_t kParallelElements = kParallelMinElements;
 
 /// Datum holding packed element e (offsets is sorted, batch + 1 entries).
 int64_t datum_of(const int64_t* offsets, int64_t batch, int64_t e) {
@@ -40,6 +40,37 @@ void check_range(const char* what, int64_t begin, int64_t count, int64_t total) 
 }
 
 enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3 };
+
+/// Writes the NP difference points of one datum and the steps actually taken; branch-free so the
+/// compiler vectorises it. Returns true if any element is non-finite, has a bad step or underflows.
+template <int NP, int StepKind, class T>  // StepKind: 0 relative (scale), 1 one absolute step, 2 per element
+bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t n, double scale,
+                      const double* __restrict step, T* __restrict points, double* __restrict spacing) {
+    double check = 0.0;  // stays 0 unless x or h is NaN / inf (v - v is NaN then)
+    int64_t problems = 0;  // steps <= 0 and points that round back onto x
+    for (int64_t i = 0; i < len; ++i) {
+        const double xd = static_cast<double>(xj[i]);
+        const double h = StepKind == 0 ? scale * std::max(std::fabs(xd), 1.0) : (StepKind == 1 ? step[0] : step[base + i]);
+        check += (xd - xd) + (h - h);
+        problems += static_cast<int64_t>(h <= 0.0);
+        for (int k = 0; k < NP; ++k) {
+            const T p = static_cast<T>(xd + kFractions[k] * h);
+            const double d = static_cast<double>(p) - xd;
+            problems += static_cast<int64_t>(d == 0.0);
+            points[k * n + base + i] = p;
+            spacing[k * n + base + i] = d;
+        }
+    }
+    return problems != 0 || !(check == 0.0);
+}
+
+template <int NP, class T>
+bool fill_points(const T* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
+                 int64_t step_len, T* points, double* spacing) {
+    if (step == nullptr) return fill_points_impl<NP, 0>(xj, len, base, n, scale, step, points, spacing);
+    if (step_len == 1) return fill_points_impl<NP, 1>(xj, len, base, n, scale, step, points, spacing);
+    return fill_points_impl<NP, 2>(xj, len, base, n, scale, step, points, spacing);
+}
 
 }  // namespace
 
@@ -87,9 +118,19 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
     (void)parallel;
 #pragma omp parallel for schedule(dynamic) if (parallel)
     for (int64_t j = 0; j < x.batch; ++j) {
-        const T* xj = x.data[j];
+        const int64_t len = x.length(j);
         const int64_t base = x.offsets[j];
-        for (int64_t i = 0; i < x.length(j); ++i) {
+        // Fast pass: branch-free, so it vectorises; any problem only sets a flag.
+        bool flagged = false;
+        switch (np) {
+            case 1: flagged = fill_points<1>(x.data[j], len, base, n, scale, step, step_len, points, spacing); break;
+            case 2: flagged = fill_points<2>(x.data[j], len, base, n, scale, step, step_len, points, spacing); break;
+            default: flagged = fill_points<4>(x.data[j], len, base, n, scale, step, step_len, points, spacing); break;
+        }
+        if (!flagged) continue;
+        // Slow pass, only for a flagged datum: find the first problem and say what it is.
+        const T* xj = x.data[j];
+        for (int64_t i = 0; i < len; ++i) {
             const int64_t e = base + i;
             const T xv = xj[i];
             if (!std::isfinite(xv)) {
@@ -106,10 +147,8 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
             }
             bool underflow = false;
             for (int k = 0; k < np; ++k) {
-                const T p = static_cast<T>(static_cast<double>(xv) + kFractions[k] * h);
+                const T p = points[k * n + e];
                 underflow = underflow || p == xv || !std::isfinite(p);
-                points[k * n + e] = p;
-                spacing[k * n + e] = static_cast<double>(p) - static_cast<double>(xv);
             }
             if (underflow) {
                 bad_at[j] = i;

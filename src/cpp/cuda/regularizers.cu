@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
         T xv = x[e];
         T keep = T(1);
         if (m != nullptr) {
-            keep = m[e / width] ? T(1) : T(0);
+            keep = m[width == 1 ? e : e / width] ? T(1) : T(0);  // skip the 64-bit division for [T] data
             xv = keep != T(0) ? xv : T(0);  // masked tokens are ignored entirely
         }
         if (!isfinite(xv) && bad == kNone) bad = base + e;  // elements rise, so the first is the least

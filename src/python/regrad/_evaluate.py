@@ -60,6 +60,15 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
+def _float_view(value: Any) -> np.ndarray:
+    """A float32/float64 numpy view of a CPU tensor or array when possible (no copy), else float64."""
+    if type(value).__module__.startswith("torch") and str(value.dtype) in ("torch.float32", "torch.float64"):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return value
+    return _to_numpy(value)
+
+
 @dataclass
 class Term:
     """A part of the loss that the engine perturbs on its own: all data (structure "batch") or one
@@ -158,8 +167,8 @@ class Problem:
             raise NonFiniteError(f"{self.name} returned the non-finite loss {a[bad[0]]} for copy {bad[0]} of {where}")
         return a
 
-    def token_loss(self, out: Any, where: str) -> np.ndarray:
-        """Packs per-token losses (one array shaped like each datum's log-probs) into float64 [n]."""
+    def token_loss(self, out: Any, where: str, into: Optional[np.ndarray] = None) -> np.ndarray:
+        """Packs per-token losses (one array shaped like each datum's log-probs) into float64 [n] (`into`)."""
         shapes = [a.shape for a in self.arrays]
         if not isinstance(out, (list, tuple)):
             single = "scalar" if np.ndim(out) == 0 else "array"
@@ -177,14 +186,11 @@ class Problem:
                     f"{self.name} returned per-token losses of shape {tuple(np.shape(p))} for datum {j} at {where}; "
                     f"expected {tuple(s)}, the shape of its log-probs"
                 )
-        if out and all(type(p).__module__.startswith("torch") for p in out):
-            import torch
-
-            packed = torch.cat([p.detach().reshape(-1) for p in out]).to(torch.float64).numpy()
-        elif out:
-            packed = np.concatenate([np.asarray(_to_numpy(p)).reshape(-1) for p in out])
-        else:
-            packed = np.zeros(0)
+        # One pass: numpy views of the outputs are cast and copied straight into the packed row.
+        views = [_float_view(p).reshape(-1) for p in out]
+        packed = np.empty(int(self.offsets[-1])) if into is None else into
+        if views:
+            np.concatenate(views, out=packed, casting="same_kind")
         if not np.isfinite(packed).all():
             bad = int(np.flatnonzero(~np.isfinite(packed))[0])
             raise NonFiniteError(

@@ -399,16 +399,19 @@ def _token_gradient(
     if method == "forward":
         calls.append((problem, -1, points, method))
     if executor is None:
-        rows = [_token_call(*c) for c in calls]
+        packed = np.empty((len(calls), n))  # each call writes its row in place: no stacking copy
+        for c, row in zip(calls, packed):
+            _token_call(*c, into=row)
+        f, f0 = packed[:npoints], (packed[npoints] if method == "forward" else None)
     else:
         rows = list(executor.map(_token_call, *zip(*calls)))
-    f = np.stack(rows[:npoints]) if npoints else np.zeros((0, n))
-    f0 = rows[npoints] if method == "forward" else None
+        f = np.stack(rows[:npoints]) if npoints else np.zeros((0, n))
+        f0 = rows[npoints] if method == "forward" else None
     grad, error = _core.difference_quotients(method, spacing, f, 1, n, f0, 1, loss_eps)
     return grad, error, len(calls)
 
 
-def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> np.ndarray:
+def _token_call(problem: Problem, k: int, points: np.ndarray, method: str, into: Optional[np.ndarray] = None) -> np.ndarray:
     """Per-token losses with every element at point k (k = -1: unperturbed), packed float64 [n]."""
     offsets = problem.offsets
     if k < 0:
@@ -422,7 +425,7 @@ def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> np
     term = Term(list(range(len(problem.arrays))), 0, int(offsets[-1]))
     with problem.no_grad():
         out = problem.invoke(term, source, where)
-    return problem.token_loss(out, where)
+    return problem.token_loss(out, where, into)
 
 
 # ---- torch.autograd.Function wrapper ------------------------------------------------------------

@@ -33,6 +33,11 @@ private:
     int64_t position_;
 };
 
+/// Loops over fewer elements than this run on the calling thread. Below it a parallel region costs
+/// more than it saves, and it contends with torch's own OpenMP pool when torch ops run in between
+/// (torch wheels bundle a second OpenMP runtime whose threads spin after each op).
+constexpr int64_t kParallelMinElements = int64_t(1) << 20;
+
 /// Throws std::invalid_argument unless offsets start at 0, never decrease and stay multiples of width.
 void check_offsets(const int64_t* offsets, int64_t batch, int64_t width);
 
