@@ -41,6 +41,19 @@ void check_range(const char* what, int64_t begin, int64_t count, int64_t total) 
 
 enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3 };
 
+/// max(a, 1) without a branch: log-probs straddle 1 at random, so a branch mispredicts often.
+inline double max_with_one(double a) {
+    uint64_t ab, ob;
+    const double one = 1.0;
+    std::memcpy(&ab, &a, sizeof ab);
+    std::memcpy(&ob, &one, sizeof ob);
+    const uint64_t take_one = -static_cast<uint64_t>(a < 1.0);
+    const uint64_t bits = (ob & take_one) | (ab & ~take_one);
+    double out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
 /// Writes the NP difference points of one datum and the steps actually taken; branch-free so the
 /// compiler vectorises it. Returns true if any element is non-finite, has a bad step or underflows.
 template <int NP, int StepKind, class T>  // StepKind: 0 relative (scale), 1 one absolute step, 2 per element
@@ -50,7 +63,7 @@ bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t
     int64_t problems = 0;  // steps <= 0 and points that round back onto x
     for (int64_t i = 0; i < len; ++i) {
         const double xd = static_cast<double>(xj[i]);
-        const double h = StepKind == 0 ? scale * std::max(std::fabs(xd), 1.0) : (StepKind == 1 ? step[0] : step[base + i]);
+        const double h = StepKind == 0 ? scale * max_with_one(std::fabs(xd)) : (StepKind == 1 ? step[0] : step[base + i]);
         check += (xd - xd) + (h - h);
         problems += static_cast<int64_t>(h <= 0.0);
         for (int k = 0; k < NP; ++k) {
@@ -257,9 +270,10 @@ void difference_quotients(DifferenceMethod method, int64_t n, const double* spac
         }
         const double fp = fe[0];
         const double fm = fe[f_stride_k];
+        const double inv1 = 1.0 / (spacing[e] - spacing[n + e]);  // one division per element, not two
         const double d1 = spacing[e] - spacing[n + e];
-        const double g1 = (fp - fm) / d1;
-        const double r1 = loss_eps * (std::fabs(fp) + std::fabs(fm)) / d1;
+        const double g1 = (fp - fm) * inv1;
+        const double r1 = loss_eps * (std::fabs(fp) + std::fabs(fm)) * inv1;
         if (method == DifferenceMethod::Central) {
             grad[e] = g1;
             error[e] = r1;
