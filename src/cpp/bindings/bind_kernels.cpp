@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include "parse.hpp"
 #include "common.hpp"
 #include "regrad/kernels.hpp"
 
@@ -14,20 +15,6 @@ namespace py = pybind11;
 namespace regrad::bindings {
 
 namespace {
-
-Regularizer parse_kind(const std::string& kind) {
-    if (kind == "l1") return Regularizer::L1;
-    if (kind == "l2") return Regularizer::L2Squared;
-    if (kind == "l2_norm") return Regularizer::L2Norm;
-    if (kind == "entropy") return Regularizer::Entropy;
-    throw py::value_error("unknown regularizer kernel '" + kind + "'; expected l1, l2, l2_norm or entropy");
-}
-
-Reduction parse_reduction(const std::string& reduction) {
-    if (reduction == "mean") return Reduction::Mean;
-    if (reduction == "sum") return Reduction::Sum;
-    throw py::value_error("reduction must be 'mean' or 'sum', got '" + reduction + "'");
-}
 
 template <class T>
 py::tuple run(Regularizer kind, const RaggedArrays& ragged, const uint8_t* mask, Reduction reduction,

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "parse.hpp"
 #include "common.hpp"
 #include "regrad/numerical.hpp"
 #include "regrad/rng.hpp"
@@ -18,19 +19,6 @@ namespace regrad::bindings {
 namespace {
 
 using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
-
-DifferenceMethod parse_method(const std::string& method) {
-    if (method == "forward") return DifferenceMethod::Forward;
-    if (method == "central") return DifferenceMethod::Central;
-    if (method == "richardson") return DifferenceMethod::Richardson;
-    throw py::value_error("unknown difference method '" + method + "'; expected forward, central or richardson");
-}
-
-Direction parse_direction(const std::string& kind) {
-    if (kind == "rademacher") return Direction::Rademacher;
-    if (kind == "gaussian") return Direction::Gaussian;
-    throw py::value_error("unknown direction kind '" + kind + "'; expected rademacher or gaussian");
-}
 
 /// Typed pointer view of checked arrays; `ptrs` must outlive the batch.
 template <class T>

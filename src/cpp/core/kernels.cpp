@@ -104,12 +104,7 @@ void fused(ChunkOp op, const RaggedBatch<T>& batch, const std::vector<Chunk>& ch
 template <class T>
 double regularizer_value_and_grad(Regularizer kind, const RaggedBatch<T>& batch, const uint8_t* token_mask,
                                   Reduction reduction, double* per_datum, T* grad) {
-    check_offsets(batch.offsets, batch.batch, batch.width);
-    for (int64_t i = 0; i < batch.batch; ++i) {
-        if (batch.length(i) > 0 && batch.data[i] == nullptr) {
-            throw std::invalid_argument("datum " + std::to_string(i) + " has elements but no data pointer");
-        }
-    }
+    check_batch(batch);
     if (reduction == Reduction::Mean && batch.batch == 0) {
         throw std::invalid_argument("reduction='mean' over an empty batch (no data) is undefined");
     }

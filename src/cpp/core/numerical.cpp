@@ -21,23 +21,6 @@ int64_t datum_of(const int64_t* offsets, int64_t batch, int64_t e) {
     return static_cast<int64_t>(it - offsets) - 1;
 }
 
-template <class T>
-void check_batch(const RaggedBatch<T>& x) {
-    check_offsets(x.offsets, x.batch, x.width);
-    for (int64_t j = 0; j < x.batch; ++j) {
-        if (x.length(j) > 0 && x.data[j] == nullptr) {
-            throw std::invalid_argument("datum " + std::to_string(j) + " has elements but no data pointer");
-        }
-    }
-}
-
-void check_range(const char* what, int64_t begin, int64_t count, int64_t total) {
-    if (begin < 0 || count < 0 || begin > total || count > total - begin) {
-        throw std::invalid_argument(std::string(what) + " [" + std::to_string(begin) + ", " +
-                                    std::to_string(begin + count) + ") is outside the " + std::to_string(total) +
-                                    " perturbations");
-    }
-}
 
 enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3 };
 

@@ -21,6 +21,14 @@ void check_offsets(const int64_t* offsets, int64_t batch, int64_t width) {
     }
 }
 
+void check_range(const char* what, int64_t begin, int64_t count, int64_t total) {
+    if (begin < 0 || count < 0 || begin > total || count > total - begin) {
+        throw std::invalid_argument(std::string(what) + " [" + std::to_string(begin) + ", " +
+                                    std::to_string(begin + count) + ") is outside the " + std::to_string(total) +
+                                    " perturbations");
+    }
+}
+
 std::string describe_position(int64_t datum, int64_t position, int64_t width) {
     std::ostringstream out;
     out << "datum " << datum << ", ";

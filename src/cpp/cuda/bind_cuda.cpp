@@ -9,11 +9,17 @@
 #include <string>
 #include <vector>
 
+#include "../bindings/parse.hpp"
 #include "cuda_api.hpp"
 
 namespace py = pybind11;
 
 namespace regrad::cuda {
+
+using bindings::parse_direction;
+using bindings::parse_kind;
+using bindings::parse_method;
+using bindings::parse_reduction;
 
 namespace {
 
@@ -28,33 +34,6 @@ bool parse_dtype(const std::string& dtype) {
     if (dtype == "float32") return false;
     if (dtype == "float64") return true;
     throw py::value_error("dtype must be 'float32' or 'float64', got '" + dtype + "'");
-}
-
-Regularizer parse_kind(const std::string& kind) {
-    if (kind == "l1") return Regularizer::L1;
-    if (kind == "l2") return Regularizer::L2Squared;
-    if (kind == "l2_norm") return Regularizer::L2Norm;
-    if (kind == "entropy") return Regularizer::Entropy;
-    throw py::value_error("unknown regularizer kernel '" + kind + "'; expected l1, l2, l2_norm or entropy");
-}
-
-Reduction parse_reduction(const std::string& reduction) {
-    if (reduction == "mean") return Reduction::Mean;
-    if (reduction == "sum") return Reduction::Sum;
-    throw py::value_error("reduction must be 'mean' or 'sum', got '" + reduction + "'");
-}
-
-DifferenceMethod parse_method(const std::string& method) {
-    if (method == "forward") return DifferenceMethod::Forward;
-    if (method == "central") return DifferenceMethod::Central;
-    if (method == "richardson") return DifferenceMethod::Richardson;
-    throw py::value_error("unknown difference method '" + method + "'; expected forward, central or richardson");
-}
-
-Direction parse_direction(const std::string& kind) {
-    if (kind == "rademacher") return Direction::Rademacher;
-    if (kind == "gaussian") return Direction::Gaussian;
-    throw py::value_error("unknown direction kind '" + kind + "'; expected rademacher or gaussian");
 }
 
 /// A ragged batch of device data: per-datum addresses, B + 1 offsets and the row width.

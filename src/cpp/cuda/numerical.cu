@@ -40,23 +40,6 @@ Ragged upload_ragged(const RaggedBatch<T>& x, T* const* out, Scratch& scratch, c
     return Ragged{words, x.batch};
 }
 
-template <class T>
-void check_batch(const RaggedBatch<T>& x) {
-    check_offsets(x.offsets, x.batch, x.width);
-    for (int64_t j = 0; j < x.batch; ++j) {
-        if (x.length(j) > 0 && x.data[j] == nullptr) {
-            throw std::invalid_argument("datum " + std::to_string(j) + " has elements but no data pointer");
-        }
-    }
-}
-
-void check_range(const char* what, int64_t begin, int64_t count, int64_t total) {
-    if (begin < 0 || count < 0 || begin > total || count > total - begin) {
-        throw std::invalid_argument(std::string(what) + " [" + std::to_string(begin) + ", " +
-                                    std::to_string(begin + count) + ") is outside the " + std::to_string(total) +
-                                    " perturbations");
-    }
-}
 
 /// First problem in packed order: (element << 3) | code, reduced with an integer atomicMin
 /// (order-independent, so the reported element is deterministic).

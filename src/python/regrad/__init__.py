@@ -17,16 +17,13 @@ try:
 except ImportError:
     _cuda = None
 
-from . import kernels
-from .errors import InputError, NonFiniteError
-from .errors import NumericalError
-from .numerical import NumericalGrad, check, numerical, numerical_grad
+from . import kernels, losses, telemetry
+from .compose import ComposedLoss, compose
 from .data import Datum, ModelInput, data_from_texts, datum_from_text
-from .errors import RegularizerError
-from . import losses, telemetry
+from .errors import InputError, NonFiniteError, NumericalError, RegularizerError
+from .numerical import NumericalGrad, check, numerical, numerical_grad
 from .specs import RegularizerSpec, entropy, l1, l2
 from .telemetry import CustomLossOutput, LossEvent, log_events
-from .compose import ComposedLoss, compose
 
 try:  # the training clients need torch (the `regrad[torch]` extra)
     from .clients import AdamParams, CustomLossResult, LocalTrainingClient, forward_backward_custom
@@ -36,16 +33,19 @@ except ImportError as _err:  # pragma: no cover - only without torch
 
 __version__: str = _core.build_info()["version"]
 
-__all__ = ["__version__", "build_info", "kernels", "InputError", "NonFiniteError"]
-__all__ += ["Datum", "ModelInput", "datum_from_text", "data_from_texts"]
-__all__ += ["RegularizerSpec", "compose", "ComposedLoss", "l1", "l2", "entropy", "losses", "telemetry"]
-__all__ += ["CustomLossOutput", "LossEvent", "log_events", "RegularizerError"]
-__all__ += ["LocalTrainingClient", "AdamParams", "forward_backward_custom", "CustomLossResult"]
-__all__ += ["numerical_grad", "numerical", "check", "NumericalGrad", "NumericalError"]
+__all__ = [
+    "__version__", "build_info", "kernels", "losses", "telemetry",
+    "InputError", "NonFiniteError", "NumericalError", "RegularizerError",
+    "Datum", "ModelInput", "datum_from_text", "data_from_texts",
+    "RegularizerSpec", "compose", "ComposedLoss", "l1", "l2", "entropy",
+    "CustomLossOutput", "LossEvent", "log_events",
+    "numerical_grad", "numerical", "check", "NumericalGrad",
+    "LocalTrainingClient", "AdamParams", "forward_backward_custom", "CustomLossResult",
+]
 
 
 def build_info() -> Dict[str, Any]:
-    """What this build has: version, openmp (bool), max_threads, cuda (bool), compiler."""
+    """What this build has: version, openmp (bool), max_threads, cuda (bool), compiler, simd."""
     info = dict(_core.build_info())
     info["cuda"] = _cuda is not None
     return info

@@ -41,6 +41,20 @@ constexpr int64_t kParallelMinElements = int64_t(1) << 20;
 /// Throws std::invalid_argument unless offsets start at 0, never decrease and stay multiples of width.
 void check_offsets(const int64_t* offsets, int64_t batch, int64_t width);
 
+/// check_offsets, and that every non-empty datum has a data pointer.
+template <class T>
+void check_batch(const RaggedBatch<T>& x) {
+    check_offsets(x.offsets, x.batch, x.width);
+    for (int64_t j = 0; j < x.batch; ++j) {
+        if (x.length(j) > 0 && x.data[j] == nullptr) {
+            throw std::invalid_argument("datum " + std::to_string(j) + " has elements but no data pointer");
+        }
+    }
+}
+
+/// Throws std::invalid_argument unless [begin, begin + count) lies within [0, total) perturbations.
+void check_range(const char* what, int64_t begin, int64_t count, int64_t total);
+
 /// Names the first non-finite element of datum `datum` (flat `position`) in the [T, width] layout.
 std::string describe_position(int64_t datum, int64_t position, int64_t width);
 
