@@ -19,13 +19,22 @@ import platform
 import statistics
 import sys
 import time
-import tracemalloc
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 import regrad
+from regrad.bench.peers import (  # the peers live in the package, shared with `regrad bench`
+    flat,
+    gradcheck_runner,
+    numdifftools_runner,
+    per_element_loop,
+    scipy_runner,
+    timed_or_estimated,
+)
+from regrad.bench.timing import fmt_bytes, fmt_time, median_seconds
+from regrad.bench.timing import peak_traced_bytes as peak_bytes
 
 torch.set_num_threads(2)
 
@@ -69,25 +78,8 @@ def topk_penalty_vectorized(data: Any, logprobs_list: List[Any], k: int = 64):
 
 
 def median_time(run: Callable[[], Any], budget: float, min_repeats: int = 3, max_repeats: int = 7) -> float:
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_repeats:
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= min_repeats and time.perf_counter() - start > budget:
-            break
-    return statistics.median(times)
-
-
-def peak_bytes(run: Callable[[], Any]) -> int:
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    """Median of at least min_repeats, at most max_repeats runs, stopping once past the budget."""
+    return median_seconds(run, repeats=max_repeats, warmup=0, budget_s=budget, min_repeats=min_repeats)
 
 
 class Table:
@@ -121,119 +113,6 @@ class Table:
                 f"{err} | {memory} | {r['note']} |"
             )
         return "\n".join(lines)
-
-
-def fmt_time(s: float) -> str:
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s * 1e6:.0f} µs"
-
-
-def fmt_bytes(b: int) -> str:
-    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
-
-
-def flat(grads: List[Any]) -> np.ndarray:
-    return np.concatenate([np.asarray(g.detach() if hasattr(g, "detach") else g, dtype=np.float64).reshape(-1) for g in grads])
-
-
-# ---- peers --------------------------------------------------------------------------------------
-
-
-def split_flat(x: np.ndarray, shapes: List[tuple], as_torch: bool) -> List[Any]:
-    out, start = [], 0
-    for s in shapes:
-        size = int(np.prod(s))
-        part = x[start : start + size].reshape(s)
-        out.append(torch.from_numpy(part) if as_torch else part)
-        start += size
-    return out
-
-
-def per_element_loop(fn, lps: List[torch.Tensor], limit: Optional[int] = None, eps: float = 1e-3) -> np.ndarray:
-    """The seed's Option A: perturb one element, call the loss twice, repeat."""
-    grads, done = [], 0
-    for i, lp in enumerate(lps):
-        g = torch.zeros(lp.numel(), dtype=torch.float64)
-        for e in range(lp.numel()):
-            if limit is not None and done >= limit:
-                return flat(grads + [g])
-            plus = lp.clone().reshape(-1)
-            plus[e] += eps
-            minus = lp.clone().reshape(-1)
-            minus[e] -= eps
-            loss_plus = float(fn(None, lps[:i] + [plus.reshape(lp.shape)] + lps[i + 1 :])[0])
-            loss_minus = float(fn(None, lps[:i] + [minus.reshape(lp.shape)] + lps[i + 1 :])[0])
-            g[e] = (loss_plus - loss_minus) / (2 * eps)
-            done += 1
-        grads.append(g)
-    return flat(grads)
-
-
-def timed_or_estimated(run_prefix: Callable[[Optional[int]], Any], n: int, budget: float, est_prefix: int):
-    """Runs fully when a probe says it fits the budget, else times a prefix and extrapolates."""
-    t0 = time.perf_counter()
-    run_prefix(est_prefix)
-    probe = time.perf_counter() - t0
-    if probe / est_prefix * n <= budget:
-        t0 = time.perf_counter()
-        grad = run_prefix(None)
-        return time.perf_counter() - t0, grad, ""
-    return probe / est_prefix * n, None, f"est. from {est_prefix} of {n} coordinates"
-
-
-def scipy_runner(fn, x0: np.ndarray, shapes, as_torch: bool):
-    from scipy.optimize._numdiff import approx_derivative
-
-    def f(x):
-        return float(fn(None, split_flat(x, shapes, as_torch))[0])
-
-    def run(limit: Optional[int]):
-        if limit is None:
-            return approx_derivative(f, x0, method="3-point")
-        # approx_derivative has no prefix option: a sparsity pattern restricted to `limit` columns.
-        from scipy.sparse import csr_matrix
-
-        pattern = csr_matrix((np.ones(limit), (np.zeros(limit, int), np.arange(limit))), shape=(1, x0.size))
-        return approx_derivative(f, x0, method="3-point", sparsity=pattern)
-
-    return run
-
-
-def numdifftools_runner(fn, x0: np.ndarray, shapes, as_torch: bool):
-    import numdifftools as nd
-
-    def run(limit: Optional[int]):
-        if limit is None:
-            return nd.Gradient(lambda x: float(fn(None, split_flat(x, shapes, as_torch))[0]))(x0)
-        head = x0[:limit]
-        rest = x0[limit:]
-        return nd.Gradient(lambda x: float(fn(None, split_flat(np.concatenate([x, rest]), shapes, as_torch))[0]))(head)
-
-    return run
-
-
-def gradcheck_runner(fn, lps: List[torch.Tensor]):
-    from torch.autograd.gradcheck import _get_numerical_jacobian
-
-    def run(limit: Optional[int]):
-        if limit is None:
-            inputs = tuple(lp.double().detach().requires_grad_(True) for lp in lps)
-            jac = _get_numerical_jacobian(lambda *xs: fn(None, list(xs))[0].reshape(1), inputs, eps=1e-6)
-            return flat([per_input[0].reshape(-1) for per_input in jac])  # jac[input][output]
-        # a prefix: the first datum's first `limit` elements only
-        head = lps[0].double().reshape(-1)[:limit].detach().requires_grad_(True)
-        tail = lps[0].double().reshape(-1)[limit:].detach()
-        rest = [lp.double() for lp in lps[1:]]
-
-        def g(h):
-            return fn(None, [torch.cat([h, tail]).reshape(lps[0].shape)] + rest)[0].reshape(1)
-
-        return _get_numerical_jacobian(g, (head,), eps=1e-6)
-
-    return run
 
 
 # ---- cases --------------------------------------------------------------------------------------
@@ -272,7 +151,7 @@ def sparsity_case(lengths: List[int], budget: float, with_batch: bool) -> Table:
     table.add("scipy approx_derivative 3-point", seconds, grad, None, note)
     seconds, grad, note = timed_or_estimated(numdifftools_runner(sparsity_penalty, x0, shapes, True), n, budget, est // 4)
     table.add("numdifftools Gradient", seconds, grad, None, note)
-    seconds, grad, note = timed_or_estimated(gradcheck_runner(sparsity_penalty, lps), n, budget, est)
+    seconds, grad, note = timed_or_estimated(gradcheck_runner(sparsity_penalty, lps, dtype=torch.float64), n, budget, est)
     table.add("torch gradcheck numerical Jacobian", seconds, grad, None, note)
 
     def rg(fn, **kw):
@@ -356,6 +235,7 @@ def topk_case(budget: float) -> Table:
     gradcheck = gradcheck_runner(
         lambda d, lps: (torch.tensor(topk_penalty(d, [lp.detach().numpy() for lp in lps])[0], dtype=torch.float64), {}),
         torch_lps,
+        dtype=torch.float64,
     )
     seconds, grad, note = timed_or_estimated(gradcheck, 4096, budget, 256)
     table.add("torch gradcheck numerical Jacobian", seconds, grad, None, note)

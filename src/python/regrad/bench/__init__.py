@@ -3,8 +3,8 @@
     regrad bench [--profile quick|full] [--routes ...] [--peers ...] [--sizes ...] [--dtype float32|float64]
                  [--repeats N] [--budget SECONDS] [--json out.json] [--plot out.png]
 
-Also `python -m regrad.bench`. Helpers: `_bench_suite` (problem, routes, measuring), `_bench_peers`,
-`_bench_timing`, `_bench_report`. See docs/benchmarks.md, section "regrad bench (full profile)".
+Also `python -m regrad.bench`. Modules: `suite` (problem, routes, measuring), `peers`, `timing`,
+`report`. See docs/benchmarks.md, section "regrad bench (full profile)".
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["main", "PROFILES", "parse_size"]
 # profile -> defaults (sizes, repeats, per-cell budget in seconds)
 PROFILES: Dict[str, Dict[str, Any]] = {
     "quick": {"sizes": [100, 1_000, 10_000], "repeats": 3, "budget": 0.5},
-    "full": {"sizes": [100, 1_000, 10_000, 100_000, 1_000_000], "repeats": 5, "budget": 4.0},
+    "full": {"sizes": [100, 1_000, 10_000, 100_000, 1_000_000], "repeats": 5, "budget": 6.0},
 }
 MAX_SIZE = 10**8
 
@@ -58,8 +58,8 @@ def parse_size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ._bench_peers import PEERS
-    from ._bench_suite import ROUTES
+    from .peers import PEERS
+    from .suite import ROUTES
 
     parser = _Parser(prog="regrad bench", description="regrad's gradient routes vs torch autograd and the peers.")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
@@ -104,8 +104,8 @@ def _check_output(path: Optional[str], flag: str) -> None:
 
 def _settings(argv: Sequence[str]) -> Dict[str, Any]:
     """Parsed and validated options; raises UsageError."""
-    from ._bench_peers import PEERS, missing_module
-    from ._bench_suite import ROUTES
+    from .peers import PEERS, missing_module
+    from .suite import ROUTES
 
     args = _parser().parse_args(list(argv))
     profile = PROFILES[args.profile]
@@ -157,9 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
-    from . import _bench_report as report
-    from ._bench_suite import LOSS_DESCRIPTION, run_suite
-    from ._bench_timing import machine
+    from . import report
+    from .suite import LOSS_DESCRIPTION, run_suite
+    from .timing import machine
 
     for note in settings["notes"]:
         print(note, file=sys.stderr)
@@ -189,6 +189,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"wrote {settings['plot']}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _bench_peers as peer_runners
-from ._bench_timing import fmt_time, peak_rss_extra_bytes, peak_traced_bytes, timed_runs
+from . import peers as peer_runners
+from .timing import fmt_time, peak_rss_extra_bytes, peak_traced_bytes, timed_runs
 
 __all__ = ["ROUTES", "Problem", "Result", "make_problem", "run_suite", "LOSS_DESCRIPTION"]
 
@@ -80,7 +80,8 @@ class Result:
     note: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The cell as plain JSON values (NaN / inf become None)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 # ---- the problem --------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def make_problem(n: int, dtype: str, seed: int = 0) -> Problem:
     lengths[np.argmax(lengths)] += n - int(lengths.sum())
     x0 = -(0.05 + rng.exponential(2.0, size=n)).astype(dtype)
     lps = [torch.from_numpy(part) for part in np.split(x0, np.cumsum(lengths)[:-1])]
-    leaves = [lp.double().requires_grad_(True) for lp in lps]
+    leaves = [lp.detach().to(torch.float64, copy=True).requires_grad_(True) for lp in lps]  # never lps themselves
     batch_loss(b)(None, leaves)[0].backward()
     reference = peer_runners.flat([leaf.grad for leaf in leaves])
     return Problem(n, dtype, [int(t) for t in lengths], lps, x0, reference)
@@ -176,7 +177,7 @@ def _autograd_run(problem: Problem) -> Callable[[Optional[int]], Tuple[np.ndarra
 
 
 def _kernels_run(problem: Problem) -> Callable[[Optional[int]], Tuple[np.ndarray, Optional[int]]]:
-    from . import kernels
+    from .. import kernels
 
     def run(limit: Optional[int]) -> Tuple[np.ndarray, Optional[int]]:
         l1 = kernels.l1(problem.lps).grads
@@ -190,7 +191,7 @@ def _numerical_run(problem: Problem, name: str) -> Tuple[Callable[[Optional[int]
     """A regrad numerical route; batch and datum routes can be run on a prefix of the coordinates."""
     import torch
 
-    from .numerical import numerical_grad
+    from ..numerical import numerical_grad
 
     b = problem.batch
     if name in ("token", "token-richardson"):
@@ -386,8 +387,9 @@ def build_routes(problem: Problem, routes: Sequence[str], peers: Sequence[str], 
 
 
 def run_suite(sizes: Sequence[int], dtype: str, routes: Sequence[str], peers: Sequence[str], *, repeats: int,
-              budget: float, memory: bool = True, log: Any = sys.stderr) -> List[Result]:
-    """Every route at every size, autograd first at each size (it is the ratio's denominator)."""
+              budget: float, memory: bool = True, log: Any = None) -> List[Result]:
+    """Every route at every size, autograd first at each size (it is the ratio's denominator); progress to log."""
+    log = sys.stderr if log is None else log
     results: List[Result] = []
     previous: Dict[str, Route] = {}
     for n in sizes:

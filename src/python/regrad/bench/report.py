@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Sequence
 
-from ._bench_suite import Result, crossovers
-from ._bench_timing import fmt_bytes, fmt_time
+from .suite import Result, crossovers
+from .timing import fmt_bytes, fmt_time
 
 __all__ = ["table", "crossover_lines", "write_json", "plot"]
 
@@ -99,7 +99,7 @@ def plot(path: str, results: Sequence[Result], title: str) -> None:
         if not rows:
             continue
         color = cmap(i % 20)
-        style = "-" if rows[0].kind != "reference" else "-"
+        style = "--" if rows[0].kind == "peer" else "-"  # peers dashed, regrad and autograd solid
         width = 2.5 if rows[0].kind == "reference" else 1.4
         ax_time.plot([r.n for r in rows], [r.seconds for r in rows], style, color=color, lw=width, label=label)
         for r in rows:
@@ -108,7 +108,7 @@ def plot(path: str, results: Sequence[Result], title: str) -> None:
         if err_rows:
             floor = 1e-17  # exact zeros drawn at the floor of the log axis
             ys = [max(r.max_rel_error or 0.0, floor) for r in err_rows]
-            ax_err.plot([r.n for r in err_rows], ys, "-", color=color, lw=width, label=label)
+            ax_err.plot([r.n for r in err_rows], ys, style, color=color, lw=width, label=label)
             for r, y in zip(err_rows, ys):
                 ax_err.plot(r.n, y, "o", color=color, mfc="none" if r.status == "est" else color, ms=5)
     for ax, ylabel in ((ax_time, "median time (s)"), (ax_err, "max relative error vs float64 autograd")):
@@ -117,7 +117,7 @@ def plot(path: str, results: Sequence[Result], title: str) -> None:
         ax.set_xlabel("N (log-probs)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
-    ax_time.set_title("time (hollow: est. from a prefix)")
+    ax_time.set_title("time (hollow: est. from a prefix; dashed: peers)")
     ax_err.set_title("accuracy (hollow: on the timed prefix)")
     handles, names = ax_time.get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8, frameon=False)

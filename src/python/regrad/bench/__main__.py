@@ -1,0 +1,7 @@
+"""`python -m regrad.bench ...` runs `regrad bench`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
