@@ -74,7 +74,8 @@ void reduce_pass(ChunkOp op, bool with_grad, const RaggedBatch<T>& batch, const 
     const int64_t nchunks = static_cast<int64_t>(chunks.size());
     std::vector<double> partial(chunks.size(), 0.0);
     std::vector<T> check(chunks.size(), T(0));
-    const bool parallel = batch.size() >= kParallelMinElements;
+    // Kernels are cheap per element but split well: 4 chunks already pay for the threads.
+    const bool parallel = batch.size() >= 4 * kReductionChunk;
     (void)parallel;
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t c = 0; c < nchunks; ++c) {
