@@ -19,6 +19,15 @@ TEXTS = ["the cat sat on the mat", "a tiny model learns bytes", "gradients flow 
 SMALL = ByteLMConfig(d_model=32, n_layers=1, n_heads=2, context=32)
 
 
+def as_tinker_data(types: Any, data: List[Datum], keys: Tuple[str, ...]) -> List[Any]:
+    """The same data as real `tinker.types.Datum`s, carrying the named loss_fn_inputs."""
+    return [
+        types.Datum(model_input=types.ModelInput.from_ints(d.model_input.to_ints()),
+                    loss_fn_inputs={k: np.asarray(d.loss_fn_inputs[k]) for k in keys})
+        for d in data
+    ]
+
+
 def small_client(dtype: torch.dtype = torch.float32, seed: int = 0) -> LocalTrainingClient:
     return LocalTrainingClient(default_model(seed, SMALL).to(dtype), seed=seed)
 
@@ -128,14 +137,7 @@ def test_requests_run_in_submission_order_and_are_awaitable() -> None:
 def test_tinker_datum_and_adam_params_work_with_the_local_client() -> None:
     types = pytest.importorskip("tinker.types")
     ours = data_from_texts(TEXTS)
-    theirs = [
-        types.Datum(
-            model_input=types.ModelInput.from_ints(d.model_input.to_ints()),
-            loss_fn_inputs={"target_tokens": np.asarray(d.loss_fn_inputs["target_tokens"]),
-                            "weights": np.asarray(d.loss_fn_inputs["weights"])},
-        )
-        for d in ours
-    ]
+    theirs = as_tinker_data(types, ours, ("target_tokens", "weights"))
     a, b = small_client(), small_client()
     out_a = a.forward_backward_custom(ours, nonlinear_loss).result()
     out_b = b.forward_backward_custom(theirs, nonlinear_loss).result()
@@ -151,11 +153,7 @@ def test_loss_fn_passes_through_tinker_client_side_custom_loss_unchanged() -> No
     types = pytest.importorskip("tinker.types")
     training_client = pytest.importorskip("tinker.lib.public_interfaces.training_client")
     data = data_from_texts(TEXTS)
-    tinker_data = [
-        types.Datum(model_input=types.ModelInput.from_ints(d.model_input.to_ints()),
-                    loss_fn_inputs={"target_tokens": np.asarray(d.loss_fn_inputs["target_tokens"])})
-        for d in data
-    ]
+    tinker_data = as_tinker_data(types, data, ("target_tokens",))
     client = small_client()
     fwd = client.forward(data).result()
     forward_result = types.ForwardBackwardOutput(
@@ -345,12 +343,7 @@ def test_composed_loss_fn_passes_through_tinker_compute_custom_loss() -> None:
     from regrad.compose import compose
 
     data = data_from_texts(TEXTS)
-    tinker_data = [
-        types.Datum(model_input=types.ModelInput.from_ints(d.model_input.to_ints()),
-                    loss_fn_inputs={"target_tokens": np.asarray(d.loss_fn_inputs["target_tokens"]),
-                                    "weights": np.asarray(d.loss_fn_inputs["weights"])})
-        for d in data
-    ]
+    tinker_data = as_tinker_data(types, data, ("target_tokens", "weights"))
     client = small_client()
     local = regrad.forward_backward_custom(client, tinker_data, regularizers=composed_specs()).result()
     forward_result = types.ForwardBackwardOutput(

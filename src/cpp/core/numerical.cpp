@@ -181,13 +181,9 @@ template void difference_points<float>(const RaggedBatch<float>&, DifferenceMeth
 template void difference_points<double>(const RaggedBatch<double>&, DifferenceMethod, double, const double*,
                                         int64_t, double*, double*);
 
-template <class T>
-void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capacity, const T* points,
-                            int64_t points_stride, int npoints, int64_t q_begin, int64_t count, bool full,
-                            int64_t prev_begin, int64_t prev_count) {
-    check_batch(x);
-    const int64_t n = x.size();
-    if (npoints < 1 || npoints > 4) throw std::invalid_argument("npoints must be 1, 2 or 4");
+void check_difference_block(int64_t n, int64_t capacity, int npoints, int64_t points_stride, int64_t q_begin,
+                            int64_t count, bool full, int64_t prev_begin, int64_t prev_count) {
+    if (npoints != 1 && npoints != 2 && npoints != 4) throw std::invalid_argument("npoints must be 1, 2 or 4");
     if (points_stride < n) throw std::invalid_argument("points_stride is smaller than the batch");
     if (count > capacity) {
         throw std::invalid_argument("block of " + std::to_string(count) + " perturbations exceeds the " +
@@ -199,6 +195,15 @@ void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capa
         check_range("previous block", prev_begin, prev_count, total);
         if (prev_count > capacity) throw std::invalid_argument("previous block exceeds the buffers");
     }
+}
+
+template <class T>
+void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capacity, const T* points,
+                            int64_t points_stride, int npoints, int64_t q_begin, int64_t count, bool full,
+                            int64_t prev_begin, int64_t prev_count) {
+    check_batch(x);
+    const int64_t n = x.size();
+    check_difference_block(n, capacity, npoints, points_stride, q_begin, count, full, prev_begin, prev_count);
     const int64_t batch = x.batch;
     if (full) {
         const bool parallel = capacity * n >= kParallelElements;

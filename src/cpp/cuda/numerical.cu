@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "device_common.cuh"
+#include "regrad/numerical.hpp"  // check_difference_block, shared with the CPU builder
 
 namespace regrad::cuda {
 
@@ -233,18 +234,7 @@ void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capa
                             int64_t prev_begin, int64_t prev_count, std::uintptr_t stream_handle) {
     check_batch(x);
     const int64_t n = x.size();
-    if (npoints != 1 && npoints != 2 && npoints != 4) throw std::invalid_argument("npoints must be 1, 2 or 4");
-    if (points_stride < n) throw std::invalid_argument("points_stride is smaller than the batch");
-    if (count > capacity) {
-        throw std::invalid_argument("block of " + std::to_string(count) + " perturbations exceeds the " +
-                                    std::to_string(capacity) + " rows of the buffers");
-    }
-    const int64_t total = n * npoints;
-    check_range("block", q_begin, count, total);
-    if (!full) {
-        check_range("previous block", prev_begin, prev_count, total);
-        if (prev_count > capacity) throw std::invalid_argument("previous block exceeds the buffers");
-    }
+    check_difference_block(n, capacity, npoints, points_stride, q_begin, count, full, prev_begin, prev_count);
     const cudaStream_t stream = as_stream(stream_handle);
     Scratch scratch(Scratch::bytes_for<int64_t>(3 * x.batch + 1), stream);
     const Ragged ragged = upload_ragged<T>(x, out, scratch, stream);
