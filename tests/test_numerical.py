@@ -3,6 +3,9 @@ randomized estimators, the autograd.Function wrapper, and every bad input."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -195,6 +198,77 @@ def test_token_structure_call_count_and_2d(method, calls):
     x = packed([lp.numpy() for lp in lps])
     exact = np.tanh(x) + x * (1 - np.tanh(x) ** 2)
     np.testing.assert_allclose(packed(result.grads), exact, rtol=1e-4 if method == "forward" else 1e-7)
+
+
+@pytest.mark.parametrize("method", ["central", "forward", "richardson"])
+def test_token_outputs_in_any_float_layout(method):
+    """fn's per-token losses may come back float32 or float64, mixed, or non-contiguous: same gradient."""
+    lps = ragged(7, lengths=(5, 3, 8), k=2, dtype=np.float32)
+
+    def contiguous(d, lps):
+        return [np.sin(lp.astype(np.float64)) for lp in lps]
+
+    def mixed(d, lps):
+        return [np.sin(lp.astype(np.float64)) if j % 2 else np.sin(lp.astype(np.float64)).astype(np.float32)
+                for j, lp in enumerate(lps)]
+
+    def strided(d, lps):
+        return [np.asfortranarray(np.sin(lp.astype(np.float64))) for lp in lps]
+
+    reference = numerical_grad(contiguous, None, lps, structure="token", method=method)
+    exact = np.cos(packed(lps).astype(np.float64))
+    np.testing.assert_allclose(packed(reference.grads), exact, rtol=2e-2 if method == "forward" else 2e-3)
+    assert all(g.dtype == np.float32 and g.shape == lp.shape for g, lp in zip(reference.grads, lps))
+    np.testing.assert_array_equal(packed(numerical_grad(strided, None, lps, structure="token", method=method).grads),
+                                  packed(reference.grads))
+    np.testing.assert_allclose(packed(numerical_grad(mixed, None, lps, structure="token", method=method).grads),
+                               exact, rtol=2e-2 if method == "forward" else 2e-3)
+
+
+def test_token_non_finite_names_the_call():
+    calls = []
+
+    def fn(d, lps):
+        calls.append(1)
+        bad = len(calls) == 2  # the -h call
+        return [np.where((np.arange(lp.size) == 3) & bad, np.inf, lp) for lp in lps]
+
+    with pytest.raises(NonFiniteError, match=r"per-token loss \(inf\) at every log-prob at step -h \(call 2 of 2\), "
+                       "datum 0, token 3"):
+        numerical_grad(fn, None, ragged(), structure="token")
+    calls.clear()
+    with pytest.raises(NonFiniteError, match="at the unperturbed log-probs, datum 0, token 3"):
+        numerical_grad(fn, None, ragged(), structure="token", method="forward")  # calls: +h, then x
+
+
+_SIMD_SCRIPT = """
+import sys
+import numpy as np
+import regrad
+rng = np.random.default_rng(5)
+out = {}
+for dt in (np.float32, np.float64):
+    lps = [(-rng.exponential(2.0, size=n)).astype(dt) for n in (1, 17, 3000)]
+    for method in ("central", "forward", "richardson"):
+        r = regrad.numerical_grad(lambda d, lps: [np.exp(lp) * lp for lp in lps], None, lps, structure="token",
+                                  method=method)
+        out[f"{dt.__name__}_{method}"] = np.concatenate([np.concatenate(r.grads), np.concatenate(r.error)])
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_token_path_same_bits_with_and_without_avx2(tmp_path):
+    """The AVX2 build of the difference loops (no FMA) gives the baseline build's bits."""
+    results = []
+    for simd in ("baseline", "default"):
+        path = tmp_path / f"{simd}.npz"
+        env = dict(os.environ, REGRAD_SIMD=simd)
+        run = subprocess.run([sys.executable, "-c", _SIMD_SCRIPT, str(path)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        results.append(dict(np.load(path)))
+    assert results[0].keys() == results[1].keys() and len(results[0]) == 6
+    for key in results[0]:
+        np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)
 
 
 # ---- execution modes ----------------------------------------------------------------------------

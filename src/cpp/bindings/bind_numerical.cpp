@@ -65,17 +65,22 @@ std::vector<T*> block_buffers(const py::sequence& outs, const RaggedArrays& ragg
 
 template <class T>
 py::tuple points_impl(const RaggedArrays& ragged, DifferenceMethod method, double scale,
-                      const std::optional<DoubleArray>& step) {
+                      const std::optional<DoubleArray>& step, bool with_spacing) {
     std::vector<const T*> ptrs;
     const RaggedBatch<T> batch = typed_batch<T>(ragged, ptrs);
     const int64_t n = ragged.offsets.back();
     const int np = points_per_element(method);
     py::array_t<T> points({static_cast<int64_t>(np), n});
-    py::array_t<double> spacing({static_cast<int64_t>(np), n});
+    py::object spacing = py::none();
+    double* d = nullptr;
+    if (with_spacing) {
+        py::array_t<double> s_array({static_cast<int64_t>(np), n});
+        d = s_array.mutable_data();
+        spacing = std::move(s_array);
+    }
     const double* s = step ? step->data() : nullptr;
     const int64_t s_len = step ? step->size() : 0;
     T* p = points.mutable_data();
-    double* d = spacing.mutable_data();
     {
         py::gil_scoped_release release;
         difference_points<T>(batch, method, scale, s, s_len, p, d);
@@ -83,12 +88,14 @@ py::tuple points_impl(const RaggedArrays& ragged, DifferenceMethod method, doubl
     return py::make_tuple(points, spacing);
 }
 
-/// difference_points(arrays, method, scale, step) -> (points [P, n] in the dtype, spacing [P, n] float64)
-py::tuple points(const py::sequence& arrays, const std::string& method, double scale, std::optional<DoubleArray> step) {
+/// difference_points(arrays, method, scale, step, with_spacing) -> (points [P, n] in the dtype,
+/// spacing [P, n] float64 or None)
+py::tuple points(const py::sequence& arrays, const std::string& method, double scale, std::optional<DoubleArray> step,
+                 bool with_spacing) {
     const DifferenceMethod m = parse_method(method);
     RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
-    if (ragged.is_double) return points_impl<double>(ragged, m, scale, step);
-    return points_impl<float>(ragged, m, scale, step);
+    if (ragged.is_double) return points_impl<double>(ragged, m, scale, step, with_spacing);
+    return points_impl<float>(ragged, m, scale, step, with_spacing);
 }
 
 template <class T>
@@ -155,6 +162,65 @@ py::tuple quotients(const std::string& method, const DoubleArray& spacing, const
         difference_quotients(m, n, sp, fp, f_stride_e, f_stride_k, f0p, f0_stride, loss_eps, g, err);
     }
     return py::make_tuple(grad, error);
+}
+
+template <class T, class F>
+py::tuple token_impl(DifferenceMethod method, const RaggedArrays& ragged, const py::array& points,
+                     const std::vector<RaggedArrays>& values, double loss_eps) {
+    std::vector<const T*> x_ptrs;
+    const RaggedBatch<T> x = typed_batch<T>(ragged, x_ptrs);
+    const int64_t n = x.size();
+    const int np = points_per_element(method);
+    if (!has_dtype<T>(points) || points.ndim() != 2 || !(points.flags() & py::array::c_style) ||
+        points.shape(0) != np || points.shape(1) != n) {
+        throw py::value_error("points must be a C-contiguous [" + std::to_string(np) + ", " + std::to_string(n) +
+                              "] array of the log-probs' dtype");
+    }
+    std::vector<std::vector<const F*>> ptrs(values.size());
+    std::vector<RaggedBatch<F>> f;
+    f.reserve(values.size());
+    for (size_t k = 0; k < values.size(); ++k) f.push_back(typed_batch<F>(values[k], ptrs[k]));
+    const RaggedBatch<F>* f0 = method == DifferenceMethod::Forward ? &f[static_cast<size_t>(np)] : nullptr;
+    py::array_t<T> grad(n);
+    py::array_t<T> error(n);
+    const T* p = static_cast<const T*>(points.data());
+    T* g = grad.mutable_data();
+    T* e = error.mutable_data();
+    int64_t bad = -1;
+    {
+        py::gil_scoped_release release;
+        bad = token_quotients<T, F>(method, x, p, f.data(), f0, loss_eps, g, e);
+    }
+    return py::make_tuple(grad, error, bad);
+}
+
+/// token_quotients(method, arrays, points, values, loss_eps) -> (grad [n], error [n] in the log-probs'
+/// dtype, first non-finite index k * n + e or -1). values: P lists of per-datum loss arrays (plus
+/// the values at x for forward), all float32 or all float64.
+py::tuple token(const std::string& method, const py::sequence& arrays, const py::array& points,
+                const py::sequence& values, double loss_eps) {
+    const DifferenceMethod m = parse_method(method);
+    const int nf = points_per_element(m) + (m == DifferenceMethod::Forward ? 1 : 0);
+    if (static_cast<int>(py::len(values)) != nf) {
+        throw py::value_error("got " + std::to_string(py::len(values)) + " lists of loss values; method " + method +
+                              " needs " + std::to_string(nf));
+    }
+    RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
+    std::vector<RaggedArrays> f;
+    f.reserve(static_cast<size_t>(nf));
+    for (int k = 0; k < nf; ++k) {
+        f.push_back(ragged_from_list(values[static_cast<size_t>(k)], "loss values"));
+        if (f.back().is_double != f.front().is_double) {
+            throw py::type_error("loss values: every call's values must share one dtype");
+        }
+    }
+    const bool f64 = f.front().is_double;
+    if (ragged.is_double) {
+        return f64 ? token_impl<double, double>(m, ragged, points, f, loss_eps)
+                   : token_impl<double, float>(m, ragged, points, f, loss_eps);
+    }
+    return f64 ? token_impl<float, double>(m, ragged, points, f, loss_eps)
+               : token_impl<float, float>(m, ragged, points, f, loss_eps);
 }
 
 template <class T>
@@ -230,8 +296,8 @@ void register_numerical(py::module_& m) {
         throw py::value_error("dtype must be float32 or float64, got " + dtype);
     }, py::arg("method"), py::arg("dtype"), "Relative step c of h = c * max(1, |x|) for a method and working dtype.");
     m.def("difference_points", &points, py::arg("arrays"), py::arg("method"), py::arg("scale"),
-          py::arg("step") = py::none(),
-          "Perturbed values [P, n] (input dtype) and the steps actually taken [P, n] (float64).");
+          py::arg("step") = py::none(), py::arg("with_spacing") = true,
+          "Perturbed values [P, n] (input dtype) and the steps actually taken [P, n] (float64, or None).");
     m.def("difference_block", &block, py::arg("arrays"), py::arg("outs"), py::arg("points"), py::arg("element_offset"),
           py::arg("npoints"), py::arg("q_begin"), py::arg("count"), py::arg("full"), py::arg("prev_begin") = 0,
           py::arg("prev_count") = 0,
@@ -239,6 +305,9 @@ void register_numerical(py::module_& m) {
     m.def("difference_quotients", &quotients, py::arg("method"), py::arg("spacing"), py::arg("f"),
           py::arg("f_stride_e"), py::arg("f_stride_k"), py::arg("f0") = py::none(), py::arg("f0_stride") = 0,
           py::arg("loss_eps") = 0.0, "Gradient and per-element error estimate from loss values at the points.");
+    m.def("token_quotients", &token, py::arg("method"), py::arg("arrays"), py::arg("points"), py::arg("values"),
+          py::arg("loss_eps") = 0.0,
+          "Structure 'token': gradient and error estimate (input dtype) from per-datum loss values at the points.");
     m.def("random_block", &random_block, py::arg("arrays"), py::arg("scale"), py::arg("kind"), py::arg("seed"),
           py::arg("index_offset"), py::arg("antithetic"), py::arg("outs"), py::arg("q_begin"), py::arg("count"),
           "Writes x +- scale * u_s rows (random directions regenerated from the seed) into per-datum buffers.");

@@ -2,6 +2,9 @@
 // for any OpenMP thread count; errors found inside parallel loops are thrown after them.
 #include "regrad/numerical.hpp"
 
+#include "kernel_dispatch.hpp"
+#include "numerical_loops.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -12,7 +15,6 @@ namespace regrad {
 
 namespace {
 
-constexpr double kFractions[4] = {1.0, -1.0, 0.5, -0.5};
 constexpr int64_t kParallelElements = kParallelMinElements;
 
 /// Datum holding packed element e (offsets is sorted, batch + 1 entries).
@@ -23,50 +25,6 @@ int64_t datum_of(const int64_t* offsets, int64_t batch, int64_t e) {
 
 
 enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3 };
-
-/// max(a, 1) without a branch: log-probs straddle 1 at random, so a branch mispredicts often.
-inline double max_with_one(double a) {
-    uint64_t ab, ob;
-    const double one = 1.0;
-    std::memcpy(&ab, &a, sizeof ab);
-    std::memcpy(&ob, &one, sizeof ob);
-    const uint64_t take_one = -static_cast<uint64_t>(a < 1.0);
-    const uint64_t bits = (ob & take_one) | (ab & ~take_one);
-    double out;
-    std::memcpy(&out, &bits, sizeof out);
-    return out;
-}
-
-/// Writes the NP difference points of one datum and the steps actually taken; branch-free so the
-/// compiler vectorises it. Returns true if any element is non-finite, has a bad step or underflows.
-template <int NP, int StepKind, class T>  // StepKind: 0 relative (scale), 1 one absolute step, 2 per element
-bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t n, double scale,
-                      const double* __restrict step, T* __restrict points, double* __restrict spacing) {
-    double check = 0.0;  // stays 0 unless x or h is NaN / inf (v - v is NaN then)
-    int64_t problems = 0;  // steps <= 0 and points that round back onto x
-    for (int64_t i = 0; i < len; ++i) {
-        const double xd = static_cast<double>(xj[i]);
-        const double h = StepKind == 0 ? scale * max_with_one(std::fabs(xd)) : (StepKind == 1 ? step[0] : step[base + i]);
-        check += (xd - xd) + (h - h);
-        problems += static_cast<int64_t>(h <= 0.0);
-        for (int k = 0; k < NP; ++k) {
-            const T p = static_cast<T>(xd + kFractions[k] * h);
-            const double d = static_cast<double>(p) - xd;
-            problems += static_cast<int64_t>(d == 0.0);
-            points[k * n + base + i] = p;
-            spacing[k * n + base + i] = d;
-        }
-    }
-    return problems != 0 || !(check == 0.0);
-}
-
-template <int NP, class T>
-bool fill_points(const T* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
-                 int64_t step_len, T* points, double* spacing) {
-    if (step == nullptr) return fill_points_impl<NP, 0>(xj, len, base, n, scale, step, points, spacing);
-    if (step_len == 1) return fill_points_impl<NP, 1>(xj, len, base, n, scale, step, points, spacing);
-    return fill_points_impl<NP, 2>(xj, len, base, n, scale, step, points, spacing);
-}
 
 }  // namespace
 
@@ -111,6 +69,7 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
     std::vector<int64_t> bad_at(static_cast<size_t>(x.batch), -1);
     std::vector<int> bad_kind(static_cast<size_t>(x.batch), 0);
     const bool parallel = n >= kParallelElements && x.batch > 1;
+    const bool use_avx2 = avx2::available();
     (void)parallel;
 #pragma omp parallel for schedule(dynamic) if (parallel)
     for (int64_t j = 0; j < x.batch; ++j) {
@@ -118,10 +77,10 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
         const int64_t base = x.offsets[j];
         // Fast pass: branch-free, so it vectorises; any problem only sets a flag.
         bool flagged = false;
-        switch (np) {
-            case 1: flagged = fill_points<1>(x.data[j], len, base, n, scale, step, step_len, points, spacing); break;
-            case 2: flagged = fill_points<2>(x.data[j], len, base, n, scale, step, step_len, points, spacing); break;
-            default: flagged = fill_points<4>(x.data[j], len, base, n, scale, step, step_len, points, spacing); break;
+        if (use_avx2) {
+            flagged = avx2::fill_points(np, x.data[j], len, base, n, scale, step, step_len, points, spacing);
+        } else {
+            flagged = fill_points_np(np, x.data[j], len, base, n, scale, step, step_len, points, spacing);
         }
         if (!flagged) continue;
         // Slow pass, only for a flagged datum: find the first problem and say what it is.
@@ -238,47 +197,112 @@ template void write_difference_block<float>(const RaggedBatch<float>&, float* co
 template void write_difference_block<double>(const RaggedBatch<double>&, double* const*, int64_t, const double*,
                                              int64_t, int, int64_t, int64_t, bool, int64_t, int64_t);
 
-void difference_quotients(DifferenceMethod method, int64_t n, const double* spacing, const double* f,
-                          int64_t f_stride_e, int64_t f_stride_k, const double* f0, int64_t f0_stride,
-                          double loss_eps, double* grad, double* error) {
-    if (method == DifferenceMethod::Forward && f0 == nullptr) {
-        throw std::invalid_argument("forward differences need the loss at x (f0)");
-    }
+namespace {
+
+template <DifferenceMethod M>
+void quotients_loop(int64_t n, const double* spacing, const double* f, int64_t f_stride_e, int64_t f_stride_k,
+                    const double* f0, int64_t f0_stride, double loss_eps, double* grad, double* error) {
+    constexpr int NP = M == DifferenceMethod::Forward ? 1 : (M == DifferenceMethod::Central ? 2 : 4);
     const bool parallel = n >= kParallelElements;
     (void)parallel;
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t e = 0; e < n; ++e) {
-        const double* fe = f + e * f_stride_e;
-        if (method == DifferenceMethod::Forward) {
-            const double fb = f0[e * f0_stride];
-            const double d = spacing[e];
-            grad[e] = (fe[0] - fb) / d;
-            error[e] = loss_eps * (std::fabs(fe[0]) + std::fabs(fb)) / d;
-            continue;
+        double s[NP];
+        double v[NP];
+        for (int k = 0; k < NP; ++k) {
+            s[k] = spacing[k * n + e];
+            v[k] = f[e * f_stride_e + k * f_stride_k];
         }
-        const double fp = fe[0];
-        const double fm = fe[f_stride_k];
-        const double inv1 = 1.0 / (spacing[e] - spacing[n + e]);  // one division per element, not two
-        const double d1 = spacing[e] - spacing[n + e];
-        const double g1 = (fp - fm) * inv1;
-        const double r1 = loss_eps * (std::fabs(fp) + std::fabs(fm)) * inv1;
-        if (method == DifferenceMethod::Central) {
-            grad[e] = g1;
-            error[e] = r1;
-            continue;
-        }
-        const double fp2 = fe[2 * f_stride_k];
-        const double fm2 = fe[3 * f_stride_k];
-        const double d2 = spacing[2 * n + e] - spacing[3 * n + e];
-        const double g2 = (fp2 - fm2) / d2;
-        const double r2 = loss_eps * (std::fabs(fp2) + std::fabs(fm2)) / d2;
-        // Steps are the rounded ones, so their ratio is only about 2: extrapolate with the true ratio.
-        const double ratio2 = (d1 / d2) * (d1 / d2);
-        const double extrapolated = (ratio2 * g2 - g1) / (ratio2 - 1.0);
-        grad[e] = extrapolated;
-        error[e] = std::fabs(extrapolated - g2) + (ratio2 * r2 + r1) / (ratio2 - 1.0);
+        const Quotient q = quotient<M>(s, v, M == DifferenceMethod::Forward ? f0[e * f0_stride] : 0.0, loss_eps);
+        grad[e] = q.grad;
+        error[e] = q.error;
     }
 }
+
+}  // namespace
+
+void difference_quotients(DifferenceMethod method, int64_t n, const double* spacing, const double* f,
+                          int64_t f_stride_e, int64_t f_stride_k, const double* f0, int64_t f0_stride,
+                          double loss_eps, double* grad, double* error) {
+    switch (method) {
+        case DifferenceMethod::Forward:
+            if (f0 == nullptr) throw std::invalid_argument("forward differences need the loss at x (f0)");
+            return quotients_loop<DifferenceMethod::Forward>(n, spacing, f, f_stride_e, f_stride_k, f0, f0_stride,
+                                                             loss_eps, grad, error);
+        case DifferenceMethod::Central:
+            return quotients_loop<DifferenceMethod::Central>(n, spacing, f, f_stride_e, f_stride_k, f0, f0_stride,
+                                                             loss_eps, grad, error);
+        case DifferenceMethod::Richardson:
+            return quotients_loop<DifferenceMethod::Richardson>(n, spacing, f, f_stride_e, f_stride_k, f0, f0_stride,
+                                                                loss_eps, grad, error);
+    }
+}
+
+template <class T, class F>
+int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const T* points, const RaggedBatch<F>* f,
+                        const RaggedBatch<F>* f0, double loss_eps, T* grad, T* error) {
+    check_batch(x);
+    const int np = points_per_element(method);
+    const int nf = np + (method == DifferenceMethod::Forward ? 1 : 0);
+    if (method == DifferenceMethod::Forward && f0 == nullptr) {
+        throw std::invalid_argument("forward differences need the loss at x (f0)");
+    }
+    for (int k = 0; k < nf; ++k) {
+        const RaggedBatch<F>& fk = k < np ? f[k] : *f0;
+        check_batch(fk);
+        if (fk.batch != x.batch) {
+            throw std::invalid_argument("loss values for " + std::to_string(fk.batch) + " data; the batch has " +
+                                        std::to_string(x.batch));
+        }
+        for (int64_t j = 0; j < x.batch; ++j) {
+            if (fk.length(j) != x.length(j)) {
+                throw std::invalid_argument("loss values for datum " + std::to_string(j) + " have " +
+                                            std::to_string(fk.length(j)) + " elements; its log-probs have " +
+                                            std::to_string(x.length(j)));
+            }
+        }
+    }
+    const int64_t n = x.size();
+    std::vector<char> finite(static_cast<size_t>(x.batch), 1);
+    const bool parallel = n >= kParallelElements && x.batch > 1;
+    const bool use_avx2 = avx2::available();
+    (void)parallel;
+#pragma omp parallel for schedule(dynamic) if (parallel)
+    for (int64_t j = 0; j < x.batch; ++j) {
+        const F* fj[4] = {nullptr, nullptr, nullptr, nullptr};
+        for (int k = 0; k < np; ++k) fj[k] = f[k].data[j];
+        const F* f0j = f0 != nullptr ? f0->data[j] : nullptr;
+        const int64_t len = x.length(j);
+        const int64_t base = x.offsets[j];
+        const bool ok = use_avx2 ? avx2::token_datum(method, x.data[j], len, base, n, points, fj, f0j, loss_eps, grad, error)
+                                 : token_datum_m(method, x.data[j], len, base, n, points, fj, f0j, loss_eps, grad, error);
+        finite[static_cast<size_t>(j)] = ok ? 1 : 0;
+    }
+    if (std::all_of(finite.begin(), finite.end(), [](char c) { return c != 0; })) return -1;
+    // Slow path, only on failure: the first non-finite value in call order (point, then element).
+    for (int k = 0; k < nf; ++k) {
+        const RaggedBatch<F>& fk = k < np ? f[k] : *f0;
+        for (int64_t j = 0; j < x.batch; ++j) {
+            for (int64_t i = 0; i < x.length(j); ++i) {
+                if (!std::isfinite(fk.data[j][i])) return k * n + x.offsets[j] + i;
+            }
+        }
+    }
+    return -1;
+}
+
+template int64_t token_quotients<float, float>(DifferenceMethod, const RaggedBatch<float>&, const float*,
+                                               const RaggedBatch<float>*, const RaggedBatch<float>*, double, float*,
+                                               float*);
+template int64_t token_quotients<float, double>(DifferenceMethod, const RaggedBatch<float>&, const float*,
+                                                const RaggedBatch<double>*, const RaggedBatch<double>*, double, float*,
+                                                float*);
+template int64_t token_quotients<double, float>(DifferenceMethod, const RaggedBatch<double>&, const double*,
+                                                const RaggedBatch<float>*, const RaggedBatch<float>*, double, double*,
+                                                double*);
+template int64_t token_quotients<double, double>(DifferenceMethod, const RaggedBatch<double>&, const double*,
+                                                 const RaggedBatch<double>*, const RaggedBatch<double>*, double,
+                                                 double*, double*);
 
 template <class T>
 void write_random_block(const RaggedBatch<T>& x, const double* scale, Direction kind, uint64_t seed,

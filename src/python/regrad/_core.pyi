@@ -1,6 +1,6 @@
 """Type stubs of the private compiled core; use the regrad package instead."""
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -21,9 +21,22 @@ def regularizer(
 # ---- numerical-gradient engine (bind_numerical.cpp) ----
 
 def difference_step_scale(method: str, dtype: str) -> float: ...
+@overload
 def difference_points(
-    arrays: Sequence[np.ndarray], method: str, scale: float, step: Optional[npt.NDArray[np.float64]] = None
+    arrays: Sequence[np.ndarray],
+    method: str,
+    scale: float,
+    step: Optional[npt.NDArray[np.float64]] = None,
+    with_spacing: Literal[True] = True,
 ) -> Tuple[np.ndarray, npt.NDArray[np.float64]]: ...
+@overload
+def difference_points(
+    arrays: Sequence[np.ndarray],
+    method: str,
+    scale: float,
+    step: Optional[npt.NDArray[np.float64]],
+    with_spacing: Literal[False],
+) -> Tuple[np.ndarray, None]: ...
 def difference_block(
     arrays: Sequence[np.ndarray],
     outs: Sequence[np.ndarray],
@@ -46,6 +59,13 @@ def difference_quotients(
     f0_stride: int = 0,
     loss_eps: float = 0.0,
 ) -> Tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def token_quotients(
+    method: str,
+    arrays: Sequence[np.ndarray],
+    points: np.ndarray,
+    values: Sequence[Sequence[np.ndarray]],
+    loss_eps: float = 0.0,
+) -> Tuple[np.ndarray, np.ndarray, int]: ...
 def random_block(
     arrays: Sequence[np.ndarray],
     scale: npt.NDArray[np.float64],

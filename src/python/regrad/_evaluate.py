@@ -167,8 +167,9 @@ class Problem:
             raise NonFiniteError(f"{self.name} returned the non-finite loss {a[bad[0]]} for copy {bad[0]} of {where}")
         return a
 
-    def token_loss(self, out: Any, where: str, into: Optional[np.ndarray] = None) -> np.ndarray:
-        """Packs per-token losses (one array shaped like each datum's log-probs) into float64 [n] (`into`)."""
+    def token_values(self, out: Any, where: str) -> List[np.ndarray]:
+        """Checks per-token losses (one array shaped like each datum's log-probs) and returns numpy
+        views of them (float32 / float64 when fn's are; the core checks finiteness and dtype)."""
         shapes = [a.shape for a in self.arrays]
         if not isinstance(out, (list, tuple)):
             single = "scalar" if np.ndim(out) == 0 else "array"
@@ -180,24 +181,33 @@ class Problem:
             raise NumericalError(
                 f"{self.name} returned {len(out)} per-token loss arrays at {where}; the batch has {len(shapes)} data"
             )
+        if [getattr(p, "shape", None) for p in out] != shapes:  # one comparison in the common case
+            self._check_token_shapes(out, shapes, where)
+        try:
+            return [p.numpy() for p in out]  # CPU tensors without grad: views, the common case
+        except (AttributeError, RuntimeError, TypeError):
+            return [_float_view(p) for p in out]
+
+    def _check_token_shapes(self, out: Sequence[Any], shapes: List[tuple], where: str) -> None:
         for j, (p, s) in enumerate(zip(out, shapes)):
             if tuple(np.shape(p) if not hasattr(p, "shape") else p.shape) != s:
                 raise NumericalError(
                     f"{self.name} returned per-token losses of shape {tuple(np.shape(p))} for datum {j} at {where}; "
                     f"expected {tuple(s)}, the shape of its log-probs"
                 )
-        # One pass: numpy views of the outputs are cast and copied straight into the packed row.
-        views = [_float_view(p).reshape(-1) for p in out]
-        packed = np.empty(int(self.offsets[-1])) if into is None else into
-        if views:
-            np.concatenate(views, out=packed, casting="same_kind")
-        if not np.isfinite(packed).all():
-            bad = int(np.flatnonzero(~np.isfinite(packed))[0])
-            raise NonFiniteError(
-                f"{self.name} returned a non-finite per-token loss ({packed[bad]}) at {where}, "
-                f"{self.describe_element(bad)}"
-            )
-        return packed
+
+    def packed_views(self, row: np.ndarray) -> List[Any]:
+        """What fn receives for a packed [n] row the engine owns: per-datum views shaped like the log-probs."""
+        sizes = np.diff(self.offsets).tolist()
+        if self.is_torch:
+            import torch
+
+            parts = torch.from_numpy(row).split(sizes)
+            return list(parts) if self.width == 1 else [p.view(a.shape) for p, a in zip(parts, self.arrays)]
+        view = row.view()
+        view.flags.writeable = False
+        bounds = self.offsets.tolist()
+        return [view[bounds[j] : bounds[j + 1]].reshape(a.shape) for j, a in enumerate(self.arrays)]
 
     def describe_element(self, e: int) -> str:
         j = int(np.searchsorted(self.offsets, e, side="right") - 1)

@@ -279,12 +279,13 @@ def numerical_grad(
 
     step_values = _per_element(step, n, batch, "step")
     scale = _core.difference_step_scale(method, dtype_name)
-    points, spacing = _difference_points(problem, method, scale, step_values)
     loss_eps = float(np.finfo(batch.dtype).eps)
     if structure_name == "token":
-        grad, error, nfev = _token_gradient(problem, method, points, spacing, loss_eps, executor)
+        points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False)
+        grad, error, nfev = _token_gradient(problem, method, points, loss_eps, executor)
         return NumericalGrad(_as_output(grad, inputs), _as_output(error, inputs), nfev, nfev, **common,
                              step_scale=None if step is not None else scale)
+    points, spacing = _difference_points(problem, method, scale, step_values)
     grad, error, nfev, ncalls, blocks, rows = _separable_gradient(
         problem, method, points, spacing, loss_eps, vectorized, max_batch_bytes, executor, progress
     )
@@ -294,9 +295,12 @@ def numerical_grad(
     )
 
 
-def _difference_points(problem: Problem, method: str, scale: float, step: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+def _difference_points(
+    problem: Problem, method: str, scale: float, step: Optional[np.ndarray], with_spacing: bool = True
+) -> Tuple[np.ndarray, Any]:
+    """Points [P, n] in the working dtype and, if asked, the steps taken [P, n] (float64; else None)."""
     try:
-        return _core.difference_points(problem.arrays, method, scale, step)
+        return _core.difference_points(problem.arrays, method, scale, step, with_spacing)  # type: ignore[call-overload]
     except NonFiniteError:
         raise
     except ValueError as err:
@@ -390,42 +394,49 @@ def _separable_gradient(
 
 
 def _token_gradient(
-    problem: Problem, method: str, points: np.ndarray, spacing: np.ndarray, loss_eps: float, executor: Any
+    problem: Problem, method: str, points: np.ndarray, loss_eps: float, executor: Any
 ) -> Tuple[np.ndarray, np.ndarray, int]:
-    """Structure "token": every element perturbed at once, one call per point (2, or 4 for Richardson)."""
-    npoints = len(POINT_LABELS[method])
-    n = int(problem.offsets[-1])
-    calls = [(problem, k, points, method) for k in range(npoints)]
-    if method == "forward":
-        calls.append((problem, -1, points, method))
+    """Structure "token": every element perturbed at once, one call per point (2, or 4 for Richardson),
+    and one pass in C++ over fn's per-datum outputs (no packing, steps recomputed from the points)."""
+    ks = list(range(len(POINT_LABELS[method]))) + ([-1] if method == "forward" else [])
     if executor is None:
-        packed = np.empty((len(calls), n))  # each call writes its row in place: no stacking copy
-        for c, row in zip(calls, packed):
-            _token_call(*c, into=row)
-        f, f0 = packed[:npoints], (packed[npoints] if method == "forward" else None)
+        values = [_token_call(problem, k, points, method) for k in ks]
     else:
-        rows = list(executor.map(_token_call, *zip(*calls)))
-        f = np.stack(rows[:npoints]) if npoints else np.zeros((0, n))
-        f0 = rows[npoints] if method == "forward" else None
-    grad, error = _core.difference_quotients(method, spacing, f, 1, n, f0, 1, loss_eps)
-    return grad, error, len(calls)
+        count = len(ks)
+        values = list(executor.map(_token_call, [problem] * count, ks, [points] * count, [method] * count))
+    try:
+        grad, error, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps)
+    except (TypeError, ValueError):
+        # fn's outputs mix dtypes or are not contiguous: one float64 copy of each, then the same pass.
+        values = [[np.ascontiguousarray(v, dtype=np.float64) for v in call] for call in values]
+        grad, error, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps)
+    if bad >= 0:
+        n = int(problem.offsets[-1])
+        call, e = divmod(bad, n)
+        j = int(np.searchsorted(problem.offsets, e, side="right") - 1)
+        value = values[call][j].reshape(-1)[e - int(problem.offsets[j])]
+        raise NonFiniteError(
+            f"{problem.name} returned a non-finite per-token loss ({value}) at {_token_where(method, ks[call])}, "
+            f"{problem.describe_element(e)}"
+        )
+    return grad, error, len(ks)
 
 
-def _token_call(problem: Problem, k: int, points: np.ndarray, method: str, into: Optional[np.ndarray] = None) -> np.ndarray:
-    """Per-token losses with every element at point k (k = -1: unperturbed), packed float64 [n]."""
-    offsets = problem.offsets
+def _token_where(method: str, k: int) -> str:
     if k < 0:
-        source = [problem.fn_view(a) for a in problem.arrays]
-        where = "the unperturbed log-probs"
-    else:
-        row = points[k]
-        bounds = offsets.tolist()
-        source = [problem.fn_view(row[bounds[j] : bounds[j + 1]].reshape(a.shape)) for j, a in enumerate(problem.arrays)]
-        where = f"every log-prob at step {POINT_LABELS[method][k]} (call {k + 1} of {len(POINT_LABELS[method])})"
-    term = Term(list(range(len(problem.arrays))), 0, int(offsets[-1]))
+        return "the unperturbed log-probs"
+    labels = POINT_LABELS[method]
+    return f"every log-prob at step {labels[k]} (call {k + 1} of {len(labels)})"
+
+
+def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> List[np.ndarray]:
+    """Per-token losses with every element at point k (k = -1: unperturbed), one numpy array per datum."""
+    source = [problem.fn_view(a) for a in problem.arrays] if k < 0 else problem.packed_views(points[k])
+    term = Term(list(range(len(problem.arrays))), 0, int(problem.offsets[-1]))
+    where = _token_where(method, k)
     with problem.no_grad():
         out = problem.invoke(term, source, where)
-    return problem.token_loss(out, where, into)
+    return problem.token_values(out, where)
 
 
 # ---- torch.autograd.Function wrapper ------------------------------------------------------------

@@ -41,7 +41,7 @@ private:
 };
 
 /// Writes points[k * n + e] = x_e + frac_k * h_e rounded to T and spacing[k * n + e] = that point
-/// minus x_e in double (the step actually taken). h_e = scale * max(1, |x_e|) when step is null,
+/// minus x_e in double (the step actually taken; spacing may be null when the caller does not need it). h_e = scale * max(1, |x_e|) when step is null,
 /// else step[e] (step_len == n) or step[0] (step_len == 1). Throws NonFiniteError for a
 /// non-finite x, std::invalid_argument for a step that is not positive and finite, and
 /// StepUnderflowError where a point rounds back to x_e.
@@ -71,6 +71,16 @@ void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capa
 void difference_quotients(DifferenceMethod method, int64_t n, const double* spacing, const double* f,
                           int64_t f_stride_e, int64_t f_stride_k, const double* f0, int64_t f0_stride,
                           double loss_eps, double* grad, double* error);
+
+/// Structure "token" (the loss is a sum of per-element terms, each depending on its own element):
+/// grad and error (as in difference_quotients) in the working dtype from per-datum loss values.
+/// f[k] holds the values at point k with x's layout; f0 (forward only) the values at x. The steps
+/// are recomputed from `points` ([P, n], as difference_points wrote them), so no spacing array is
+/// needed. Returns -1, or k * n + e for the first non-finite loss value (k = P for f0), in which
+/// case grad and error are unspecified. Throws std::invalid_argument on a layout mismatch.
+template <class T, class F>
+int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const T* points, const RaggedBatch<F>* f,
+                        const RaggedBatch<F>* f0, double loss_eps, T* grad, T* error);
 
 /// Row r of each datum's buffer (perturbation q = q_begin + r) becomes x + sign * scale * u_s with
 /// u_s = random direction s: antithetic: s = q / 2, sign = +1 for even q, -1 for odd; otherwise

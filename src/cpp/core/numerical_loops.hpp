@@ -1,0 +1,151 @@
+// The inner loops of the finite-difference engine (difference points, token-structure quotients),
+// compiled twice: for the baseline ISA (numerical.cpp) and with AVX2 (numerical_avx2.cpp, no FMA so
+// both builds give the same bits), chosen at run time. Internal linkage: the two copies never mix.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "regrad/numerical.hpp"
+
+namespace regrad {
+namespace {
+
+constexpr double kFractions[4] = {1.0, -1.0, 0.5, -0.5};
+
+/// max(a, 1) without a branch: log-probs straddle 1 at random, so a branch mispredicts often.
+inline double max_with_one(double a) {
+    uint64_t ab, ob;
+    const double one = 1.0;
+    std::memcpy(&ab, &a, sizeof ab);
+    std::memcpy(&ob, &one, sizeof ob);
+    const uint64_t take_one = -static_cast<uint64_t>(a < 1.0);
+    const uint64_t bits = (ob & take_one) | (ab & ~take_one);
+    double out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/// Writes the NP difference points of one datum and (when spacing is given) the steps actually
+/// taken; branch-free so the compiler vectorises it. Returns true if any element is non-finite, has
+/// a bad step or underflows.
+template <int NP, int StepKind, bool WithSpacing, class T>  // StepKind: 0 relative, 1 one absolute step, 2 per element
+bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t n, double scale,
+                      const double* __restrict step, T* __restrict points, double* __restrict spacing) {
+    // Integer counts, not a floating-point sum: the compiler may not reorder a double reduction
+    // without -ffast-math, which would serialise the loop on the add latency.
+    int64_t problems = 0;  // non-finite x or h (v - v is NaN then), steps <= 0, points that round onto x
+    for (int64_t i = 0; i < len; ++i) {
+        const double xd = static_cast<double>(xj[i]);
+        const double h = StepKind == 0 ? scale * max_with_one(std::fabs(xd)) : (StepKind == 1 ? step[0] : step[base + i]);
+        problems += static_cast<int64_t>((xd - xd) + (h - h) != 0.0);
+        problems += static_cast<int64_t>(h <= 0.0);
+        for (int k = 0; k < NP; ++k) {
+            const T p = static_cast<T>(xd + kFractions[k] * h);
+            const double d = static_cast<double>(p) - xd;
+            problems += static_cast<int64_t>(d == 0.0);
+            points[k * n + base + i] = p;
+            if constexpr (WithSpacing) spacing[k * n + base + i] = d;
+        }
+    }
+    return problems != 0;
+}
+
+template <int NP, bool WithSpacing, class T>
+bool fill_points_spacing(const T* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
+                         int64_t step_len, T* points, double* spacing) {
+    if (step == nullptr) return fill_points_impl<NP, 0, WithSpacing>(xj, len, base, n, scale, step, points, spacing);
+    if (step_len == 1) return fill_points_impl<NP, 1, WithSpacing>(xj, len, base, n, scale, step, points, spacing);
+    return fill_points_impl<NP, 2, WithSpacing>(xj, len, base, n, scale, step, points, spacing);
+}
+
+template <int NP, class T>
+bool fill_points(const T* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
+                 int64_t step_len, T* points, double* spacing) {
+    if (spacing == nullptr) return fill_points_spacing<NP, false>(xj, len, base, n, scale, step, step_len, points, spacing);
+    return fill_points_spacing<NP, true>(xj, len, base, n, scale, step, step_len, points, spacing);
+}
+
+/// fill_points for np = 1, 2 or 4 points per element.
+template <class T>
+bool fill_points_np(int np, const T* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
+                    int64_t step_len, T* points, double* spacing) {
+    switch (np) {
+        case 1: return fill_points<1>(xj, len, base, n, scale, step, step_len, points, spacing);
+        case 2: return fill_points<2>(xj, len, base, n, scale, step, step_len, points, spacing);
+        default: return fill_points<4>(xj, len, base, n, scale, step, step_len, points, spacing);
+    }
+}
+
+/// One element's quotient and its error estimate from the steps s[k] actually taken and the loss
+/// values v[k] at the points (fb: the loss at x, forward only). Shared by both quotient entry points.
+struct Quotient {
+    double grad;
+    double error;
+};
+
+template <DifferenceMethod M>
+inline Quotient quotient(const double* s, const double* v, double fb, double loss_eps) {
+    if constexpr (M == DifferenceMethod::Forward) {
+        return {(v[0] - fb) / s[0], loss_eps * (std::fabs(v[0]) + std::fabs(fb)) / s[0]};
+    }
+    const double d1 = s[0] - s[1];
+    const double inv1 = 1.0 / d1;  // one division per element, not two
+    const double g1 = (v[0] - v[1]) * inv1;
+    const double r1 = loss_eps * (std::fabs(v[0]) + std::fabs(v[1])) * inv1;
+    if constexpr (M == DifferenceMethod::Central) return {g1, r1};
+    const double d2 = s[2] - s[3];
+    const double g2 = (v[2] - v[3]) / d2;
+    const double r2 = loss_eps * (std::fabs(v[2]) + std::fabs(v[3])) / d2;
+    // Steps are the rounded ones, so their ratio is only about 2: extrapolate with the true ratio.
+    const double ratio2 = (d1 / d2) * (d1 / d2);
+    const double extrapolated = (ratio2 * g2 - g1) / (ratio2 - 1.0);
+    return {extrapolated, std::fabs(extrapolated - g2) + (ratio2 * r2 + r1) / (ratio2 - 1.0)};
+}
+
+/// Structure "token", one datum: steps recomputed from the points, loss values read from the
+/// per-datum outputs. Returns false if any loss value is non-finite (found later by a slow scan).
+template <DifferenceMethod M, class T, class F>
+bool token_datum(const T* __restrict xj, int64_t len, int64_t base, int64_t n, const T* __restrict points,
+                 const F* const* fj, const F* __restrict f0j, double loss_eps, T* __restrict grad,
+                 T* __restrict error) {
+    constexpr int NP = M == DifferenceMethod::Forward ? 1 : (M == DifferenceMethod::Central ? 2 : 4);
+    int64_t bad = 0;  // an integer count vectorises; a double sum would serialise the loop
+    for (int64_t i = 0; i < len; ++i) {
+        const double xd = static_cast<double>(xj[i]);
+        double s[NP];
+        double v[NP];
+        double check = 0.0;  // NaN if any value is NaN or infinite
+        for (int k = 0; k < NP; ++k) {
+            s[k] = static_cast<double>(points[k * n + base + i]) - xd;
+            v[k] = static_cast<double>(fj[k][i]);
+            check += v[k] - v[k];
+        }
+        const double fb = M == DifferenceMethod::Forward ? static_cast<double>(f0j[i]) : 0.0;
+        check += fb - fb;
+        bad += static_cast<int64_t>(check != 0.0);
+        const Quotient q = quotient<M>(s, v, fb, loss_eps);
+        grad[base + i] = static_cast<T>(q.grad);
+        error[base + i] = static_cast<T>(q.error);
+    }
+    return bad == 0;
+}
+
+/// token_datum for a method chosen at run time.
+template <class T, class F>
+bool token_datum_m(DifferenceMethod method, const T* xj, int64_t len, int64_t base, int64_t n, const T* points,
+                   const F* const* fj, const F* f0j, double loss_eps, T* grad, T* error) {
+    switch (method) {
+        case DifferenceMethod::Forward:
+            return token_datum<DifferenceMethod::Forward>(xj, len, base, n, points, fj, f0j, loss_eps, grad, error);
+        case DifferenceMethod::Central:
+            return token_datum<DifferenceMethod::Central>(xj, len, base, n, points, fj, f0j, loss_eps, grad, error);
+        case DifferenceMethod::Richardson:
+            return token_datum<DifferenceMethod::Richardson>(xj, len, base, n, points, fj, f0j, loss_eps, grad, error);
+    }
+    return true;
+}
+
+}  // namespace
+}  // namespace regrad
