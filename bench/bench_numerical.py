@@ -9,6 +9,8 @@ time, the ratio to one loss evaluation, the speed-up over the per-element loop, 
 the reference gradient (autograd, or the exact indicator for top-k), and the tracemalloc peak
 (Python and numpy allocations; torch's allocator is not traced). A method whose single run would
 exceed --budget seconds is timed on a prefix of the coordinates and extrapolated ("est.").
+glibc's mmap/trim thresholds are pinned for the whole run (both sides of every ratio) unless
+--default-malloc: see regrad.bench.timing.pin_malloc.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from regrad.bench.peers import (  # the peers live in the package, shared with `
     scipy_runner,
     timed_or_estimated,
 )
-from regrad.bench.timing import fmt_bytes, fmt_time, median_seconds
+from regrad.bench.timing import fmt_bytes, fmt_time, median_seconds, pin_malloc
 from regrad.bench.timing import peak_traced_bytes as peak_bytes
 
 torch.set_num_threads(2)
@@ -257,7 +259,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per method before extrapolating")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's moving mmap/trim thresholds (fn's own time then swings with page faults)")
     args = parser.parse_args()
+    pinned = False if args.default_malloc else pin_malloc()
     rng = np.random.default_rng(2)
     tables = [
         sparsity_case([256] * 8, args.budget, with_batch=True),
@@ -268,7 +273,7 @@ def main() -> None:
     header = (
         f"{datetime.date.today()} · {platform.processor() or platform.machine()} · python {platform.python_version()} · "
         f"regrad {info['version']} (openmp={info['openmp']}, threads={info['max_threads']}) · torch {torch.__version__} · "
-        f"numpy {np.__version__}"
+        f"numpy {np.__version__} · malloc thresholds {'pinned at 64 MiB' if pinned else 'glibc default'}"
     )
     print(header)
     for t in tables:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
@@ -24,6 +25,9 @@ POINT_LABELS = {
     "central": ("+h", "-h"),
     "richardson": ("+h", "-h", "+h/2", "-h/2"),
 }
+
+
+_SHAPE = operator.attrgetter("shape")
 
 
 def fn_name(fn: Any) -> str:
@@ -104,6 +108,11 @@ class Problem:
     def name(self) -> str:
         return fn_name(self.fn)
 
+    @functools.cached_property
+    def sizes(self) -> List[int]:
+        """Elements per datum."""
+        return np.diff(self.offsets).tolist()
+
     def fn_view(self, a: np.ndarray) -> Any:
         """What fn receives for an array the engine owns: a torch view, or a read-only numpy view."""
         if self.is_torch:
@@ -181,12 +190,22 @@ class Problem:
             raise NumericalError(
                 f"{self.name} returned {len(out)} per-token loss arrays at {where}; the batch has {len(shapes)} data"
             )
-        if [getattr(p, "shape", None) for p in out] != shapes:  # one comparison in the common case
-            self._check_token_shapes(out, shapes, where)
+        # The common case in C-level passes: arrays or tensors of the right shapes, then numpy views
+        # of CPU tensors without grad. Anything else takes the checked per-datum path.
         try:
-            return [p.numpy() for p in out]  # CPU tensors without grad: views, the common case
-        except (AttributeError, RuntimeError, TypeError):
-            return [_float_view(p) for p in out]
+            same = list(map(_SHAPE, out)) == shapes
+        except AttributeError:
+            same = False
+        if not same:
+            self._check_token_shapes(out, shapes, where)
+        if self.is_torch:
+            import torch
+
+            try:
+                return list(map(torch.Tensor.numpy, out))
+            except (RuntimeError, TypeError):
+                pass
+        return [_float_view(p) for p in out]
 
     def _check_token_shapes(self, out: Sequence[Any], shapes: List[tuple], where: str) -> None:
         for j, (p, s) in enumerate(zip(out, shapes)):
@@ -198,11 +217,10 @@ class Problem:
 
     def packed_views(self, row: np.ndarray) -> List[Any]:
         """What fn receives for a packed [n] row the engine owns: per-datum views shaped like the log-probs."""
-        sizes = np.diff(self.offsets).tolist()
         if self.is_torch:
             import torch
 
-            parts = torch.from_numpy(row).split(sizes)
+            parts = torch.from_numpy(row).split_with_sizes(self.sizes)
             return list(parts) if self.width == 1 else [p.view(a.shape) for p, a in zip(parts, self.arrays)]
         view = row.view()
         view.flags.writeable = False

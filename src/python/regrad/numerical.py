@@ -51,7 +51,7 @@ STRUCTURES = {"batch": "batch", "dense": "batch", "datum": "datum", "per_sequenc
               "token": "token", "per_token": "token"}
 # Blocks larger than this gain nothing (fn's per-call overhead is already amortised) and fall out
 # of the CPU caches; max_batch_bytes is the hard limit, this the preferred size (see docs).
-PREFERRED_BLOCK_BYTES = 8 << 20
+PREFERRED_BLOCK_BYTES = 4 << 20
 # At most this many chunks of calls are handed to an executor (each chunk is one task).
 EXECUTOR_CHUNKS = 64
 
@@ -118,6 +118,12 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
     items = list(logprobs_list) if logprobs_list is not None else None
     if items is None:
         raise InputError("logprobs_list is None; expected a list of arrays (one per datum)")
+    if items and not _is_narrow(items[0]):
+        try:  # float32 / float64 throughout, the common case: nothing to widen
+            batch = as_array_batch(items)
+            return _Inputs(batch, [items[0].dtype] * len(items), None)
+        except InputError:
+            pass  # a narrow dtype further on, or a real problem that the loop below names
     widened, originals, narrow = [], [], set()
     for x in items:
         if is_torch_tensor(x):
@@ -142,10 +148,17 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
     return _Inputs(batch, originals, note)
 
 
+def _is_narrow(x: Any) -> bool:
+    """float16 / bfloat16 (torch or numpy): differentiated in float32."""
+    return str(getattr(x, "dtype", "")).replace("torch.", "") in ("float16", "bfloat16")
+
+
 def _as_output(packed: np.ndarray, inputs: _Inputs) -> List[Any]:
     """Per-datum results in the caller's type and dtype."""
     batch = inputs.batch
     parts = split_packed(np.ascontiguousarray(packed, dtype=batch.dtype), batch)
+    if inputs.dtype_note is None:
+        return parts  # no input was widened: the parts already have the callers' dtype
     if batch.is_torch:
         return [p.to(d) if p.dtype != d else p for p, d in zip(parts, inputs.original_dtypes)]
     return [p.astype(d, copy=False) for p, d in zip(parts, inputs.original_dtypes)]

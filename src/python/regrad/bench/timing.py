@@ -9,8 +9,27 @@ import time
 import tracemalloc
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-__all__ = ["timed_runs", "median_seconds", "peak_traced_bytes", "peak_rss_extra_bytes", "machine",
+__all__ = ["pin_malloc", "timed_runs", "median_seconds", "peak_traced_bytes", "peak_rss_extra_bytes", "machine",
            "fmt_time", "fmt_bytes"]
+
+
+def pin_malloc(threshold_bytes: int = 64 << 20) -> bool:
+    """Fixes glibc's mmap and trim thresholds for this process; returns False where that is not glibc.
+
+    By default glibc moves its mmap threshold and trims the heap top as memory comes and goes, so a
+    fresh tensor of a few MiB page-faults on some calls and not on others: a loss's own time then
+    swings 2-5x with whatever ran before it. Benchmarks pin both so they time the code, not that.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, threshold_bytes)) and bool(mallopt(m_trim_threshold, 2 * threshold_bytes))
 
 
 def timed_runs(fn: Callable[[], object], *, repeats: int = 15, warmup: int = 2, budget_s: float = 20.0,
