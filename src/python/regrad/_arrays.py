@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 from .errors import InputError
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_DTYPE, _SHAPE, _SIZE = attrgetter("dtype"), attrgetter("shape"), attrgetter("size")
 
 
 def is_torch_tensor(x: Any) -> bool:
@@ -25,10 +27,11 @@ class ArrayBatch:
     is_torch: bool
     dtype: np.dtype
     shapes: List[tuple]
+    tensors: Optional[List[Any]] = None  # torch input: the detached tensors, so callers need not detach again
 
     @property
     def sizes(self) -> List[int]:
-        return [int(a.size) for a in self.arrays]
+        return list(map(_SIZE, self.arrays))
 
 
 def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") -> ArrayBatch:
@@ -42,9 +45,14 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") ->
         items = list(logprobs_list)
     except TypeError:
         raise InputError(f"{what} must be a list of arrays, got {type(logprobs_list).__name__}") from None
+    first_torch = is_torch_tensor(items[0]) if items else False
+    if first_torch:
+        fast = _plain_torch_batch(items)
+        if fast is not None:
+            return fast
     arrays: List[np.ndarray] = []
     shapes: List[tuple] = []
-    first_torch = is_torch_tensor(items[0]) if items else False
+    tensors: List[Any] = []
     first: Optional[np.ndarray] = None
     for i, x in enumerate(items):
         # One pass, cheapest checks first: this runs on every loss call for every datum.
@@ -57,6 +65,7 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") ->
                     "or keep all of them on the GPU for regrad.kernels: docs/cuda.md)"
                 )
             t = x.detach()
+            tensors.append(t)
             a = (t if t.is_contiguous() else t.contiguous()).numpy()
         elif not first_torch and isinstance(x, np.ndarray):
             a = x
@@ -83,7 +92,33 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") ->
         arrays.append(a)
         shapes.append(shape)
     dtype = first.dtype if first is not None else np.dtype(np.float64)
-    return ArrayBatch(arrays, first_torch, dtype, shapes)
+    return ArrayBatch(arrays, first_torch, dtype, shapes, tensors if first_torch else None)
+
+
+def _plain_torch_batch(items: List[Any]) -> Optional[ArrayBatch]:
+    """Plain contiguous CPU float tensors of one dtype and rank, checked in C-level passes; else None (the loop decides)."""
+    import torch
+
+    if set(map(type, items)) != {torch.Tensor}:
+        return None
+    tensors = list(map(torch.Tensor.detach, items))
+    if not all(map(torch.Tensor.is_contiguous, tensors)):
+        return None
+    try:  # numpy() itself refuses other devices, layouts and dtypes numpy lacks
+        arrays = list(map(torch.Tensor.numpy, tensors))
+    except (RuntimeError, TypeError):
+        return None
+    dtypes = set(map(_DTYPE, arrays))
+    if len(dtypes) != 1 or dtypes.pop() not in _FLOAT_DTYPES:
+        return None
+    shapes = list(map(_SHAPE, arrays))
+    ranks = set(map(len, shapes))
+    if ranks == {2}:
+        if len({shape[1] for shape in shapes}) != 1:
+            return None
+    elif ranks != {1}:
+        return None
+    return ArrayBatch(arrays, True, arrays[0].dtype, shapes, tensors)
 
 
 _TORCH_FLOAT_DTYPES: tuple = ()
@@ -119,8 +154,10 @@ def split_packed(packed: np.ndarray, batch: ArrayBatch) -> List[Any]:
     if batch.is_torch:
         import torch
 
-        flat = torch.from_numpy(packed)
-        return [p.view(s) for p, s in zip(flat.split(batch.sizes), batch.shapes)]
+        parts = torch.from_numpy(packed).split_with_sizes(batch.sizes)
+        if all(len(s) == 1 for s in batch.shapes):
+            return list(parts)  # [T] data: split already gives the shapes (a view per datum costs ~1 us)
+        return [p.view(s) for p, s in zip(parts, batch.shapes)]
     out = []
     start = 0
     for n, shape in zip(batch.sizes, batch.shapes):

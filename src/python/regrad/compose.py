@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import threading
 import time
 import weakref
@@ -293,10 +294,10 @@ class ComposedLoss:
         assert flat is not None
         if self.track_grad_norms:
             norm = float(np.linalg.norm(flat))
-            if not np.isfinite(norm) and np.isfinite(flat).all():
+            if not math.isfinite(norm) and np.isfinite(flat).all():
                 norm = float(np.linalg.norm(flat.astype(np.float64)))  # float32 squares overflowed
             result.grad_norm = norm
-            finite = bool(np.isfinite(norm))
+            finite = math.isfinite(norm)
         else:
             finite = bool(np.isfinite(flat).all())
         if not finite:
@@ -307,6 +308,7 @@ class ComposedLoss:
 
     def _finish(self, inputs: CallInputs, results: List[TermResult], start: float) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
         total: Optional[np.ndarray] = None
+        scratch: Optional[np.ndarray] = None  # one buffer for every weight·gradient, not a temporary per term
         for (_, spec), result in zip(self._terms, results):
             if spec.weight == 0.0:
                 continue
@@ -316,7 +318,8 @@ class ComposedLoss:
             elif spec.weight == 1.0:
                 total += g
             else:
-                total += g * g.dtype.type(spec.weight)
+                scratch = np.empty_like(total) if scratch is None else scratch
+                total += np.multiply(g, g.dtype.type(spec.weight), out=scratch)
         if total is None:
             total = np.zeros(inputs.size, inputs.batch.dtype)
         output = self._telemetry(results, total, start)
@@ -396,7 +399,9 @@ def _total_grad_function() -> Any:
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
             scaled = ctx.flat * grad_output.to(ctx.flat.dtype)
-            parts = [p if len(shape) == 1 else p.view(shape) for p, shape in zip(torch.split(scaled, ctx.sizes), ctx.shapes)]
+            parts = torch.split(scaled, ctx.sizes)
+            if len(ctx.shapes[0]) != 1:  # [T_i, K] data (one rank for all): a view per datum
+                parts = [p.view(shape) for p, shape in zip(parts, ctx.shapes)]
             return (None, None, None, None, *parts)
 
     return TotalGrad

@@ -14,7 +14,9 @@ import inspect
 import math
 import threading
 from dataclasses import dataclass, field
+from itertools import repeat
 from numbers import Real
+from operator import attrgetter, is_not
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -86,7 +88,7 @@ class CallInputs:
         if len(data) != len(logprobs):
             raise InputError(f"data has {len(data)} entries but logprobs_list has {len(logprobs)}; one per datum")
         batch = as_array_batch(logprobs)
-        detached = [t.detach() for t in logprobs] if batch.is_torch else batch.arrays
+        detached = batch.tensors if batch.tensors is not None else batch.arrays  # detached once, in as_array_batch
         return cls(data, logprobs, batch, detached, {} if needs_detached is None else needs_detached)
 
     def __post_init__(self) -> None:
@@ -101,10 +103,18 @@ class CallInputs:
         """
         import torch
 
-        if self.batch.is_torch and all(t.requires_grad for t in self.logprobs):
+        if self.batch.is_torch and all(map(_REQUIRES_GRAD, self.logprobs)):
             return self.logprobs
         source = self.detached if self.batch.is_torch else [torch.from_numpy(a) for a in self.batch.arrays]
         return [t.detach().requires_grad_(True) for t in source]
+
+    def pack_autograd(self, grads: List[Any]) -> np.ndarray:
+        """`flatten` for torch.autograd.grad's result: tensors autograd already shaped like the leaves, so no checks."""
+        if not grads:
+            return self.flatten(grads)
+        import torch
+
+        return _to_numpy(torch.cat(grads).reshape(-1)).astype(self.batch.dtype, copy=False)
 
     def flatten(self, grads: Any) -> np.ndarray:
         """One term's gradient as a packed 1-D array in the batch dtype; checks count and shapes."""
@@ -116,16 +126,26 @@ class CallInputs:
         parts = list(grads)
         if len(parts) != len(self.batch.shapes):
             raise InputError(f"gradient has {len(parts)} entries; expected one per datum ({len(self.batch.shapes)})")
-        for i, (g, shape) in enumerate(zip(parts, self.batch.shapes)):
-            if tuple(np.shape(g) if not hasattr(g, "shape") else g.shape) != tuple(shape):
-                raise InputError(f"gradient of datum {i} has shape {tuple(np.shape(g))}; the log-probs have {tuple(shape)}")
+        if not _same_shapes(parts, self.batch.shapes):
+            for i, (g, shape) in enumerate(zip(parts, self.batch.shapes)):
+                if tuple(np.shape(g) if not hasattr(g, "shape") else g.shape) != tuple(shape):
+                    raise InputError(f"gradient of datum {i} has shape {tuple(np.shape(g))}; the log-probs have {tuple(shape)}")
         if not parts:
             return np.zeros(0, dtype)
         if all(hasattr(g, "detach") for g in parts):  # torch: one cat instead of one conversion per datum
             import torch
 
-            return _to_numpy(torch.cat([g if g.dim() == 1 else g.reshape(-1) for g in parts])).astype(dtype, copy=False)
+            # the shapes match the batch's, one rank for all: row-major [ΣT_i(, K)] is the packed order
+            return _to_numpy(torch.cat(parts).reshape(-1)).astype(dtype, copy=False)
         return np.concatenate([_to_numpy(g).reshape(-1) for g in parts]).astype(dtype, copy=False)
+
+
+def _same_shapes(parts: List[Any], shapes: List[tuple]) -> bool:
+    """True when every part has a `shape` equal to its datum's: one C-level comparison, no per-datum loop."""
+    try:
+        return list(map(_SHAPE, parts)) == shapes
+    except (AttributeError, TypeError, ValueError):  # lists, scalars, odd shapes: the checking loop decides
+        return False
 
 
 def _is_sequence_of_arrays(a: np.ndarray) -> bool:
@@ -137,6 +157,8 @@ def _to_numpy(g: Any) -> np.ndarray:
         return g.detach().cpu().numpy()
     return np.asarray(g)
 
+
+_SHAPE, _REQUIRES_GRAD = attrgetter("shape"), attrgetter("requires_grad")
 
 Known = Tuple[float, Dict[str, float]]  # a term's value and metrics, before its gradient
 
@@ -162,7 +184,7 @@ def metrics_dict(metrics: Any) -> Dict[str, float]:
     """A fn's metrics as {str: float}; None gives {}."""
     if metrics is None:
         return {}
-    if not isinstance(metrics, Mapping):
+    if type(metrics) is not dict and not isinstance(metrics, Mapping):  # skips typing's slow check for plain dicts
         raise TypeError(f"returned metrics of type {type(metrics).__name__}; expected a dict of floats")
     custom: Dict[str, float] = {}
     for key, value in metrics.items():
@@ -177,6 +199,10 @@ def metrics_dict(metrics: Any) -> Dict[str, float]:
 
 def scalar_value(loss: Any, *, batched: bool = False) -> float:
     """The loss as a finite float; it must be a 0-d tensor / array or a real number (shape [1] if batched)."""
+    if type(loss) is float:  # the analytic routes' case, without the array round trip below
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"loss is {loss}")
+        return loss
     if isinstance(loss, bool):
         raise TypeError("returned a bool loss; expected a 0-d tensor or a float")
     shape = tuple(getattr(loss, "shape", ()))
@@ -204,6 +230,8 @@ def autograd_grads(loss: Any, leaves: List[Any]) -> List[Any]:
     import torch
 
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    if all(map(is_not, grads, repeat(None))):  # every leaf used: no per-datum check
+        return list(grads)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
 
 
@@ -417,7 +445,7 @@ def _from_probe(spec: Any, out: Any, leaves: List[Any], inputs: CallInputs) -> U
     loss, custom = split_output(out)
     value = scalar_value(loss)
     if carries_graph(loss):
-        return _finish(value, custom, autograd_grads(loss, leaves), "autograd", inputs)
+        return TermResult(value, custom, "autograd", inputs.pack_autograd(autograd_grads(loss, leaves)))
     if spec.grad == "autograd":
         raise TypeError("grad='autograd' but the loss carries no autograd graph (use grad='numerical')")
     return value, custom  # known value and metrics; only the gradient is left to the numerical route
