@@ -164,7 +164,10 @@ class Problem:
         return value
 
     def vector_loss(self, out: Any, count: int, where: Where) -> np.ndarray:
-        a = _to_numpy(out)
+        """One loss per perturbed copy, float32 or float64 (a view where fn's output allows)."""
+        a = _float_view(out)
+        if a.shape == (count,) and math.isfinite(a.sum()):
+            return a  # the common case: one reduction checks every value (an overflowing sum is re-checked below)
         where = _text(where) if a.shape != (count,) or not np.all(np.isfinite(a)) else ""
         if a.shape != (count,):
             raise NumericalError(
