@@ -241,6 +241,70 @@ def test_token_non_finite_names_the_call():
         numerical_grad(fn, None, ragged(), structure="token", method="forward")  # calls: +h, then x
 
 
+@pytest.mark.parametrize("method", ["central", "forward", "richardson"])
+@pytest.mark.parametrize("kind,k", [("torch", None), ("torch", 3), ("numpy", None), ("numpy", 2)])
+def test_token_vectorized_one_call_same_bits(method, kind, k):
+    """vectorized=True: one call, datum j as a contiguous [R, *shape_j] array of its copies (the
+    points, then x for forward); the gradient and error are the two-call path's bits."""
+    lengths = (5, 1, 9, 4)  # ragged; an equal-length batch takes another view path, tested below
+    for lens in (lengths, (6, 6, 6)):
+        lps = ragged(11, lengths=lens, k=k, kind=kind)
+        seen = []
+
+        def fn(d, xs):
+            seen.append([tuple(x.shape) for x in xs])
+            if kind == "torch":
+                assert all(x.is_contiguous() and not x.requires_grad for x in xs)
+                return [torch.sin(x) * x for x in xs]
+            assert all(x.flags.c_contiguous and not x.flags.writeable for x in xs)
+            return [np.sin(x) * x for x in xs]
+
+        two = numerical_grad(fn, None, lps, structure="token", method=method)
+        seen.clear()
+        one = numerical_grad(fn, None, lps, structure="token", method=method, vectorized=True)
+        rows = {"central": 2, "forward": 2, "richardson": 4}[method]
+        assert seen == [[(rows,) + tuple(lp.shape) for lp in lps]]
+        assert (one.ncalls, one.nfev, one.blocks, one.block_rows) == (1, two.nfev, 1, rows)
+        np.testing.assert_array_equal(packed(one.grads), packed(two.grads))
+        np.testing.assert_array_equal(packed(one.error), packed(two.error))
+        assert all(type(g) is type(lp) and g.dtype == lp.dtype and g.shape == lp.shape for g, lp in zip(one.grads, lps))
+        x = packed(lps)
+        np.testing.assert_allclose(packed(one.grads), np.sin(x) + x * np.cos(x), rtol=1e-4 if method == "forward" else 1e-7)
+
+
+def test_token_vectorized_copies_hold_the_points():
+    """Row k of each datum's block is x at point k (x itself last for forward), in the input dtype."""
+    lps = ragged(3, lengths=(4, 2), dtype=np.float32)
+    got = []
+    numerical_grad(lambda d, xs: got.extend(np.array(x) for x in xs) or [x.copy() for x in xs], None, lps,
+                   structure="token", vectorized=True, method="forward")
+    h = np.sqrt(np.finfo(np.float32).eps) * np.maximum(1.0, np.abs(packed(lps).astype(np.float64)))
+    for j, (block, lp) in enumerate(zip(got, lps)):
+        assert block.dtype == np.float32 and block.shape == (2,) + lp.shape
+        e0 = sum(len(x) for x in lps[:j])
+        np.testing.assert_array_equal(block[0], (lp.astype(np.float64) + h[e0 : e0 + len(lp)]).astype(np.float32))
+        np.testing.assert_array_equal(block[1], lp)
+
+
+def test_token_vectorized_bad_outputs_are_named():
+    lps = ragged(2, lengths=(3, 4), kind="torch")
+    with pytest.raises(NumericalError, match=r"shape \(3,\) for datum 0 .* expected \(2, 3\), the shape of its stacked copies"):
+        numerical_grad(lambda d, xs: [x[0] for x in xs], None, lps, structure="token", vectorized=True)
+    with pytest.raises(NumericalError, match="returned a single array"):
+        numerical_grad(lambda d, xs: xs[0], None, lps, structure="token", vectorized=True)
+
+    def nan_in_x_row(d, xs):
+        out = [x.abs() for x in xs]
+        out[1][1, 2] = float("nan")
+        return out
+
+    with pytest.raises(NonFiniteError, match=r"\(nan\) in row 1 \(x\) of the stacked copies, datum 1, token 2"):
+        numerical_grad(nan_in_x_row, None, lps, structure="token", vectorized=True, method="forward")
+    mixed = numerical_grad(lambda d, xs: [x.double() if j else x.float() for j, x in enumerate(xs)], None, lps,
+                           structure="token", vectorized=True)
+    np.testing.assert_allclose(packed(mixed.grads), 1.0, rtol=5e-3)  # datum 0 rounded its losses to float32
+
+
 _SIMD_SCRIPT = """
 import sys
 import numpy as np
@@ -523,7 +587,6 @@ def test_max_batch_bytes_too_small():
     [
         ({"method": "secant"}, "method must be one of"),
         ({"structure": "rows"}, "structure must be one of"),
-        ({"structure": "token", "vectorized": True}, "vectorized=True applies"),
         ({"structure": "token", "method": "spsa"}, "method 'spsa' applies"),
         ({"vectorized": True, "executor": ThreadPoolExecutor(1)}, "executor applies to vectorized=False"),
         ({"executor": object()}, "concurrent.futures.Executor"),

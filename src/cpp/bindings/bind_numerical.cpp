@@ -65,12 +65,14 @@ std::vector<T*> block_buffers(const py::sequence& outs, const RaggedArrays& ragg
 
 template <class T>
 py::tuple points_impl(const RaggedArrays& ragged, DifferenceMethod method, double scale,
-                      const std::optional<DoubleArray>& step, bool with_spacing) {
+                      const std::optional<DoubleArray>& step, bool with_spacing, bool stacked) {
     std::vector<const T*> ptrs;
     const RaggedBatch<T> batch = typed_batch<T>(ragged, ptrs);
     const int64_t n = ragged.offsets.back();
     const int np = points_per_element(method);
-    py::array_t<T> points({static_cast<int64_t>(np), n});
+    if (stacked && with_spacing) throw py::value_error("the stacked point layout has no spacing array");
+    py::array_t<T> points = stacked ? py::array_t<T>(static_cast<int64_t>(stacked_rows(method)) * n)
+                                    : py::array_t<T>({static_cast<int64_t>(np), n});
     py::object spacing = py::none();
     double* d = nullptr;
     if (with_spacing) {
@@ -83,19 +85,19 @@ py::tuple points_impl(const RaggedArrays& ragged, DifferenceMethod method, doubl
     T* p = points.mutable_data();
     {
         py::gil_scoped_release release;
-        difference_points<T>(batch, method, scale, s, s_len, p, d);
+        difference_points<T>(batch, method, scale, s, s_len, p, d, stacked ? PointLayout::Stacked : PointLayout::Rows);
     }
     return py::make_tuple(points, spacing);
 }
 
-/// difference_points(arrays, method, scale, step, with_spacing) -> (points [P, n] in the dtype,
-/// spacing [P, n] float64 or None)
+/// difference_points(arrays, method, scale, step, with_spacing, stacked) -> (points [P, n] in the dtype,
+/// or flat [R * n] in the stacked layout; spacing [P, n] float64 or None)
 py::tuple points(const py::sequence& arrays, const std::string& method, double scale, std::optional<DoubleArray> step,
-                 bool with_spacing) {
+                 bool with_spacing, bool stacked) {
     const DifferenceMethod m = parse_method(method);
     RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
-    if (ragged.is_double) return points_impl<double>(ragged, m, scale, step, with_spacing);
-    return points_impl<float>(ragged, m, scale, step, with_spacing);
+    if (ragged.is_double) return points_impl<double>(ragged, m, scale, step, with_spacing, stacked);
+    return points_impl<float>(ragged, m, scale, step, with_spacing, stacked);
 }
 
 template <class T>
@@ -164,22 +166,91 @@ py::tuple quotients(const std::string& method, const DoubleArray& spacing, const
     return py::make_tuple(grad, error);
 }
 
+/// Loss values as the core reads them: for each call (or row) k, one pointer per datum and the offsets.
+struct LossValues {
+    std::vector<std::vector<const void*>> data;
+    std::vector<std::vector<int64_t>> offsets;
+    bool is_double = false;
+    std::vector<RaggedArrays> keep_alive;
+};
+
+/// values: one list of per-datum arrays per call (each shaped like the log-probs).
+LossValues values_per_call(const py::sequence& values, int nf) {
+    LossValues v;
+    for (int k = 0; k < nf; ++k) {
+        v.keep_alive.push_back(ragged_from_list(values[static_cast<size_t>(k)], "loss values"));
+        const RaggedArrays& r = v.keep_alive.back();
+        if (r.is_double != v.keep_alive.front().is_double) {
+            throw py::type_error("loss values: every call's values must share one dtype");
+        }
+        v.data.push_back(r.data);
+        v.offsets.push_back(r.offsets);
+    }
+    v.is_double = v.keep_alive.front().is_double;
+    return v;
+}
+
+/// values: one array per datum holding its R stacked rows (any shape of R * len_j elements).
+LossValues values_stacked(const py::sequence& values, const RaggedArrays& x, int nf) {
+    const auto b = static_cast<int64_t>(x.data.size());
+    if (static_cast<int64_t>(py::len(values)) != b) {
+        throw py::value_error("got " + std::to_string(py::len(values)) + " loss arrays for " + std::to_string(b) + " data");
+    }
+    LossValues v;
+    v.data.assign(static_cast<size_t>(nf), std::vector<const void*>(static_cast<size_t>(b), nullptr));
+    v.offsets.assign(static_cast<size_t>(nf), x.offsets);
+    RaggedArrays keep;
+    for (int64_t j = 0; j < b; ++j) {
+        py::object item = values[static_cast<size_t>(j)];
+        const std::string name = "loss values[" + std::to_string(j) + "]";
+        if (!py::isinstance<py::array>(item)) throw py::type_error(name + " is not a numpy array");
+        auto a = py::reinterpret_borrow<py::array>(item);
+        const bool f64 = has_dtype<double>(a);
+        if (!f64 && !has_dtype<float>(a)) throw py::type_error(name + " has dtype " + std::string(py::str(a.dtype())));
+        if (j == 0) v.is_double = f64;
+        if (f64 != v.is_double) throw py::type_error(name + ": every datum's values must share one dtype");
+        if (!(a.flags() & py::array::c_style)) throw py::value_error(name + " is not C-contiguous");
+        const int64_t len = x.offsets[static_cast<size_t>(j) + 1] - x.offsets[static_cast<size_t>(j)];
+        if (a.size() != nf * len) {
+            throw py::value_error(name + " has " + std::to_string(a.size()) + " elements; expected " + std::to_string(nf) +
+                                  " rows of " + std::to_string(len));
+        }
+        const char* base = static_cast<const char*>(a.data());
+        for (int k = 0; k < nf && len > 0; ++k) {
+            v.data[static_cast<size_t>(k)][static_cast<size_t>(j)] = base + k * len * static_cast<int64_t>(a.itemsize());
+        }
+        keep.keep_alive.push_back(std::move(a));
+    }
+    v.keep_alive.push_back(std::move(keep));
+    return v;
+}
+
 template <class T, class F>
-py::tuple token_impl(DifferenceMethod method, const RaggedArrays& ragged, const py::array& points,
-                     const std::vector<RaggedArrays>& values, double loss_eps) {
+py::tuple token_impl(DifferenceMethod method, const RaggedArrays& ragged, const py::array& points, bool stacked,
+                     const LossValues& values, double loss_eps) {
     std::vector<const T*> x_ptrs;
     const RaggedBatch<T> x = typed_batch<T>(ragged, x_ptrs);
     const int64_t n = x.size();
     const int np = points_per_element(method);
-    if (!has_dtype<T>(points) || points.ndim() != 2 || !(points.flags() & py::array::c_style) ||
-        points.shape(0) != np || points.shape(1) != n) {
-        throw py::value_error("points must be a C-contiguous [" + std::to_string(np) + ", " + std::to_string(n) +
-                              "] array of the log-probs' dtype");
+    const int64_t rows = stacked ? stacked_rows(method) : np;
+    const bool shape_ok = stacked ? points.ndim() == 1 && points.shape(0) == rows * n
+                                  : points.ndim() == 2 && points.shape(0) == rows && points.shape(1) == n;
+    if (!has_dtype<T>(points) || !(points.flags() & py::array::c_style) || !shape_ok) {
+        throw py::value_error(std::string("points must be a C-contiguous ") +
+                              (stacked ? "[" + std::to_string(rows * n) + "] (stacked)" :
+                                         "[" + std::to_string(rows) + ", " + std::to_string(n) + "]") +
+                              " array of the log-probs' dtype");
     }
-    std::vector<std::vector<const F*>> ptrs(values.size());
+    const size_t nf = values.data.size();
+    std::vector<std::vector<const F*>> ptrs(nf);
     std::vector<RaggedBatch<F>> f;
-    f.reserve(values.size());
-    for (size_t k = 0; k < values.size(); ++k) f.push_back(typed_batch<F>(values[k], ptrs[k]));
+    f.reserve(nf);
+    for (size_t k = 0; k < nf; ++k) {
+        ptrs[k].resize(values.data[k].size());
+        for (size_t j = 0; j < ptrs[k].size(); ++j) ptrs[k][j] = static_cast<const F*>(values.data[k][j]);
+        f.push_back(RaggedBatch<F>{ptrs[k].data(), values.offsets[k].data(), static_cast<int64_t>(ptrs[k].size()),
+                                   ragged.width});
+    }
     const RaggedBatch<F>* f0 = method == DifferenceMethod::Forward ? &f[static_cast<size_t>(np)] : nullptr;
     py::array_t<T> grad(n);
     py::array_t<T> error(n);
@@ -189,38 +260,33 @@ py::tuple token_impl(DifferenceMethod method, const RaggedArrays& ragged, const 
     int64_t bad = -1;
     {
         py::gil_scoped_release release;
-        bad = token_quotients<T, F>(method, x, p, f.data(), f0, loss_eps, g, e);
+        bad = token_quotients<T, F>(method, x, p, stacked ? PointLayout::Stacked : PointLayout::Rows, f.data(), f0,
+                                    loss_eps, g, e);
     }
     return py::make_tuple(grad, error, bad);
 }
 
-/// token_quotients(method, arrays, points, values, loss_eps) -> (grad [n], error [n] in the log-probs'
-/// dtype, first non-finite index k * n + e or -1). values: P lists of per-datum loss arrays (plus
-/// the values at x for forward), all float32 or all float64.
+/// token_quotients(method, arrays, points, values, loss_eps, stacked) -> (grad [n], error [n] in the
+/// log-probs' dtype, first non-finite index k * n + e or -1). values: P lists of per-datum loss
+/// arrays (plus the values at x for forward), all float32 or all float64; stacked: one array per
+/// datum holding all its rows, with points in the stacked layout.
 py::tuple token(const std::string& method, const py::sequence& arrays, const py::array& points,
-                const py::sequence& values, double loss_eps) {
+                const py::sequence& values, double loss_eps, bool stacked) {
     const DifferenceMethod m = parse_method(method);
-    const int nf = points_per_element(m) + (m == DifferenceMethod::Forward ? 1 : 0);
-    if (static_cast<int>(py::len(values)) != nf) {
+    const int nf = stacked_rows(m);
+    RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
+    if (!stacked && static_cast<int>(py::len(values)) != nf) {
         throw py::value_error("got " + std::to_string(py::len(values)) + " lists of loss values; method " + method +
                               " needs " + std::to_string(nf));
     }
-    RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
-    std::vector<RaggedArrays> f;
-    f.reserve(static_cast<size_t>(nf));
-    for (int k = 0; k < nf; ++k) {
-        f.push_back(ragged_from_list(values[static_cast<size_t>(k)], "loss values"));
-        if (f.back().is_double != f.front().is_double) {
-            throw py::type_error("loss values: every call's values must share one dtype");
-        }
-    }
-    const bool f64 = f.front().is_double;
+    const LossValues f = stacked ? values_stacked(values, ragged, nf) : values_per_call(values, nf);
+    const bool f64 = f.is_double;
     if (ragged.is_double) {
-        return f64 ? token_impl<double, double>(m, ragged, points, f, loss_eps)
-                   : token_impl<double, float>(m, ragged, points, f, loss_eps);
+        return f64 ? token_impl<double, double>(m, ragged, points, stacked, f, loss_eps)
+                   : token_impl<double, float>(m, ragged, points, stacked, f, loss_eps);
     }
-    return f64 ? token_impl<float, double>(m, ragged, points, f, loss_eps)
-               : token_impl<float, float>(m, ragged, points, f, loss_eps);
+    return f64 ? token_impl<float, double>(m, ragged, points, stacked, f, loss_eps)
+               : token_impl<float, float>(m, ragged, points, stacked, f, loss_eps);
 }
 
 template <class T>
@@ -296,8 +362,8 @@ void register_numerical(py::module_& m) {
         throw py::value_error("dtype must be float32 or float64, got " + dtype);
     }, py::arg("method"), py::arg("dtype"), "Relative step c of h = c * max(1, |x|) for a method and working dtype.");
     m.def("difference_points", &points, py::arg("arrays"), py::arg("method"), py::arg("scale"),
-          py::arg("step") = py::none(), py::arg("with_spacing") = true,
-          "Perturbed values [P, n] (input dtype) and the steps actually taken [P, n] (float64, or None).");
+          py::arg("step") = py::none(), py::arg("with_spacing") = true, py::arg("stacked") = false,
+          "Perturbed values [P, n] (input dtype; stacked: each datum's rows as one block) and the steps taken.");
     m.def("difference_block", &block, py::arg("arrays"), py::arg("outs"), py::arg("points"), py::arg("element_offset"),
           py::arg("npoints"), py::arg("q_begin"), py::arg("count"), py::arg("full"), py::arg("prev_begin") = 0,
           py::arg("prev_count") = 0,
@@ -306,7 +372,7 @@ void register_numerical(py::module_& m) {
           py::arg("f_stride_e"), py::arg("f_stride_k"), py::arg("f0") = py::none(), py::arg("f0_stride") = 0,
           py::arg("loss_eps") = 0.0, "Gradient and per-element error estimate from loss values at the points.");
     m.def("token_quotients", &token, py::arg("method"), py::arg("arrays"), py::arg("points"), py::arg("values"),
-          py::arg("loss_eps") = 0.0,
+          py::arg("loss_eps") = 0.0, py::arg("stacked") = false,
           "Structure 'token': gradient and error estimate (input dtype) from per-datum loss values at the points.");
     m.def("random_block", &random_block, py::arg("arrays"), py::arg("scale"), py::arg("kind"), py::arg("seed"),
           py::arg("index_offset"), py::arg("antithetic"), py::arg("outs"), py::arg("q_begin"), py::arg("count"),

@@ -37,6 +37,10 @@ int points_per_element(DifferenceMethod method) {
     return 0;
 }
 
+int stacked_rows(DifferenceMethod method) {
+    return points_per_element(method) + (method == DifferenceMethod::Forward ? 1 : 0);
+}
+
 template <class T>
 double default_step_scale(DifferenceMethod method) {
     const double eps = std::numeric_limits<T>::epsilon();
@@ -54,10 +58,13 @@ template double default_step_scale<double>(DifferenceMethod);
 
 template <class T>
 void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double scale, const double* step,
-                       int64_t step_len, T* points, double* spacing) {
+                       int64_t step_len, T* points, double* spacing, PointLayout layout) {
     check_batch(x);
     const int64_t n = x.size();
     const int np = points_per_element(method);
+    const bool stacked = layout == PointLayout::Stacked;
+    const int rows = stacked ? stacked_rows(method) : np;
+    if (stacked && spacing != nullptr) throw std::invalid_argument("the stacked point layout has no spacing array");
     if (step != nullptr && step_len != 1 && step_len != n) {
         throw std::invalid_argument("step has " + std::to_string(step_len) + " entries; expected 1 or " +
                                     std::to_string(n) + " (one per log-prob)");
@@ -75,13 +82,17 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
     for (int64_t j = 0; j < x.batch; ++j) {
         const int64_t len = x.length(j);
         const int64_t base = x.offsets[j];
+        const int64_t kstride = stacked ? len : n;
+        T* pj = points + (stacked ? rows * base : base);
+        double* sj = spacing != nullptr ? spacing + base : nullptr;
         // Fast pass: branch-free, so it vectorises; any problem only sets a flag.
         bool flagged = false;
         if (use_avx2) {
-            flagged = avx2::fill_points(np, x.data[j], len, base, n, scale, step, step_len, points, spacing);
+            flagged = avx2::fill_points(np, x.data[j], len, base, kstride, scale, step, step_len, pj, sj);
         } else {
-            flagged = fill_points_np(np, x.data[j], len, base, n, scale, step, step_len, points, spacing);
+            flagged = fill_points_np(np, x.data[j], len, base, kstride, scale, step, step_len, pj, sj);
         }
+        if (rows > np && len > 0) std::memcpy(pj + np * len, x.data[j], static_cast<size_t>(len) * sizeof(T));
         if (!flagged) continue;
         // Slow pass, only for a flagged datum: find the first problem and say what it is.
         const T* xj = x.data[j];
@@ -102,7 +113,7 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
             }
             bool underflow = false;
             for (int k = 0; k < np; ++k) {
-                const T p = points[k * n + e];
+                const T p = pj[k * kstride + i];
                 underflow = underflow || p == xv || !std::isfinite(p);
             }
             if (underflow) {
@@ -136,9 +147,9 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
 }
 
 template void difference_points<float>(const RaggedBatch<float>&, DifferenceMethod, double, const double*, int64_t,
-                                       float*, double*);
+                                       float*, double*, PointLayout);
 template void difference_points<double>(const RaggedBatch<double>&, DifferenceMethod, double, const double*,
-                                        int64_t, double*, double*);
+                                        int64_t, double*, double*, PointLayout);
 
 void check_difference_block(int64_t n, int64_t capacity, int npoints, int64_t points_stride, int64_t q_begin,
                             int64_t count, bool full, int64_t prev_begin, int64_t prev_count) {
@@ -239,11 +250,11 @@ void difference_quotients(DifferenceMethod method, int64_t n, const double* spac
 }
 
 template <class T, class F>
-int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const T* points, const RaggedBatch<F>* f,
-                        const RaggedBatch<F>* f0, double loss_eps, T* grad, T* error) {
+int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const T* points, PointLayout layout,
+                        const RaggedBatch<F>* f, const RaggedBatch<F>* f0, double loss_eps, T* grad, T* error) {
     check_batch(x);
     const int np = points_per_element(method);
-    const int nf = np + (method == DifferenceMethod::Forward ? 1 : 0);
+    const int nf = stacked_rows(method);
     if (method == DifferenceMethod::Forward && f0 == nullptr) {
         throw std::invalid_argument("forward differences need the loss at x (f0)");
     }
@@ -263,6 +274,7 @@ int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const 
         }
     }
     const int64_t n = x.size();
+    const bool stacked = layout == PointLayout::Stacked;
     std::vector<char> finite(static_cast<size_t>(x.batch), 1);
     const bool parallel = n >= kParallelElements && x.batch > 1;
     const bool use_avx2 = avx2::available();
@@ -274,8 +286,10 @@ int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const 
         const F* f0j = f0 != nullptr ? f0->data[j] : nullptr;
         const int64_t len = x.length(j);
         const int64_t base = x.offsets[j];
-        const bool ok = use_avx2 ? avx2::token_datum(method, x.data[j], len, base, n, points, fj, f0j, loss_eps, grad, error)
-                                 : token_datum_m(method, x.data[j], len, base, n, points, fj, f0j, loss_eps, grad, error);
+        const int64_t kstride = stacked ? len : n;
+        const T* pj = points + (stacked ? nf * base : base);
+        const bool ok = use_avx2 ? avx2::token_datum(method, x.data[j], len, kstride, pj, fj, f0j, loss_eps, grad + base, error + base)
+                                 : token_datum_m(method, x.data[j], len, kstride, pj, fj, f0j, loss_eps, grad + base, error + base);
         finite[static_cast<size_t>(j)] = ok ? 1 : 0;
     }
     if (std::all_of(finite.begin(), finite.end(), [](char c) { return c != 0; })) return -1;
@@ -291,16 +305,16 @@ int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const 
     return -1;
 }
 
-template int64_t token_quotients<float, float>(DifferenceMethod, const RaggedBatch<float>&, const float*,
+template int64_t token_quotients<float, float>(DifferenceMethod, const RaggedBatch<float>&, const float*, PointLayout,
                                                const RaggedBatch<float>*, const RaggedBatch<float>*, double, float*,
                                                float*);
-template int64_t token_quotients<float, double>(DifferenceMethod, const RaggedBatch<float>&, const float*,
+template int64_t token_quotients<float, double>(DifferenceMethod, const RaggedBatch<float>&, const float*, PointLayout,
                                                 const RaggedBatch<double>*, const RaggedBatch<double>*, double, float*,
                                                 float*);
-template int64_t token_quotients<double, float>(DifferenceMethod, const RaggedBatch<double>&, const double*,
+template int64_t token_quotients<double, float>(DifferenceMethod, const RaggedBatch<double>&, const double*, PointLayout,
                                                 const RaggedBatch<float>*, const RaggedBatch<float>*, double, double*,
                                                 double*);
-template int64_t token_quotients<double, double>(DifferenceMethod, const RaggedBatch<double>&, const double*,
+template int64_t token_quotients<double, double>(DifferenceMethod, const RaggedBatch<double>&, const double*, PointLayout,
                                                  const RaggedBatch<double>*, const RaggedBatch<double>*, double,
                                                  double*, double*);
 

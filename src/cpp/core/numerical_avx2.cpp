@@ -7,19 +7,19 @@
 
 namespace regrad::avx2 {
 
-bool fill_points(int np, const float* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
+bool fill_points(int np, const float* xj, int64_t len, int64_t base, int64_t kstride, double scale, const double* step,
                  int64_t step_len, float* points, double* spacing) {
-    return fill_points_np(np, xj, len, base, n, scale, step, step_len, points, spacing);
+    return fill_points_np(np, xj, len, base, kstride, scale, step, step_len, points, spacing);
 }
 
-bool fill_points(int np, const double* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
+bool fill_points(int np, const double* xj, int64_t len, int64_t base, int64_t kstride, double scale, const double* step,
                  int64_t step_len, double* points, double* spacing) {
-    return fill_points_np(np, xj, len, base, n, scale, step, step_len, points, spacing);
+    return fill_points_np(np, xj, len, base, kstride, scale, step, step_len, points, spacing);
 }
 
 #define REGRAD_TOKEN_DATUM_AVX2(T, F)                                              \
     REGRAD_TOKEN_DATUM(T, F) {                                                     \
-        return token_datum_m(method, xj, len, base, n, points, fj, f0j, loss_eps, grad, error); \
+        return token_datum_m(method, xj, len, kstride, points, fj, f0j, loss_eps, grad, error); \
     }
 REGRAD_TOKEN_DATUM_AVX2(float, float)
 REGRAD_TOKEN_DATUM_AVX2(float, double)

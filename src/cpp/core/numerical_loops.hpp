@@ -27,11 +27,12 @@ inline double max_with_one(double a) {
     return out;
 }
 
-/// Writes the NP difference points of one datum and (when spacing is given) the steps actually
-/// taken; branch-free so the compiler vectorises it. Returns true if any element is non-finite, has
-/// a bad step or underflows.
+/// Writes the NP difference points of one datum, point k of element i at points[k * kstride + i]
+/// (points and spacing already offset to the datum), and (when spacing is given) the steps actually
+/// taken; per-element steps are read at step[base + i]. Branch-free so the compiler vectorises it.
+/// Returns true if any element is non-finite, has a bad step or underflows.
 template <int NP, int StepKind, bool WithSpacing, class T>  // StepKind: 0 relative, 1 one absolute step, 2 per element
-bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t n, double scale,
+bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t kstride, double scale,
                       const double* __restrict step, T* __restrict points, double* __restrict spacing) {
     // Integer counts, not a floating-point sum: the compiler may not reorder a double reduction
     // without -ffast-math, which would serialise the loop on the add latency.
@@ -45,36 +46,36 @@ bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t
             const T p = static_cast<T>(xd + kFractions[k] * h);
             const double d = static_cast<double>(p) - xd;
             problems += static_cast<int64_t>(d == 0.0);
-            points[k * n + base + i] = p;
-            if constexpr (WithSpacing) spacing[k * n + base + i] = d;
+            points[k * kstride + i] = p;
+            if constexpr (WithSpacing) spacing[k * kstride + i] = d;
         }
     }
     return problems != 0;
 }
 
 template <int NP, bool WithSpacing, class T>
-bool fill_points_spacing(const T* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
+bool fill_points_spacing(const T* xj, int64_t len, int64_t base, int64_t kstride, double scale, const double* step,
                          int64_t step_len, T* points, double* spacing) {
-    if (step == nullptr) return fill_points_impl<NP, 0, WithSpacing>(xj, len, base, n, scale, step, points, spacing);
-    if (step_len == 1) return fill_points_impl<NP, 1, WithSpacing>(xj, len, base, n, scale, step, points, spacing);
-    return fill_points_impl<NP, 2, WithSpacing>(xj, len, base, n, scale, step, points, spacing);
+    if (step == nullptr) return fill_points_impl<NP, 0, WithSpacing>(xj, len, base, kstride, scale, step, points, spacing);
+    if (step_len == 1) return fill_points_impl<NP, 1, WithSpacing>(xj, len, base, kstride, scale, step, points, spacing);
+    return fill_points_impl<NP, 2, WithSpacing>(xj, len, base, kstride, scale, step, points, spacing);
 }
 
 template <int NP, class T>
-bool fill_points(const T* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
+bool fill_points(const T* xj, int64_t len, int64_t base, int64_t kstride, double scale, const double* step,
                  int64_t step_len, T* points, double* spacing) {
-    if (spacing == nullptr) return fill_points_spacing<NP, false>(xj, len, base, n, scale, step, step_len, points, spacing);
-    return fill_points_spacing<NP, true>(xj, len, base, n, scale, step, step_len, points, spacing);
+    if (spacing == nullptr) return fill_points_spacing<NP, false>(xj, len, base, kstride, scale, step, step_len, points, spacing);
+    return fill_points_spacing<NP, true>(xj, len, base, kstride, scale, step, step_len, points, spacing);
 }
 
 /// fill_points for np = 1, 2 or 4 points per element.
 template <class T>
-bool fill_points_np(int np, const T* xj, int64_t len, int64_t base, int64_t n, double scale, const double* step,
+bool fill_points_np(int np, const T* xj, int64_t len, int64_t base, int64_t kstride, double scale, const double* step,
                     int64_t step_len, T* points, double* spacing) {
     switch (np) {
-        case 1: return fill_points<1>(xj, len, base, n, scale, step, step_len, points, spacing);
-        case 2: return fill_points<2>(xj, len, base, n, scale, step, step_len, points, spacing);
-        default: return fill_points<4>(xj, len, base, n, scale, step, step_len, points, spacing);
+        case 1: return fill_points<1>(xj, len, base, kstride, scale, step, step_len, points, spacing);
+        case 2: return fill_points<2>(xj, len, base, kstride, scale, step, step_len, points, spacing);
+        default: return fill_points<4>(xj, len, base, kstride, scale, step, step_len, points, spacing);
     }
 }
 
@@ -104,10 +105,11 @@ inline Quotient quotient(const double* s, const double* v, double fb, double los
     return {extrapolated, std::fabs(extrapolated - g2) + (ratio2 * r2 + r1) / (ratio2 - 1.0)};
 }
 
-/// Structure "token", one datum: steps recomputed from the points, loss values read from the
-/// per-datum outputs. Returns false if any loss value is non-finite (found later by a slow scan).
+/// Structure "token", one datum: steps recomputed from the points (point k of element i at
+/// points[k * kstride + i]; points, grad and error already offset to the datum), loss values read
+/// from the per-datum outputs. Returns false if any loss value is non-finite (found later by a slow scan).
 template <DifferenceMethod M, class T, class F>
-bool token_datum(const T* __restrict xj, int64_t len, int64_t base, int64_t n, const T* __restrict points,
+bool token_datum(const T* __restrict xj, int64_t len, int64_t kstride, const T* __restrict points,
                  const F* const* fj, const F* __restrict f0j, double loss_eps, T* __restrict grad,
                  T* __restrict error) {
     constexpr int NP = M == DifferenceMethod::Forward ? 1 : (M == DifferenceMethod::Central ? 2 : 4);
@@ -118,7 +120,7 @@ bool token_datum(const T* __restrict xj, int64_t len, int64_t base, int64_t n, c
         double v[NP];
         double check = 0.0;  // NaN if any value is NaN or infinite
         for (int k = 0; k < NP; ++k) {
-            s[k] = static_cast<double>(points[k * n + base + i]) - xd;
+            s[k] = static_cast<double>(points[k * kstride + i]) - xd;
             v[k] = static_cast<double>(fj[k][i]);
             check += v[k] - v[k];
         }
@@ -126,23 +128,23 @@ bool token_datum(const T* __restrict xj, int64_t len, int64_t base, int64_t n, c
         check += fb - fb;
         bad += static_cast<int64_t>(check != 0.0);
         const Quotient q = quotient<M>(s, v, fb, loss_eps);
-        grad[base + i] = static_cast<T>(q.grad);
-        error[base + i] = static_cast<T>(q.error);
+        grad[i] = static_cast<T>(q.grad);
+        error[i] = static_cast<T>(q.error);
     }
     return bad == 0;
 }
 
 /// token_datum for a method chosen at run time.
 template <class T, class F>
-bool token_datum_m(DifferenceMethod method, const T* xj, int64_t len, int64_t base, int64_t n, const T* points,
+bool token_datum_m(DifferenceMethod method, const T* xj, int64_t len, int64_t kstride, const T* points,
                    const F* const* fj, const F* f0j, double loss_eps, T* grad, T* error) {
     switch (method) {
         case DifferenceMethod::Forward:
-            return token_datum<DifferenceMethod::Forward>(xj, len, base, n, points, fj, f0j, loss_eps, grad, error);
+            return token_datum<DifferenceMethod::Forward>(xj, len, kstride, points, fj, f0j, loss_eps, grad, error);
         case DifferenceMethod::Central:
-            return token_datum<DifferenceMethod::Central>(xj, len, base, n, points, fj, f0j, loss_eps, grad, error);
+            return token_datum<DifferenceMethod::Central>(xj, len, kstride, points, fj, f0j, loss_eps, grad, error);
         case DifferenceMethod::Richardson:
-            return token_datum<DifferenceMethod::Richardson>(xj, len, base, n, points, fj, f0j, loss_eps, grad, error);
+            return token_datum<DifferenceMethod::Richardson>(xj, len, kstride, points, fj, f0j, loss_eps, grad, error);
     }
     return true;
 }

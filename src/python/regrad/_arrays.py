@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, List, Optional, Sequence
@@ -29,15 +30,16 @@ class ArrayBatch:
     shapes: List[tuple]
     tensors: Optional[List[Any]] = None  # torch input: the detached tensors, so callers need not detach again
 
-    @property
+    @functools.cached_property
     def sizes(self) -> List[int]:
         return list(map(_SIZE, self.arrays))
 
 
-def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") -> ArrayBatch:
+def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", keep_tensors: bool = True) -> ArrayBatch:
     """Checks a ragged batch ([T_i] or [T_i, K] each, one float dtype) and returns numpy views of it.
 
-    Contiguous inputs are viewed, not copied; non-contiguous ones are copied once.
+    Contiguous inputs are viewed, not copied; non-contiguous ones are copied once. keep_tensors=False:
+    the caller needs only the arrays, so plain tensors that do not require grad are not detached.
     """
     if isinstance(logprobs_list, (np.ndarray,)) or is_torch_tensor(logprobs_list):
         raise InputError(f"{what} must be a list with one array per datum, not a single array")
@@ -47,7 +49,7 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") ->
         raise InputError(f"{what} must be a list of arrays, got {type(logprobs_list).__name__}") from None
     first_torch = is_torch_tensor(items[0]) if items else False
     if first_torch:
-        fast = _plain_torch_batch(items)
+        fast = _plain_torch_batch(items, keep_tensors)
         if fast is not None:
             return fast
     arrays: List[np.ndarray] = []
@@ -95,17 +97,24 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") ->
     return ArrayBatch(arrays, first_torch, dtype, shapes, tensors if first_torch else None)
 
 
-def _plain_torch_batch(items: List[Any]) -> Optional[ArrayBatch]:
+def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[ArrayBatch]:
     """Plain contiguous CPU float tensors of one dtype and rank, checked in C-level passes; else None (the loop decides)."""
     import torch
 
     if set(map(type, items)) != {torch.Tensor}:
         return None
-    tensors = list(map(torch.Tensor.detach, items))
-    if not all(map(torch.Tensor.is_contiguous, tensors)):
+    if not all(map(torch.Tensor.is_contiguous, items)):
         return None
-    try:  # numpy() itself refuses other devices, layouts and dtypes numpy lacks
-        arrays = list(map(torch.Tensor.numpy, tensors))
+    tensors: Optional[List[Any]] = None
+    try:  # numpy() itself refuses other devices, layouts, dtypes numpy lacks and tensors requiring grad
+        if keep_tensors:
+            tensors = list(map(torch.Tensor.detach, items))
+            arrays = list(map(torch.Tensor.numpy, tensors))
+        else:
+            try:
+                arrays = list(map(torch.Tensor.numpy, items))
+            except RuntimeError:  # requires grad: detached views have the same memory
+                arrays = list(map(torch.Tensor.numpy, map(torch.Tensor.detach, items)))
     except (RuntimeError, TypeError):
         return None
     dtypes = set(map(_DTYPE, arrays))

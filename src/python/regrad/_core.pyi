@@ -28,6 +28,7 @@ def difference_points(
     scale: float,
     step: Optional[npt.NDArray[np.float64]] = None,
     with_spacing: Literal[True] = True,
+    stacked: Literal[False] = False,
 ) -> Tuple[np.ndarray, npt.NDArray[np.float64]]: ...
 @overload
 def difference_points(
@@ -36,6 +37,7 @@ def difference_points(
     scale: float,
     step: Optional[npt.NDArray[np.float64]],
     with_spacing: Literal[False],
+    stacked: bool = False,
 ) -> Tuple[np.ndarray, None]: ...
 def difference_block(
     arrays: Sequence[np.ndarray],
@@ -63,8 +65,9 @@ def token_quotients(
     method: str,
     arrays: Sequence[np.ndarray],
     points: np.ndarray,
-    values: Sequence[Sequence[np.ndarray]],
+    values: Sequence[Any],  # P lists of per-datum arrays, or (stacked) one [R, ...] array per datum
     loss_eps: float = 0.0,
+    stacked: bool = False,
 ) -> Tuple[np.ndarray, np.ndarray, int]: ...
 def random_block(
     arrays: Sequence[np.ndarray],

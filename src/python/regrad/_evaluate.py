@@ -8,6 +8,7 @@ can run on any concurrent.futures.Executor, including a Dask `Client.get_executo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import operator
@@ -98,6 +99,11 @@ class Problem:
     offsets: np.ndarray  # int64 [B + 1] element offsets of the packed layout
     width: int
     is_torch: bool
+    sizes: List[int] = dataclasses.field(default_factory=list)  # elements per datum (derived from offsets if empty)
+
+    def __post_init__(self) -> None:
+        if not self.sizes and len(self.offsets) > 1:
+            self.sizes = np.diff(self.offsets).tolist()
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -107,11 +113,6 @@ class Problem:
     @property
     def name(self) -> str:
         return fn_name(self.fn)
-
-    @functools.cached_property
-    def sizes(self) -> List[int]:
-        """Elements per datum."""
-        return np.diff(self.offsets).tolist()
 
     def fn_view(self, a: np.ndarray) -> Any:
         """What fn receives for an array the engine owns: a torch view, or a read-only numpy view."""
@@ -179,15 +180,16 @@ class Problem:
             raise NonFiniteError(f"{self.name} returned the non-finite loss {a[bad[0]]} for copy {bad[0]} of {where}")
         return a
 
-    def token_values(self, out: Any, where: str) -> List[np.ndarray]:
-        """Checks per-token losses (one array shaped like each datum's log-probs) and returns numpy
-        views of them (float32 / float64 when fn's are; the core checks finiteness and dtype)."""
-        shapes = [a.shape for a in self.arrays]
+    def token_values(self, out: Any, where: str, rows: int = 0) -> List[np.ndarray]:
+        """Checks per-token losses (one array shaped like each datum's log-probs, with a leading
+        dimension of `rows` stacked copies when rows > 0) and returns numpy views of them (float32 /
+        float64 when fn's are; the core checks finiteness and dtype)."""
+        shapes = [(rows,) + a.shape if rows else a.shape for a in self.arrays]
         if not isinstance(out, (list, tuple)):
             single = "scalar" if np.ndim(out) == 0 else "array"
             raise NumericalError(
                 f"{self.name} returned a single {single} at {where}; structure='token' expects a list of "
-                f"{len(shapes)} per-token loss arrays shaped like the log-probs"
+                f"{len(shapes)} per-token loss arrays shaped like {'its inputs' if rows else 'the log-probs'}"
             )
         if len(out) != len(shapes):
             raise NumericalError(
@@ -213,9 +215,10 @@ class Problem:
     def _check_token_shapes(self, out: Sequence[Any], shapes: List[tuple], where: str) -> None:
         for j, (p, s) in enumerate(zip(out, shapes)):
             if tuple(np.shape(p) if not hasattr(p, "shape") else p.shape) != s:
+                what = "its stacked copies" if len(s) > self.arrays[j].ndim else "its log-probs"
                 raise NumericalError(
                     f"{self.name} returned per-token losses of shape {tuple(np.shape(p))} for datum {j} at {where}; "
-                    f"expected {tuple(s)}, the shape of its log-probs"
+                    f"expected {tuple(s)}, the shape of {what}"
                 )
 
     def packed_views(self, row: np.ndarray) -> List[Any]:
@@ -229,6 +232,23 @@ class Problem:
         view.flags.writeable = False
         bounds = self.offsets.tolist()
         return [view[bounds[j] : bounds[j + 1]].reshape(a.shape) for j, a in enumerate(self.arrays)]
+
+    def stacked_views(self, points: np.ndarray, rows: int) -> List[Any]:
+        """What a vectorized per-token fn receives: datum j's `rows` copies as one contiguous
+        [rows, *shape_j] view of the stacked points (read-only for numpy)."""
+        shapes = [(rows,) + a.shape for a in self.arrays]
+        if self.is_torch:
+            import torch
+
+            flat = torch.from_numpy(points)
+            if len(set(shapes)) == 1:  # equal shapes: one view and one unbind
+                return list(flat.view((len(shapes),) + shapes[0]).unbind(0))
+            parts = flat.split_with_sizes([rows * s for s in self.sizes])
+            return [p.view(s) for p, s in zip(parts, shapes)]
+        view = points.view()
+        view.flags.writeable = False
+        bounds = (self.offsets * rows).tolist()
+        return [view[bounds[j] : bounds[j + 1]].reshape(s) for j, s in enumerate(shapes)]
 
     def describe_element(self, e: int) -> str:
         j = int(np.searchsorted(self.offsets, e, side="right") - 1)

@@ -19,6 +19,7 @@ arrays) and must not modify them in place. See docs/numerical.md.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -120,7 +121,7 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
         raise InputError("logprobs_list is None; expected a list of arrays (one per datum)")
     if items and not _is_narrow(items[0]):
         try:  # float32 / float64 throughout, the common case: nothing to widen
-            batch = as_array_batch(items)
+            batch = as_array_batch(items, keep_tensors=False)
             return _Inputs(batch, [items[0].dtype] * len(items), None)
         except InputError:
             pass  # a narrow dtype further on, or a real problem that the loop below names
@@ -141,7 +142,7 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
         else:
             originals.append(None)
         widened.append(x)
-    batch = as_array_batch(widened)
+    batch = as_array_batch(widened, keep_tensors=False)
     note = None
     if narrow:
         note = f"{' and '.join(sorted(narrow))} log-probs were differentiated in float32 (results cast back)"
@@ -201,8 +202,6 @@ def _check_options(method: str, structure: str, vectorized: bool, executor: Any,
     if structure not in STRUCTURES:
         raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {structure!r}")
     canonical = STRUCTURES[structure]
-    if canonical == "token" and vectorized:
-        raise InputError("vectorized=True applies to structure 'batch' or 'datum'; 'token' already needs only 2 calls")
     if canonical == "token" and method in RANDOMIZED:
         raise InputError(
             f"method {method!r} applies to structure 'batch' or 'datum'; with per-token losses "
@@ -212,13 +211,25 @@ def _check_options(method: str, structure: str, vectorized: bool, executor: Any,
         raise InputError("executor applies to vectorized=False (a vectorized fn already gets whole blocks)")
     if executor is not None and not callable(getattr(executor, "map", None)):
         raise InputError(f"executor must be a concurrent.futures.Executor, got {type(executor).__name__}")
-    if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral) or max_batch_bytes <= 0:
+    if not _is_int(max_batch_bytes) or max_batch_bytes <= 0:
         raise InputError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+    if not _is_int(num_samples) or num_samples < 1:
         raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+    if not _is_int(seed) or not 0 <= seed < 2**64:
         raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return canonical
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (plain ints checked without the slower ABC test)."""
+    return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_constants(method: str, dtype: np.dtype) -> Tuple[str, float, float]:
+    """(dtype name, relative step c for `method`, machine epsilon) of a working dtype, computed once."""
+    name = dtype.name
+    return name, _core.difference_step_scale(method, name), float(np.finfo(dtype).eps)
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -258,16 +269,16 @@ def numerical_grad(
     inputs = _prepare_inputs(logprobs_list)
     batch = inputs.batch
     arrays = batch.arrays
-    offsets = np.zeros(len(arrays) + 1, np.int64)
-    np.cumsum(batch.sizes, out=offsets[1:])
+    sizes = batch.sizes
+    offsets = np.array(list(itertools.accumulate(sizes, initial=0)), np.int64)
     n = int(offsets[-1])
     width = int(arrays[0].shape[1]) if arrays and arrays[0].ndim == 2 else 1
     if structure_name == "datum":
         if data is None or len(data) != len(arrays):
             got = "None" if data is None else f"{len(data)} data"
             raise InputError(f"structure='datum' needs one datum per log-prob array: got {got} for {len(arrays)} arrays")
-    problem = Problem(fn, data, structure_name, arrays, offsets, width, batch.is_torch)
-    dtype_name = batch.dtype.name
+    problem = Problem(fn, data, structure_name, arrays, offsets, width, batch.is_torch, sizes)
+    dtype_name, scale, loss_eps = _dtype_constants("central" if method in RANDOMIZED else method, batch.dtype)
     common = dict(method=method, structure=structure_name, dtype=dtype_name, dtype_note=inputs.dtype_note)
 
     if n == 0:
@@ -275,7 +286,7 @@ def numerical_grad(
         return NumericalGrad(_as_output(zeros, inputs), _as_output(zeros, inputs), 0, 0, **common)
 
     if method in RANDOMIZED:
-        central_scale = _core.difference_step_scale("central", dtype_name)
+        central_scale = scale
         scale = _per_element(sigma, n, batch, "sigma")
         if scale is None:
             scale = central_scale * np.maximum(1.0, np.abs(np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)))
@@ -291,13 +302,15 @@ def numerical_grad(
         )
 
     step_values = _per_element(step, n, batch, "step")
-    scale = _core.difference_step_scale(method, dtype_name)
-    loss_eps = float(np.finfo(batch.dtype).eps)
     if structure_name == "token":
-        points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False)
-        grad, error, nfev = _token_gradient(problem, method, points, loss_eps, executor)
-        return NumericalGrad(_as_output(grad, inputs), _as_output(error, inputs), nfev, nfev, **common,
-                             step_scale=None if step is not None else scale)
+        points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False, stacked=vectorized)
+        if vectorized:
+            grad, error, nfev = _token_gradient_stacked(problem, method, points, loss_eps)
+        else:
+            grad, error, nfev = _token_gradient(problem, method, points, loss_eps, executor)
+        return NumericalGrad(_as_output(grad, inputs), _as_output(error, inputs), nfev, 1 if vectorized else nfev,
+                             **common, step_scale=None if step is not None else scale, blocks=int(vectorized),
+                             block_rows=nfev if vectorized else 0)
     points, spacing = _difference_points(problem, method, scale, step_values)
     grad, error, nfev, ncalls, blocks, rows = _separable_gradient(
         problem, method, points, spacing, loss_eps, vectorized, max_batch_bytes, executor, progress
@@ -309,11 +322,13 @@ def numerical_grad(
 
 
 def _difference_points(
-    problem: Problem, method: str, scale: float, step: Optional[np.ndarray], with_spacing: bool = True
+    problem: Problem, method: str, scale: float, step: Optional[np.ndarray], with_spacing: bool = True,
+    stacked: bool = False,
 ) -> Tuple[np.ndarray, Any]:
-    """Points [P, n] in the working dtype and, if asked, the steps taken [P, n] (float64; else None)."""
+    """Points [P, n] in the working dtype (stacked: each datum's rows as one [R, T_i] block, flat) and,
+    if asked, the steps taken [P, n] (float64; else None)."""
     try:
-        return _core.difference_points(problem.arrays, method, scale, step, with_spacing)  # type: ignore[call-overload]
+        return _core.difference_points(problem.arrays, method, scale, step, with_spacing, stacked)  # type: ignore[call-overload]
     except NonFiniteError:
         raise
     except ValueError as err:
@@ -433,6 +448,39 @@ def _token_gradient(
             f"{problem.describe_element(e)}"
         )
     return grad, error, len(ks)
+
+
+def _token_gradient_stacked(
+    problem: Problem, method: str, points: np.ndarray, loss_eps: float
+) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Structure "token" with a vectorized fn: one call, datum j as a contiguous [R, *shape_j] array
+    of its copies (rows: the points, plus x for forward), and the same C++ pass reading them."""
+    rows = len(POINT_LABELS[method]) + (method == "forward")
+    term = Term(list(range(len(problem.arrays))), 0, int(problem.offsets[-1]))
+    where = f"the stacked copies of every log-prob ({rows} rows: {_stacked_labels(method)})"
+    with problem.no_grad():
+        out = problem.invoke(term, problem.stacked_views(points, rows), where)
+    values = problem.token_values(out, where, rows)
+    try:
+        grad, error, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps, True)
+    except (TypeError, ValueError):
+        values = [np.ascontiguousarray(v, dtype=np.float64) for v in values]
+        grad, error, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps, True)
+    if bad >= 0:
+        n = int(problem.offsets[-1])
+        row, e = divmod(bad, n)
+        j = int(np.searchsorted(problem.offsets, e, side="right") - 1)
+        value = values[j].reshape(rows, -1)[row, e - int(problem.offsets[j])]
+        label = _stacked_labels(method).split(", ")[row]
+        raise NonFiniteError(
+            f"{problem.name} returned a non-finite per-token loss ({value}) in row {row} ({label}) of the stacked "
+            f"copies, {problem.describe_element(e)}"
+        )
+    return grad, error, rows
+
+
+def _stacked_labels(method: str) -> str:
+    return ", ".join(("x" + label for label in POINT_LABELS[method])) + (", x" if method == "forward" else "")
 
 
 def _token_where(method: str, k: int) -> str:

@@ -25,6 +25,16 @@ enum class DifferenceMethod {
 /// Points evaluated per element: 1, 2 or 4.
 int points_per_element(DifferenceMethod method);
 
+/// Where difference_points writes point k of element e (element i of datum j). Rows: [P, n],
+/// points[k * n + e]. Stacked: each datum's copies as one contiguous [R, len_j] block starting at
+/// points[R * offsets[j]], row k at point k, R = stacked_rows(method); for forward differences the
+/// last row is x itself. Stacked is what a vectorized per-token loss receives: one call gives every
+/// loss value the quotients need.
+enum class PointLayout { Rows, Stacked };
+
+/// Rows of a datum's block in the stacked layout: the points, plus x for forward differences.
+int stacked_rows(DifferenceMethod method);
+
 /// Relative step c of the default h_i = c * max(1, |x_i|) for the working dtype T: eps^(1/2)
 /// forward, eps^(1/3) central, eps^(1/5) Richardson (the optimum of each method's order).
 template <class T>
@@ -41,13 +51,14 @@ private:
 };
 
 /// Writes points[k * n + e] = x_e + frac_k * h_e rounded to T and spacing[k * n + e] = that point
-/// minus x_e in double (the step actually taken; spacing may be null when the caller does not need it). h_e = scale * max(1, |x_e|) when step is null,
+/// minus x_e in double (the step actually taken; spacing may be null when the caller does not need it,
+/// and must be null for the stacked layout, which places the points as PointLayout says). h_e = scale * max(1, |x_e|) when step is null,
 /// else step[e] (step_len == n) or step[0] (step_len == 1). Throws NonFiniteError for a
 /// non-finite x, std::invalid_argument for a step that is not positive and finite, and
 /// StepUnderflowError where a point rounds back to x_e.
 template <class T>
 void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double scale, const double* step,
-                       int64_t step_len, T* points, double* spacing);
+                       int64_t step_len, T* points, double* spacing, PointLayout layout = PointLayout::Rows);
 
 /// Writes perturbations [q_begin, q_begin + count) of `x` into `out`: row r of datum j's buffer
 /// (out[j], `capacity` rows of x.length(j) elements) is x_j with element (q_begin + r) / P set to
@@ -75,12 +86,12 @@ void difference_quotients(DifferenceMethod method, int64_t n, const double* spac
 /// Structure "token" (the loss is a sum of per-element terms, each depending on its own element):
 /// grad and error (as in difference_quotients) in the working dtype from per-datum loss values.
 /// f[k] holds the values at point k with x's layout; f0 (forward only) the values at x. The steps
-/// are recomputed from `points` ([P, n], as difference_points wrote them), so no spacing array is
+/// are recomputed from `points` (as difference_points wrote them in `layout`), so no spacing array is
 /// needed. Returns -1, or k * n + e for the first non-finite loss value (k = P for f0), in which
 /// case grad and error are unspecified. Throws std::invalid_argument on a layout mismatch.
 template <class T, class F>
-int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const T* points, const RaggedBatch<F>* f,
-                        const RaggedBatch<F>* f0, double loss_eps, T* grad, T* error);
+int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const T* points, PointLayout layout,
+                        const RaggedBatch<F>* f, const RaggedBatch<F>* f0, double loss_eps, T* grad, T* error);
 
 /// Row r of each datum's buffer (perturbation q = q_begin + r) becomes x + sign * scale * u_s with
 /// u_s = random direction s: antithetic: s = q / 2, sign = +1 for even q, -1 for odd; otherwise
