@@ -225,6 +225,32 @@ LossValues values_stacked(const py::sequence& values, const RaggedArrays& x, int
     return v;
 }
 
+/// values: (addresses, "float32" | "float64"), one address per datum of R * len_j contiguous values
+/// (CPU torch tensors' data_ptr(); the caller has checked their dtype, shape and contiguity and
+/// keeps them alive for the call).
+LossValues values_addresses(const py::tuple& values, const RaggedArrays& x, int nf) {
+    const auto b = static_cast<int64_t>(x.data.size());
+    const auto addresses = values[0].cast<std::vector<uintptr_t>>();
+    const auto dtype = values[1].cast<std::string>();
+    if (dtype != "float32" && dtype != "float64") throw py::type_error("loss values: dtype " + dtype);
+    if (static_cast<int64_t>(addresses.size()) != b) {
+        throw py::value_error("got " + std::to_string(addresses.size()) + " loss addresses for " + std::to_string(b) +
+                              " data");
+    }
+    LossValues v;
+    v.is_double = dtype == "float64";
+    const int64_t itemsize = v.is_double ? 8 : 4;
+    v.data.assign(static_cast<size_t>(nf), std::vector<const void*>(static_cast<size_t>(b), nullptr));
+    v.offsets.assign(static_cast<size_t>(nf), x.offsets);
+    for (int64_t j = 0; j < b; ++j) {
+        const int64_t len = x.offsets[static_cast<size_t>(j) + 1] - x.offsets[static_cast<size_t>(j)];
+        const auto* base = reinterpret_cast<const char*>(addresses[static_cast<size_t>(j)]);
+        if (len > 0 && base == nullptr) throw py::value_error("loss values[" + std::to_string(j) + "] has no data");
+        for (int k = 0; k < nf && len > 0; ++k) v.data[static_cast<size_t>(k)][static_cast<size_t>(j)] = base + k * len * itemsize;
+    }
+    return v;
+}
+
 template <class T, class F>
 py::tuple token_impl(DifferenceMethod method, const RaggedArrays& ragged, const py::array& points, bool stacked,
                      const LossValues& values, double loss_eps) {
@@ -252,24 +278,22 @@ py::tuple token_impl(DifferenceMethod method, const RaggedArrays& ragged, const 
                                    ragged.width});
     }
     const RaggedBatch<F>* f0 = method == DifferenceMethod::Forward ? &f[static_cast<size_t>(np)] : nullptr;
-    py::array_t<T> grad(n);
-    py::array_t<T> error(n);
+    py::array_t<T> both(2 * n);  // gradient, then error: one buffer, so the caller splits once
     const T* p = static_cast<const T*>(points.data());
-    T* g = grad.mutable_data();
-    T* e = error.mutable_data();
+    T* g = both.mutable_data();
     int64_t bad = -1;
     {
         py::gil_scoped_release release;
         bad = token_quotients<T, F>(method, x, p, stacked ? PointLayout::Stacked : PointLayout::Rows, f.data(), f0,
-                                    loss_eps, g, e);
+                                    loss_eps, g, g + n);
     }
-    return py::make_tuple(grad, error, bad);
+    return py::make_tuple(both, bad);
 }
 
-/// token_quotients(method, arrays, points, values, loss_eps, stacked) -> (grad [n], error [n] in the
-/// log-probs' dtype, first non-finite index k * n + e or -1). values: P lists of per-datum loss
+/// token_quotients(method, arrays, points, values, loss_eps, stacked) -> (grad and error as one [2n]
+/// array in the log-probs' dtype, first non-finite index k * n + e or -1). values: P lists of per-datum loss
 /// arrays (plus the values at x for forward), all float32 or all float64; stacked: one array per
-/// datum holding all its rows, with points in the stacked layout.
+/// datum holding all its rows (or their addresses, see values_addresses), with points in the stacked layout.
 py::tuple token(const std::string& method, const py::sequence& arrays, const py::array& points,
                 const py::sequence& values, double loss_eps, bool stacked) {
     const DifferenceMethod m = parse_method(method);
@@ -279,7 +303,14 @@ py::tuple token(const std::string& method, const py::sequence& arrays, const py:
         throw py::value_error("got " + std::to_string(py::len(values)) + " lists of loss values; method " + method +
                               " needs " + std::to_string(nf));
     }
-    const LossValues f = stacked ? values_stacked(values, ragged, nf) : values_per_call(values, nf);
+    LossValues f;
+    if (!stacked) {
+        f = values_per_call(values, nf);
+    } else if (py::isinstance<py::tuple>(values) && py::len(values) == 2 && py::isinstance<py::list>(values[0])) {
+        f = values_addresses(py::reinterpret_borrow<py::tuple>(values), ragged, nf);
+    } else {
+        f = values_stacked(values, ragged, nf);
+    }
     const bool f64 = f.is_double;
     if (ragged.is_double) {
         return f64 ? token_impl<double, double>(m, ragged, points, stacked, f, loss_eps)

@@ -68,7 +68,7 @@ def token_quotients(
     values: Sequence[Any],  # P lists of per-datum arrays, or (stacked) one [R, ...] array per datum
     loss_eps: float = 0.0,
     stacked: bool = False,
-) -> Tuple[np.ndarray, np.ndarray, int]: ...
+) -> Tuple[np.ndarray, int]: ...  # [gradient, error] packed as one [2n] array
 def random_block(
     arrays: Sequence[np.ndarray],
     scale: npt.NDArray[np.float64],

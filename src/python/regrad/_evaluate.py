@@ -29,6 +29,7 @@ POINT_LABELS = {
 
 
 _SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def fn_name(fn: Any) -> str:
@@ -72,6 +73,22 @@ def _float_view(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
         return value
     return _to_numpy(value)
+
+
+_IS_CPU = operator.attrgetter("is_cpu")
+
+
+def _plain_cpu_tensors(values: Sequence[Any]) -> bool:
+    """Plain contiguous CPU torch tensors of one float dtype (float32 or float64), checked in C-level passes."""
+    import torch
+
+    return (
+        set(map(type, values)) == {torch.Tensor}
+        and all(map(torch.Tensor.is_contiguous, values))
+        and all(map(_IS_CPU, values))
+        and len(dtypes := set(map(_DTYPE, values))) == 1
+        and dtypes.pop() in (torch.float32, torch.float64)
+    )
 
 
 @dataclass
@@ -180,16 +197,17 @@ class Problem:
             raise NonFiniteError(f"{self.name} returned the non-finite loss {a[bad[0]]} for copy {bad[0]} of {where}")
         return a
 
-    def token_values(self, out: Any, where: str, rows: int = 0) -> List[np.ndarray]:
-        """Checks per-token losses (one array shaped like each datum's log-probs, with a leading
-        dimension of `rows` stacked copies when rows > 0) and returns numpy views of them (float32 /
-        float64 when fn's are; the core checks finiteness and dtype)."""
-        shapes = [(rows,) + a.shape if rows else a.shape for a in self.arrays]
+    def token_values(self, out: Any, where: str, stacked: Optional[List[tuple]] = None) -> Any:
+        """Checks per-token losses (one array shaped like each datum's log-probs, or like its
+        `stacked` copies) and returns numpy views of them (float32 / float64 when fn's are; the core
+        checks finiteness and dtype). Stacked plain contiguous CPU float tensors of one dtype: their
+        addresses and dtype instead, which token_quotients reads without a numpy view per datum."""
+        shapes = stacked if stacked else [a.shape for a in self.arrays]
         if not isinstance(out, (list, tuple)):
             single = "scalar" if np.ndim(out) == 0 else "array"
             raise NumericalError(
                 f"{self.name} returned a single {single} at {where}; structure='token' expects a list of "
-                f"{len(shapes)} per-token loss arrays shaped like {'its inputs' if rows else 'the log-probs'}"
+                f"{len(shapes)} per-token loss arrays shaped like {'its inputs' if stacked else 'the log-probs'}"
             )
         if len(out) != len(shapes):
             raise NumericalError(
@@ -206,6 +224,8 @@ class Problem:
         if self.is_torch:
             import torch
 
+            if stacked and _plain_cpu_tensors(out):
+                return list(map(torch.Tensor.data_ptr, out)), str(out[0].dtype)[6:]
             try:
                 return list(map(torch.Tensor.numpy, out))
             except (RuntimeError, TypeError):
@@ -233,10 +253,10 @@ class Problem:
         bounds = self.offsets.tolist()
         return [view[bounds[j] : bounds[j + 1]].reshape(a.shape) for j, a in enumerate(self.arrays)]
 
-    def stacked_views(self, points: np.ndarray, rows: int) -> List[Any]:
-        """What a vectorized per-token fn receives: datum j's `rows` copies as one contiguous
-        [rows, *shape_j] view of the stacked points (read-only for numpy)."""
-        shapes = [(rows,) + a.shape for a in self.arrays]
+    def stacked_views(self, points: np.ndarray, shapes: List[tuple]) -> List[Any]:
+        """What a vectorized per-token fn receives: datum j's copies as one contiguous [rows, *shape_j]
+        view of the stacked points (`shapes`; read-only for numpy)."""
+        rows = shapes[0][0] if shapes else 0
         if self.is_torch:
             import torch
 
@@ -244,6 +264,8 @@ class Problem:
             if len(set(shapes)) == 1:  # equal shapes: one view and one unbind
                 return list(flat.view((len(shapes),) + shapes[0]).unbind(0))
             parts = flat.split_with_sizes([rows * s for s in self.sizes])
+            if self.width == 1 and self.arrays[0].ndim == 1:
+                return [p.view(rows, -1) for p in parts]  # integer arguments parse faster than a shape tuple
             return [p.view(s) for p, s in zip(parts, shapes)]
         view = points.view()
         view.flags.writeable = False

@@ -99,7 +99,7 @@ NumericalResult = NumericalGrad  # DESIGN.md's name for the same result
 @dataclass
 class _Inputs:
     batch: ArrayBatch  # working arrays (float32 / float64)
-    original_dtypes: List[Any]  # per datum: numpy dtype or torch dtype of the caller's input
+    original_dtypes: List[Any]  # per datum: numpy or torch dtype of the caller's input (when widened; else empty)
     dtype_note: Optional[str]
 
 
@@ -119,12 +119,10 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
     items = list(logprobs_list) if logprobs_list is not None else None
     if items is None:
         raise InputError("logprobs_list is None; expected a list of arrays (one per datum)")
-    if items and not _is_narrow(items[0]):
-        try:  # float32 / float64 throughout, the common case: nothing to widen
-            batch = as_array_batch(items, keep_tensors=False)
-            return _Inputs(batch, [items[0].dtype] * len(items), None)
-        except InputError:
-            pass  # a narrow dtype further on, or a real problem that the loop below names
+    try:  # float32 / float64 throughout, the common case: nothing to widen
+        return _Inputs(as_array_batch(items, keep_tensors=False), [], None)
+    except InputError:
+        pass  # a narrow dtype to widen, or a real problem that the loop below names
     widened, originals, narrow = [], [], set()
     for x in items:
         if is_torch_tensor(x):
@@ -149,11 +147,6 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
     return _Inputs(batch, originals, note)
 
 
-def _is_narrow(x: Any) -> bool:
-    """float16 / bfloat16 (torch or numpy): differentiated in float32."""
-    return str(getattr(x, "dtype", "")).replace("torch.", "") in ("float16", "bfloat16")
-
-
 def _as_output(packed: np.ndarray, inputs: _Inputs) -> List[Any]:
     """Per-datum results in the caller's type and dtype."""
     batch = inputs.batch
@@ -163,6 +156,21 @@ def _as_output(packed: np.ndarray, inputs: _Inputs) -> List[Any]:
     if batch.is_torch:
         return [p.to(d) if p.dtype != d else p for p, d in zip(parts, inputs.original_dtypes)]
     return [p.astype(d, copy=False) for p, d in zip(parts, inputs.original_dtypes)]
+
+
+def _as_output_pair(both: np.ndarray, inputs: _Inputs) -> Tuple[List[Any], List[Any]]:
+    """grads and error from one packed [2n] buffer (gradient, then error): torch inputs take one split."""
+    batch = inputs.batch
+    count = len(batch.arrays)
+    if batch.is_torch and inputs.dtype_note is None:
+        import torch
+
+        parts = torch.from_numpy(both).split_with_sizes(batch.sizes * 2)
+        if batch.arrays and batch.arrays[0].ndim > 1:
+            parts = [p.view(s) for p, s in zip(parts, batch.shapes * 2)]
+        return list(parts[:count]), list(parts[count:])
+    n = len(both) // 2
+    return _as_output(both[:n], inputs), _as_output(both[n:], inputs)
 
 
 def _per_element(value: Any, n: int, batch: ArrayBatch, what: str) -> Optional[np.ndarray]:
@@ -305,11 +313,12 @@ def numerical_grad(
     if structure_name == "token":
         points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False, stacked=vectorized)
         if vectorized:
-            grad, error, nfev = _token_gradient_stacked(problem, method, points, loss_eps)
+            both, nfev = _token_gradient_stacked(problem, method, points, loss_eps)
         else:
-            grad, error, nfev = _token_gradient(problem, method, points, loss_eps, executor)
-        return NumericalGrad(_as_output(grad, inputs), _as_output(error, inputs), nfev, 1 if vectorized else nfev,
-                             **common, step_scale=None if step is not None else scale, blocks=int(vectorized),
+            both, nfev = _token_gradient(problem, method, points, loss_eps, executor)
+        grads, error = _as_output_pair(both, inputs)
+        return NumericalGrad(grads, error, nfev, 1 if vectorized else nfev, **common,
+                             step_scale=None if step is not None else scale, blocks=int(vectorized),
                              block_rows=nfev if vectorized else 0)
     points, spacing = _difference_points(problem, method, scale, step_values)
     grad, error, nfev, ncalls, blocks, rows = _separable_gradient(
@@ -423,7 +432,7 @@ def _separable_gradient(
 
 def _token_gradient(
     problem: Problem, method: str, points: np.ndarray, loss_eps: float, executor: Any
-) -> Tuple[np.ndarray, np.ndarray, int]:
+) -> Tuple[np.ndarray, int]:
     """Structure "token": every element perturbed at once, one call per point (2, or 4 for Richardson),
     and one pass in C++ over fn's per-datum outputs (no packing, steps recomputed from the points)."""
     ks = list(range(len(POINT_LABELS[method]))) + ([-1] if method == "forward" else [])
@@ -433,11 +442,11 @@ def _token_gradient(
         count = len(ks)
         values = list(executor.map(_token_call, [problem] * count, ks, [points] * count, [method] * count))
     try:
-        grad, error, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps)
+        both, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps)
     except (TypeError, ValueError):
         # fn's outputs mix dtypes or are not contiguous: one float64 copy of each, then the same pass.
         values = [[np.ascontiguousarray(v, dtype=np.float64) for v in call] for call in values]
-        grad, error, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps)
+        both, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps)
     if bad >= 0:
         n = int(problem.offsets[-1])
         call, e = divmod(bad, n)
@@ -447,36 +456,37 @@ def _token_gradient(
             f"{problem.name} returned a non-finite per-token loss ({value}) at {_token_where(method, ks[call])}, "
             f"{problem.describe_element(e)}"
         )
-    return grad, error, len(ks)
+    return both, len(ks)
 
 
 def _token_gradient_stacked(
     problem: Problem, method: str, points: np.ndarray, loss_eps: float
-) -> Tuple[np.ndarray, np.ndarray, int]:
+) -> Tuple[np.ndarray, int]:
     """Structure "token" with a vectorized fn: one call, datum j as a contiguous [R, *shape_j] array
     of its copies (rows: the points, plus x for forward), and the same C++ pass reading them."""
     rows = len(POINT_LABELS[method]) + (method == "forward")
     term = Term(list(range(len(problem.arrays))), 0, int(problem.offsets[-1]))
     where = f"the stacked copies of every log-prob ({rows} rows: {_stacked_labels(method)})"
+    shapes = [(rows,) + a.shape for a in problem.arrays]
     with problem.no_grad():
-        out = problem.invoke(term, problem.stacked_views(points, rows), where)
-    values = problem.token_values(out, where, rows)
+        out = problem.invoke(term, problem.stacked_views(points, shapes), where)
+    values = problem.token_values(out, where, shapes)  # numpy views, or the tensors' addresses
     try:
-        grad, error, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps, True)
+        both, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps, True)
     except (TypeError, ValueError):
-        values = [np.ascontiguousarray(v, dtype=np.float64) for v in values]
-        grad, error, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps, True)
+        values = [np.ascontiguousarray(_numpy(v), dtype=np.float64) for v in out]
+        both, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps, True)
     if bad >= 0:
         n = int(problem.offsets[-1])
         row, e = divmod(bad, n)
         j = int(np.searchsorted(problem.offsets, e, side="right") - 1)
-        value = values[j].reshape(rows, -1)[row, e - int(problem.offsets[j])]
+        value = _numpy(out[j]).reshape(rows, -1)[row, e - int(problem.offsets[j])]
         label = _stacked_labels(method).split(", ")[row]
         raise NonFiniteError(
             f"{problem.name} returned a non-finite per-token loss ({value}) in row {row} ({label}) of the stacked "
             f"copies, {problem.describe_element(e)}"
         )
-    return grad, error, rows
+    return both, rows
 
 
 def _stacked_labels(method: str) -> str:
