@@ -272,6 +272,23 @@ def test_token_vectorized_one_call_same_bits(method, kind, k):
         np.testing.assert_allclose(packed(one.grads), np.sin(x) + x * np.cos(x), rtol=1e-4 if method == "forward" else 1e-7)
 
 
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_token_reads_torch_inputs_in_place(vectorized):
+    """Plain torch inputs are read by address (views into one storage, tensors requiring grad);
+    a negative view takes the copying path. Same bits as numpy inputs."""
+    x = np.random.default_rng(4).normal(size=(40,))
+    reference = numerical_grad(lambda d, xs: [v * v * v for v in xs], None, [x[:10], x[10:25], x[25:]],
+                               structure="token", vectorized=vectorized)
+    base = torch.from_numpy(x.copy())
+    inputs = [base[:10], base[10:25].clone().requires_grad_(True), base[25:]]
+    got = numerical_grad(lambda d, xs: [v * v * v for v in xs], None, inputs, structure="token", vectorized=vectorized)
+    np.testing.assert_array_equal(packed(got.grads), packed(reference.grads))
+    np.testing.assert_array_equal(packed(got.error), packed(reference.error))
+    negated = [torch._neg_view(-t.detach()) for t in inputs]
+    got = numerical_grad(lambda d, xs: [v * v * v for v in xs], None, negated, structure="token", vectorized=vectorized)
+    np.testing.assert_array_equal(packed(got.grads), packed(reference.grads))
+
+
 def test_token_vectorized_copies_hold_the_points():
     """Row k of each datum's block is x at point k (x itself last for forward), in the input dtype."""
     lps = ragged(3, lengths=(4, 2), dtype=np.float32)

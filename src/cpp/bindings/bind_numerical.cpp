@@ -91,11 +91,12 @@ py::tuple points_impl(const RaggedArrays& ragged, DifferenceMethod method, doubl
 }
 
 /// difference_points(arrays, method, scale, step, with_spacing, stacked) -> (points [P, n] in the dtype,
+/// arrays: numpy arrays or an address tuple (ragged_from),
 /// or flat [R * n] in the stacked layout; spacing [P, n] float64 or None)
-py::tuple points(const py::sequence& arrays, const std::string& method, double scale, std::optional<DoubleArray> step,
+py::tuple points(const py::object& arrays, const std::string& method, double scale, std::optional<DoubleArray> step,
                  bool with_spacing, bool stacked) {
     const DifferenceMethod m = parse_method(method);
-    RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
+    RaggedArrays ragged = ragged_from(arrays, "logprobs_list");
     if (ragged.is_double) return points_impl<double>(ragged, m, scale, step, with_spacing, stacked);
     return points_impl<float>(ragged, m, scale, step, with_spacing, stacked);
 }
@@ -294,11 +295,11 @@ py::tuple token_impl(DifferenceMethod method, const RaggedArrays& ragged, const 
 /// array in the log-probs' dtype, first non-finite index k * n + e or -1). values: P lists of per-datum loss
 /// arrays (plus the values at x for forward), all float32 or all float64; stacked: one array per
 /// datum holding all its rows (or their addresses, see values_addresses), with points in the stacked layout.
-py::tuple token(const std::string& method, const py::sequence& arrays, const py::array& points,
+py::tuple token(const std::string& method, const py::object& arrays, const py::array& points,
                 const py::sequence& values, double loss_eps, bool stacked) {
     const DifferenceMethod m = parse_method(method);
     const int nf = stacked_rows(m);
-    RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
+    RaggedArrays ragged = ragged_from(arrays, "logprobs_list");
     if (!stacked && static_cast<int>(py::len(values)) != nf) {
         throw py::value_error("got " + std::to_string(py::len(values)) + " lists of loss values; method " + method +
                               " needs " + std::to_string(nf));

@@ -1,5 +1,7 @@
 #include "common.hpp"
 
+#include <pybind11/stl.h>
+
 #include "regrad/ragged.hpp"
 
 namespace regrad::bindings {
@@ -57,6 +59,41 @@ RaggedArrays ragged_from_list(const py::sequence& arrays, const char* what) {
     }
     if (n == 0) out.dtype = py::dtype::of<double>();
     return out;
+}
+
+RaggedArrays ragged_from_addresses(const py::tuple& spec, const char* what) {
+    const auto addresses = spec[0].cast<std::vector<uintptr_t>>();
+    const auto sizes = spec[1].cast<std::vector<int64_t>>();
+    const auto width = spec[2].cast<int64_t>();
+    const auto dtype = spec[3].cast<std::string>();
+    if (dtype != "float32" && dtype != "float64") throw py::type_error(std::string(what) + ": dtype " + dtype);
+    if (addresses.size() != sizes.size()) throw py::value_error(std::string(what) + ": addresses and sizes differ in length");
+    if (width < 1) throw py::value_error(std::string(what) + ": width must be >= 1");
+    RaggedArrays out;
+    out.is_double = dtype == "float64";
+    out.dtype = out.is_double ? py::dtype::of<double>() : py::dtype::of<float>();
+    out.width = width;
+    out.ndim = width > 1 ? 2 : 1;
+    out.data.reserve(addresses.size());
+    out.offsets.reserve(addresses.size() + 1);
+    for (size_t i = 0; i < addresses.size(); ++i) {
+        if (sizes[i] < 0 || sizes[i] % width != 0) {
+            throw py::value_error(std::string(what) + "[" + std::to_string(i) + "]: size " + std::to_string(sizes[i]) +
+                                  " is not a multiple of the width " + std::to_string(width));
+        }
+        if (sizes[i] > 0 && addresses[i] == 0) throw py::value_error(std::string(what) + "[" + std::to_string(i) + "] has no data");
+        out.data.push_back(sizes[i] > 0 ? reinterpret_cast<const void*>(addresses[i]) : nullptr);
+        out.offsets.push_back(out.offsets.back() + sizes[i]);
+    }
+    return out;
+}
+
+RaggedArrays ragged_from(const py::object& arrays, const char* what) {
+    if (py::isinstance<py::tuple>(arrays) && py::len(arrays) == 4) {
+        auto spec = py::reinterpret_borrow<py::tuple>(arrays);
+        if (py::isinstance<py::list>(spec[0]) && py::isinstance<py::str>(spec[3])) return ragged_from_addresses(spec, what);
+    }
+    return ragged_from_list(arrays, what);
 }
 
 namespace {

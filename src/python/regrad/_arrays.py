@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from operator import attrgetter
+from operator import attrgetter, methodcaller
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
@@ -13,6 +12,7 @@ from .errors import InputError
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPE, _SHAPE, _SIZE = attrgetter("dtype"), attrgetter("shape"), attrgetter("size")
+_NUMEL = methodcaller("numel")
 
 
 def is_torch_tensor(x: Any) -> bool:
@@ -20,19 +20,57 @@ def is_torch_tensor(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "numpy")
 
 
-@dataclass
 class ArrayBatch:
-    """Per-datum numpy views of the caller's data, plus what is needed to hand results back."""
+    """Per-datum numpy views of the caller's data, plus what is needed to hand results back.
 
-    arrays: List[np.ndarray]
-    is_torch: bool
-    dtype: np.dtype
-    shapes: List[tuple]
-    tensors: Optional[List[Any]] = None  # torch input: the detached tensors, so callers need not detach again
+    A plain torch batch may come without the views (arrays=None): `arrays` makes them on first use
+    (~1 us per datum), and `core_arrays` hands the C++ core the tensors' addresses instead.
+    """
+
+    def __init__(self, arrays: Optional[List[np.ndarray]], is_torch: bool, dtype: np.dtype, shapes: List[tuple],
+                 tensors: Optional[List[Any]] = None) -> None:
+        self._arrays = arrays
+        self.is_torch = is_torch
+        self.dtype = dtype
+        self.shapes = shapes
+        self.tensors = tensors  # torch input: the detached tensors (or plain ones), so callers need not detach again
+
+    @property
+    def arrays(self) -> List[np.ndarray]:
+        if self._arrays is None:
+            import torch
+
+            self._arrays = list(map(torch.Tensor.numpy, map(torch.Tensor.detach, self.tensors or [])))
+        return self._arrays
 
     @functools.cached_property
     def sizes(self) -> List[int]:
-        return list(map(_SIZE, self.arrays))
+        if self._arrays is None:
+            return list(map(_NUMEL, self.tensors or []))
+        return list(map(_SIZE, self._arrays))
+
+    @functools.cached_property
+    def core_arrays(self) -> Any:
+        """What the C++ core reads: the numpy views, or (addresses, sizes, width, dtype) of the tensors."""
+        if self._arrays is not None:
+            return self._arrays
+        import torch
+
+        width = self.shapes[0][1] if self.shapes and len(self.shapes[0]) == 2 else 1
+        name = "float64" if self.dtype == _FLOAT_DTYPES[1] else "float32"  # (dtype.name is a slow Python property)
+        return list(map(torch.Tensor.data_ptr, self.tensors or [])), self.sizes, width, name
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__, _arrays=self.arrays, tensors=None)  # pickled as numpy arrays
+        state.pop("sizes", None)
+        state.pop("core_arrays", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # Unpickled arrays (a remote executor) carry a fresh dtype object; the core wants the canonical one.
+        self._arrays = [a.view(a.dtype.type) for a in self._arrays or []]
+        self.dtype = np.dtype(self.dtype.type)
 
 
 def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", keep_tensors: bool = True) -> ArrayBatch:
@@ -66,7 +104,7 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
                     f"{what}[{i}] is on device {x.device}; this takes CPU tensors (move them with .cpu(), "
                     "or keep all of them on the GPU for regrad.kernels: docs/cuda.md)"
                 )
-            t = x.detach()
+            t = x.detach().resolve_neg()  # a negative view (torch._neg_view) has no numpy() of its own
             tensors.append(t)
             a = (t if t.is_contiguous() else t.contiguous()).numpy()
         elif not first_torch and isinstance(x, np.ndarray):
@@ -105,32 +143,54 @@ def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[
         return None
     if not all(map(torch.Tensor.is_contiguous, items)):
         return None
-    tensors: Optional[List[Any]] = None
+    if not keep_tensors:
+        # The caller needs only memory to read: no numpy views (made on first use) and no detach.
+        dtypes = set(map(_DTYPE, items))
+        if len(dtypes) != 1 or not all(map(_IS_CPU, items)) or any(map(torch.Tensor.is_neg, items)):
+            return None  # (a CPU tensor that is contiguous is strided; a negative view would read un-negated)
+        dtype = _TORCH_TO_NUMPY.get(dtypes.pop())
+        if dtype is None:
+            return None
+        return _checked_ranks(None, items, list(map(tuple, map(_SHAPE, items))), dtype)
     try:  # numpy() itself refuses other devices, layouts, dtypes numpy lacks and tensors requiring grad
-        if keep_tensors:
-            tensors = list(map(torch.Tensor.detach, items))
-            arrays = list(map(torch.Tensor.numpy, tensors))
-        else:
-            try:
-                arrays = list(map(torch.Tensor.numpy, items))
-            except RuntimeError:  # requires grad: detached views have the same memory
-                arrays = list(map(torch.Tensor.numpy, map(torch.Tensor.detach, items)))
+        tensors = list(map(torch.Tensor.detach, items))
+        arrays = list(map(torch.Tensor.numpy, tensors))
     except (RuntimeError, TypeError):
         return None
     dtypes = set(map(_DTYPE, arrays))
     if len(dtypes) != 1 or dtypes.pop() not in _FLOAT_DTYPES:
         return None
-    shapes = list(map(_SHAPE, arrays))
+    return _checked_ranks(arrays, tensors, list(map(_SHAPE, arrays)), arrays[0].dtype)
+
+
+def _checked_ranks(arrays: Optional[List[np.ndarray]], tensors: List[Any], shapes: List[tuple],
+                   dtype: np.dtype) -> Optional[ArrayBatch]:
+    """The batch if every datum is [T] or every datum is [T, K] with one K; else None."""
     ranks = set(map(len, shapes))
     if ranks == {2}:
         if len({shape[1] for shape in shapes}) != 1:
             return None
     elif ranks != {1}:
         return None
-    return ArrayBatch(arrays, True, arrays[0].dtype, shapes, tensors)
+    return ArrayBatch(arrays, True, dtype, shapes, tensors)
 
 
 _TORCH_FLOAT_DTYPES: tuple = ()
+_IS_CPU = attrgetter("is_cpu")
+
+
+class _TorchToNumpy(dict):
+    """torch float32 / float64 -> numpy dtype (filled on first use, so importing regrad never imports torch)."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if not self:
+            import torch
+
+            self.update({torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)})
+        return super().get(key, default)
+
+
+_TORCH_TO_NUMPY = _TorchToNumpy()
 
 
 def _torch_float_dtypes() -> tuple:

@@ -8,7 +8,6 @@ can run on any concurrent.futures.Executor, including a Dask `Client.get_executo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import operator
@@ -19,6 +18,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
+from ._arrays import ArrayBatch
 from .errors import NonFiniteError, NumericalError
 
 POINT_LABELS = {
@@ -112,20 +112,23 @@ class Problem:
     fn: Callable[..., Any]
     data: Any
     structure: str
-    arrays: List[np.ndarray]  # working arrays (widened if needed), C-contiguous, never modified
+    batch: ArrayBatch  # working arrays (widened if needed), C-contiguous, never modified
     offsets: np.ndarray  # int64 [B + 1] element offsets of the packed layout
     width: int
-    is_torch: bool
-    sizes: List[int] = dataclasses.field(default_factory=list)  # elements per datum (derived from offsets if empty)
 
-    def __post_init__(self) -> None:
-        if not self.sizes and len(self.offsets) > 1:
-            self.sizes = np.diff(self.offsets).tolist()
+    @property
+    def arrays(self) -> List[np.ndarray]:
+        """numpy views of the log-probs (made on first use for a plain torch batch)."""
+        return self.batch.arrays
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        # Unpickled arrays (a remote executor) carry a fresh dtype object; the core wants the canonical one.
-        self.arrays = [a.view(a.dtype.type) for a in self.arrays]
+    @property
+    def is_torch(self) -> bool:
+        return self.batch.is_torch
+
+    @property
+    def sizes(self) -> List[int]:
+        """Elements per datum."""
+        return self.batch.sizes
 
     @property
     def name(self) -> str:
@@ -202,7 +205,7 @@ class Problem:
         `stacked` copies) and returns numpy views of them (float32 / float64 when fn's are; the core
         checks finiteness and dtype). Stacked plain contiguous CPU float tensors of one dtype: their
         addresses and dtype instead, which token_quotients reads without a numpy view per datum."""
-        shapes = stacked if stacked else [a.shape for a in self.arrays]
+        shapes = stacked if stacked else self.batch.shapes
         if not isinstance(out, (list, tuple)):
             single = "scalar" if np.ndim(out) == 0 else "array"
             raise NumericalError(
@@ -220,7 +223,7 @@ class Problem:
         except AttributeError:
             same = False
         if not same:
-            self._check_token_shapes(out, shapes, where)
+            self._check_token_shapes(out, shapes, where, bool(stacked))
         if self.is_torch:
             import torch
 
@@ -232,10 +235,10 @@ class Problem:
                 pass
         return [_float_view(p) for p in out]
 
-    def _check_token_shapes(self, out: Sequence[Any], shapes: List[tuple], where: str) -> None:
+    def _check_token_shapes(self, out: Sequence[Any], shapes: List[tuple], where: str, stacked: bool) -> None:
         for j, (p, s) in enumerate(zip(out, shapes)):
             if tuple(np.shape(p) if not hasattr(p, "shape") else p.shape) != s:
-                what = "its stacked copies" if len(s) > self.arrays[j].ndim else "its log-probs"
+                what = "its stacked copies" if stacked else "its log-probs"
                 raise NumericalError(
                     f"{self.name} returned per-token losses of shape {tuple(np.shape(p))} for datum {j} at {where}; "
                     f"expected {tuple(s)}, the shape of {what}"
@@ -247,11 +250,11 @@ class Problem:
             import torch
 
             parts = torch.from_numpy(row).split_with_sizes(self.sizes)
-            return list(parts) if self.width == 1 else [p.view(a.shape) for p, a in zip(parts, self.arrays)]
+            return list(parts) if len(self.batch.shapes[0]) == 1 else [p.view(s) for p, s in zip(parts, self.batch.shapes)]
         view = row.view()
         view.flags.writeable = False
         bounds = self.offsets.tolist()
-        return [view[bounds[j] : bounds[j + 1]].reshape(a.shape) for j, a in enumerate(self.arrays)]
+        return [view[bounds[j] : bounds[j + 1]].reshape(s) for j, s in enumerate(self.batch.shapes)]
 
     def stacked_views(self, points: np.ndarray, shapes: List[tuple]) -> List[Any]:
         """What a vectorized per-token fn receives: datum j's copies as one contiguous [rows, *shape_j]
@@ -264,7 +267,7 @@ class Problem:
             if len(set(shapes)) == 1:  # equal shapes: one view and one unbind
                 return list(flat.view((len(shapes),) + shapes[0]).unbind(0))
             parts = flat.split_with_sizes([rows * s for s in self.sizes])
-            if self.width == 1 and self.arrays[0].ndim == 1:
+            if len(shapes[0]) == 2:  # [T] data
                 return [p.view(rows, -1) for p in parts]  # integer arguments parse faster than a shape tuple
             return [p.view(s) for p, s in zip(parts, shapes)]
         view = points.view()

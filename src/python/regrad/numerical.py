@@ -161,12 +161,12 @@ def _as_output(packed: np.ndarray, inputs: _Inputs) -> List[Any]:
 def _as_output_pair(both: np.ndarray, inputs: _Inputs) -> Tuple[List[Any], List[Any]]:
     """grads and error from one packed [2n] buffer (gradient, then error): torch inputs take one split."""
     batch = inputs.batch
-    count = len(batch.arrays)
+    count = len(batch.shapes)
     if batch.is_torch and inputs.dtype_note is None:
         import torch
 
         parts = torch.from_numpy(both).split_with_sizes(batch.sizes * 2)
-        if batch.arrays and batch.arrays[0].ndim > 1:
+        if batch.shapes and len(batch.shapes[0]) > 1:
             parts = [p.view(s) for p, s in zip(parts, batch.shapes * 2)]
         return list(parts[:count]), list(parts[count:])
     n = len(both) // 2
@@ -180,8 +180,8 @@ def _per_element(value: Any, n: int, batch: ArrayBatch, what: str) -> Optional[n
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         out = np.full(n, float(value))
     elif isinstance(value, (list, tuple)):
-        if len(value) != len(batch.arrays):
-            raise InputError(f"{what} has {len(value)} entries but the batch has {len(batch.arrays)} data")
+        if len(value) != len(batch.shapes):
+            raise InputError(f"{what} has {len(value)} entries but the batch has {len(batch.shapes)} data")
         parts = []
         for j, (v, shape) in enumerate(zip(value, batch.shapes)):
             a = np.asarray(_numpy(v), dtype=np.float64)
@@ -276,16 +276,15 @@ def numerical_grad(
     structure_name = _check_options(method, structure, vectorized, executor, max_batch_bytes, num_samples, seed)
     inputs = _prepare_inputs(logprobs_list)
     batch = inputs.batch
-    arrays = batch.arrays
-    sizes = batch.sizes
-    offsets = np.array(list(itertools.accumulate(sizes, initial=0)), np.int64)
+    shapes = batch.shapes
+    offsets = np.array(list(itertools.accumulate(batch.sizes, initial=0)), np.int64)
     n = int(offsets[-1])
-    width = int(arrays[0].shape[1]) if arrays and arrays[0].ndim == 2 else 1
+    width = int(shapes[0][1]) if shapes and len(shapes[0]) == 2 else 1
     if structure_name == "datum":
-        if data is None or len(data) != len(arrays):
+        if data is None or len(data) != len(shapes):
             got = "None" if data is None else f"{len(data)} data"
-            raise InputError(f"structure='datum' needs one datum per log-prob array: got {got} for {len(arrays)} arrays")
-    problem = Problem(fn, data, structure_name, arrays, offsets, width, batch.is_torch, sizes)
+            raise InputError(f"structure='datum' needs one datum per log-prob array: got {got} for {len(shapes)} arrays")
+    problem = Problem(fn, data, structure_name, batch, offsets, width)
     dtype_name, scale, loss_eps = _dtype_constants("central" if method in RANDOMIZED else method, batch.dtype)
     common = dict(method=method, structure=structure_name, dtype=dtype_name, dtype_note=inputs.dtype_note)
 
@@ -297,7 +296,7 @@ def numerical_grad(
         central_scale = scale
         scale = _per_element(sigma, n, batch, "sigma")
         if scale is None:
-            scale = central_scale * np.maximum(1.0, np.abs(np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float64)))
+            scale = central_scale * np.maximum(1.0, np.abs(np.concatenate([a.reshape(-1) for a in batch.arrays]).astype(np.float64)))
         _difference_points(problem, "central", 1.0, scale)  # checks x +- sigma is representable
         grad, variance, nfev, ncalls, blocks, rows = randomized_gradient(
             problem, _terms(problem), method, scale, seed, num_samples, antithetic, vectorized,
@@ -337,7 +336,7 @@ def _difference_points(
     """Points [P, n] in the working dtype (stacked: each datum's rows as one [R, T_i] block, flat) and,
     if asked, the steps taken [P, n] (float64; else None)."""
     try:
-        return _core.difference_points(problem.arrays, method, scale, step, with_spacing, stacked)  # type: ignore[call-overload]
+        return _core.difference_points(problem.batch.core_arrays, method, scale, step, with_spacing, stacked)  # type: ignore[call-overload]
     except NonFiniteError:
         raise
     except ValueError as err:
@@ -442,11 +441,11 @@ def _token_gradient(
         count = len(ks)
         values = list(executor.map(_token_call, [problem] * count, ks, [points] * count, [method] * count))
     try:
-        both, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps)
+        both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     except (TypeError, ValueError):
         # fn's outputs mix dtypes or are not contiguous: one float64 copy of each, then the same pass.
         values = [[np.ascontiguousarray(v, dtype=np.float64) for v in call] for call in values]
-        both, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps)
+        both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     if bad >= 0:
         n = int(problem.offsets[-1])
         call, e = divmod(bad, n)
@@ -465,17 +464,17 @@ def _token_gradient_stacked(
     """Structure "token" with a vectorized fn: one call, datum j as a contiguous [R, *shape_j] array
     of its copies (rows: the points, plus x for forward), and the same C++ pass reading them."""
     rows = len(POINT_LABELS[method]) + (method == "forward")
-    term = Term(list(range(len(problem.arrays))), 0, int(problem.offsets[-1]))
+    shapes = [(rows,) + s for s in problem.batch.shapes]
+    term = Term(list(range(len(shapes))), 0, int(problem.offsets[-1]))
     where = f"the stacked copies of every log-prob ({rows} rows: {_stacked_labels(method)})"
-    shapes = [(rows,) + a.shape for a in problem.arrays]
     with problem.no_grad():
         out = problem.invoke(term, problem.stacked_views(points, shapes), where)
     values = problem.token_values(out, where, shapes)  # numpy views, or the tensors' addresses
     try:
-        both, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps, True)
+        both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps, True)
     except (TypeError, ValueError):
         values = [np.ascontiguousarray(_numpy(v), dtype=np.float64) for v in out]
-        both, bad = _core.token_quotients(method, problem.arrays, points, values, loss_eps, True)
+        both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps, True)
     if bad >= 0:
         n = int(problem.offsets[-1])
         row, e = divmod(bad, n)
@@ -503,7 +502,7 @@ def _token_where(method: str, k: int) -> str:
 def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> List[np.ndarray]:
     """Per-token losses with every element at point k (k = -1: unperturbed), one numpy array per datum."""
     source = [problem.fn_view(a) for a in problem.arrays] if k < 0 else problem.packed_views(points[k])
-    term = Term(list(range(len(problem.arrays))), 0, int(problem.offsets[-1]))
+    term = Term(list(range(len(problem.sizes))), 0, int(problem.offsets[-1]))
     where = _token_where(method, k)
     with problem.no_grad():
         out = problem.invoke(term, source, where)
