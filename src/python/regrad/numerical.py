@@ -9,7 +9,8 @@ smoothing), exploiting the loss's structure when told:
 - structure="datum" (alias "per_sequence"): `fn(datum, logprobs) -> loss`, total = sum over data;
   perturbing datum i re-evaluates only its own term.
 - structure="token" (alias "per_token"): `fn(data, logprobs_list) -> per-token losses` shaped like
-  the log-probs, total = their sum; the whole gradient costs 2 calls (4 with Richardson).
+  the log-probs, total = their sum; the whole gradient costs 2 calls (4 with Richardson), or one
+  with `vectorized=True` (datum j arrives as [R, *shape_j]: its copies at the R points).
 
 fn may return a scalar (float, 0-d tensor or array) or a `(loss, metrics)` pair as Tinker's
 custom losses do. It receives the log-probs as the caller gave them (torch tensors or numpy
@@ -267,7 +268,8 @@ def numerical_grad(
     method: "central" (default, O(h^2)), "forward" (O(h)), "richardson" (O(h^4)), "spsa", "gaussian".
     step: None (h = c * max(1, |x|), c = eps^(1/3), eps^(1/2) for forward), or an absolute step
     (scalar, one array per datum, or packed). vectorized: fn takes a leading dimension of P
-    perturbed copies and returns P losses. executor: maps chunks of calls (vectorized=False).
+    perturbed copies and returns P losses (structure "token": P per-token losses per datum, in one
+    call). executor: maps chunks of calls (vectorized=False).
     progress: True / False, or None to show a bar when the run is predicted to exceed a few seconds.
     seed, num_samples, sigma (perturbation scale, default the central step), antithetic: randomized.
     """
