@@ -69,8 +69,8 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
         throw std::invalid_argument("step has " + std::to_string(step_len) + " entries; expected 1 or " +
                                     std::to_string(n) + " (one per log-prob)");
     }
-    if (step == nullptr && !(scale > 0 && std::isfinite(scale))) {
-        throw std::invalid_argument("relative step must be positive and finite, got " + std::to_string(scale));
+    if (step == nullptr && !(scale > 0 && scale <= 1)) {
+        throw std::invalid_argument("relative step must be in (0, 1], got " + std::to_string(scale));
     }
     // First problem per datum (element index, kind); scanned in datum order after the loop.
     std::vector<int64_t> bad_at(static_cast<size_t>(x.batch), -1);

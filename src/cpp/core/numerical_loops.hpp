@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "regrad/numerical.hpp"
 
@@ -40,8 +41,13 @@ bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t
     for (int64_t i = 0; i < len; ++i) {
         const double xd = static_cast<double>(xj[i]);
         const double h = StepKind == 0 ? scale * max_with_one(std::fabs(xd)) : (StepKind == 1 ? step[0] : step[base + i]);
-        problems += static_cast<int64_t>((xd - xd) + (h - h) != 0.0);
-        problems += static_cast<int64_t>(h <= 0.0);
+        if constexpr (StepKind == 0) {
+            // h = scale * max(1, |x|) with 0 < scale <= 1 (the caller checks): finite and positive whenever x is.
+            problems += static_cast<int64_t>(xd - xd != 0.0);
+        } else {
+            problems += static_cast<int64_t>((xd - xd) + (h - h) != 0.0);
+            problems += static_cast<int64_t>(h <= 0.0);
+        }
         for (int k = 0; k < NP; ++k) {
             const T p = static_cast<T>(xd + kFractions[k] * h);
             const double d = static_cast<double>(p) - xd;
@@ -81,53 +87,60 @@ bool fill_points_np(int np, const T* xj, int64_t len, int64_t base, int64_t kstr
 
 /// One element's quotient and its error estimate from the steps s[k] actually taken and the loss
 /// values v[k] at the points (fb: the loss at x, forward only). Shared by both quotient entry points.
+template <class C = double>
 struct Quotient {
-    double grad;
-    double error;
+    C grad;
+    C error;
 };
 
-template <DifferenceMethod M>
-inline Quotient quotient(const double* s, const double* v, double fb, double loss_eps) {
+/// C: the arithmetic type (double, or float for the token structure's float32 values).
+template <DifferenceMethod M, class C = double>
+inline Quotient<C> quotient(const C* s, const C* v, C fb, C loss_eps) {
     if constexpr (M == DifferenceMethod::Forward) {
         return {(v[0] - fb) / s[0], loss_eps * (std::fabs(v[0]) + std::fabs(fb)) / s[0]};
     }
-    const double d1 = s[0] - s[1];
-    const double inv1 = 1.0 / d1;  // one division per element, not two
-    const double g1 = (v[0] - v[1]) * inv1;
-    const double r1 = loss_eps * (std::fabs(v[0]) + std::fabs(v[1])) * inv1;
+    const C d1 = s[0] - s[1];
+    const C inv1 = C(1) / d1;  // one division per element, not two
+    const C g1 = (v[0] - v[1]) * inv1;
+    const C r1 = loss_eps * (std::fabs(v[0]) + std::fabs(v[1])) * inv1;
     if constexpr (M == DifferenceMethod::Central) return {g1, r1};
-    const double d2 = s[2] - s[3];
-    const double g2 = (v[2] - v[3]) / d2;
-    const double r2 = loss_eps * (std::fabs(v[2]) + std::fabs(v[3])) / d2;
+    const C d2 = s[2] - s[3];
+    const C g2 = (v[2] - v[3]) / d2;
+    const C r2 = loss_eps * (std::fabs(v[2]) + std::fabs(v[3])) / d2;
     // Steps are the rounded ones, so their ratio is only about 2: extrapolate with the true ratio.
-    const double ratio2 = (d1 / d2) * (d1 / d2);
-    const double extrapolated = (ratio2 * g2 - g1) / (ratio2 - 1.0);
-    return {extrapolated, std::fabs(extrapolated - g2) + (ratio2 * r2 + r1) / (ratio2 - 1.0)};
+    const C ratio2 = (d1 / d2) * (d1 / d2);
+    const C extrapolated = (ratio2 * g2 - g1) / (ratio2 - C(1));
+    return {extrapolated, std::fabs(extrapolated - g2) + (ratio2 * r2 + r1) / (ratio2 - C(1))};
 }
 
 /// Structure "token", one datum: steps recomputed from the points (point k of element i at
 /// points[k * kstride + i]; points, grad and error already offset to the datum), loss values read
 /// from the per-datum outputs. Returns false if any loss value is non-finite (found later by a slow scan).
+/// float32 log-probs with float32 losses are differenced in float (8 lanes per AVX2 vector instead of
+/// 4): the result is rounded to float32 anyway, and float's rounding (~6e-8 relative) is far below
+/// the finite-difference error of a float32 loss (~1e-5).
 template <DifferenceMethod M, class T, class F>
 bool token_datum(const T* __restrict xj, int64_t len, int64_t kstride, const T* __restrict points,
                  const F* const* fj, const F* __restrict f0j, double loss_eps, T* __restrict grad,
                  T* __restrict error) {
     constexpr int NP = M == DifferenceMethod::Forward ? 1 : (M == DifferenceMethod::Central ? 2 : 4);
-    int64_t bad = 0;  // an integer count vectorises; a double sum would serialise the loop
+    using C = std::conditional_t<std::is_same_v<T, float> && std::is_same_v<F, float>, float, double>;
+    const C eps = static_cast<C>(loss_eps);
+    int64_t bad = 0;  // an integer count vectorises; a floating-point sum would serialise the loop
     for (int64_t i = 0; i < len; ++i) {
-        const double xd = static_cast<double>(xj[i]);
-        double s[NP];
-        double v[NP];
-        double check = 0.0;  // NaN if any value is NaN or infinite
+        const C xd = static_cast<C>(xj[i]);
+        C s[NP];
+        C v[NP];
+        C check = 0;  // NaN if any value is NaN or infinite
         for (int k = 0; k < NP; ++k) {
-            s[k] = static_cast<double>(points[k * kstride + i]) - xd;
-            v[k] = static_cast<double>(fj[k][i]);
+            s[k] = static_cast<C>(points[k * kstride + i]) - xd;
+            v[k] = static_cast<C>(fj[k][i]);
             check += v[k] - v[k];
         }
-        const double fb = M == DifferenceMethod::Forward ? static_cast<double>(f0j[i]) : 0.0;
+        const C fb = M == DifferenceMethod::Forward ? static_cast<C>(f0j[i]) : C(0);
         check += fb - fb;
-        bad += static_cast<int64_t>(check != 0.0);
-        const Quotient q = quotient<M>(s, v, fb, loss_eps);
+        bad += static_cast<int64_t>(check != 0);
+        const Quotient<C> q = quotient<M, C>(s, v, fb, eps);
         grad[i] = static_cast<T>(q.grad);
         error[i] = static_cast<T>(q.error);
     }
