@@ -7,6 +7,7 @@ can run on any concurrent.futures.Executor, including a Dask `Client.get_executo
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import math
@@ -18,7 +19,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._arrays import ArrayBatch
+from ._arrays import ArrayBatch, _torch_float_dtypes
 from .errors import NonFiniteError, NumericalError
 
 POINT_LABELS = {
@@ -46,6 +47,27 @@ def _text(where: Where) -> str:
     return where if isinstance(where, str) else where()
 
 
+def _torch_tensor() -> type:
+    """torch.Tensor (imported on first use)."""
+    import torch
+
+    return torch.Tensor
+
+
+def _plain_loss(out: Any, tensor: Any) -> Any:
+    """fn's loss as a Python number when fn returned a float, a numpy float or a 0-d `tensor`, alone
+    or in a (loss, metrics) pair; else None (scalar_loss then checks and converts it)."""
+    kind = type(out)
+    if kind is tuple:
+        out = split_loss(out)
+        kind = type(out)
+    if kind is float or kind is np.float64 or kind is np.float32:
+        return float(out)
+    if kind is tensor and out.dim() == 0:
+        return out.item()
+    return None
+
+
 def _is_torch_scalar(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "item") and x.dim() == 0
 
@@ -68,7 +90,7 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def _float_view(value: Any) -> np.ndarray:
     """A float32/float64 numpy view of a CPU tensor or array when possible (no copy), else float64."""
-    if type(value).__module__.startswith("torch") and str(value.dtype) in ("torch.float32", "torch.float64"):
+    if type(value).__module__.startswith("torch") and value.dtype in _torch_float_dtypes():
         return value.detach().cpu().numpy()
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
         return value
@@ -145,24 +167,33 @@ class Problem:
         return v
 
     def no_grad(self) -> Any:
+        """torch.no_grad() for torch problems where grad mode is on (a no-op context otherwise)."""
         if self.is_torch:
             import torch
 
-            return torch.no_grad()
+            if torch.is_grad_enabled():
+                return torch.no_grad()
         return contextlib.nullcontext()
 
     def term_arrays(self, term: Term) -> List[np.ndarray]:
         return [self.arrays[j] for j in term.datums]
 
+    def bind(self, term: Term, inputs: Sequence[Any]) -> Callable[[], Any]:
+        """fn on the term's inputs as a call without arguments (batch: a fresh list on every call)."""
+        if self.structure == "datum":
+            return functools.partial(self.fn, self.data[term.datums[0]], inputs[0])
+        return lambda: self.fn(self.data, list(inputs))
+
+    def fn_error(self, err: Exception, where: Where) -> NumericalError:
+        """The error raised for an exception of fn at `where`."""
+        return NumericalError(f"{self.name} raised {type(err).__name__}: {err} (at {_text(where)})")
+
     def invoke(self, term: Term, inputs: Sequence[Any], where: Where) -> Any:
         """Calls fn on the term's inputs; an exception names fn and `where`."""
         try:
-            if self.structure == "datum":
-                out = self.fn(self.data[term.datums[0]], inputs[0])
-            else:
-                out = self.fn(self.data, list(inputs))
+            out = self.bind(term, inputs)()
         except Exception as err:
-            raise NumericalError(f"{self.name} raised {type(err).__name__}: {err} (at {_text(where)})") from err
+            raise self.fn_error(err, where) from err
         return split_loss(out)
 
     def scalar_loss(self, out: Any, where: Where) -> float:
@@ -187,7 +218,7 @@ class Problem:
     def vector_loss(self, out: Any, count: int, where: Where) -> np.ndarray:
         """One loss per perturbed copy, float32 or float64 (a view where fn's output allows)."""
         a = _float_view(out)
-        if a.shape == (count,) and math.isfinite(a.sum()):
+        if a.shape == (count,) and math.isfinite(np.add.reduce(a)):
             return a  # the common case: one reduction checks every value (an overflowing sum is re-checked below)
         where = _text(where) if a.shape != (count,) or not np.all(np.isfinite(a)) else ""
         if a.shape != (count,):
@@ -298,6 +329,8 @@ class BufferPool:
 
     def __init__(self) -> None:
         self._flat = np.empty(0, np.uint8)
+        self._key: Any = None  # (rows, dtypes and shapes) of the views last handed out
+        self._views: List[np.ndarray] = []
 
     @classmethod
     def shared(cls) -> "BufferPool":
@@ -315,10 +348,15 @@ class BufferPool:
     def release(self) -> None:
         """Ends a run; drops a large buffer so a one-off big run does not pin memory."""
         self._busy = False
+        self._key, self._views = None, []
         if self._flat.nbytes > self.KEEP_BYTES:
             self._flat = np.empty(0, np.uint8)
 
     def views(self, arrays: Sequence[np.ndarray], rows: int) -> List[np.ndarray]:
+        """[rows, *shape] buffers for the arrays (the same views again while rows and shapes repeat)."""
+        key = (rows, [(a.dtype, a.shape) for a in arrays])
+        if key == self._key:
+            return self._views
         sizes = [rows * a.nbytes for a in arrays]
         if sum(sizes) > self._flat.nbytes:
             self._flat = np.empty(sum(sizes), np.uint8)
@@ -326,6 +364,7 @@ class BufferPool:
         for a, nbytes in zip(arrays, sizes):
             out.append(self._flat[start : start + nbytes].view(a.dtype).reshape((rows,) + a.shape))
             start += nbytes
+        self._key, self._views = key, out
         return out
 
 
@@ -338,50 +377,78 @@ def difference_scalar_chunk(
     """Losses at perturbations [q_begin, q_end), one call each: the perturbed datum is a private
     copy in which one element is set, fn is called, and the element is restored."""
     npoints = len(POINT_LABELS[method])
-    out = np.empty(q_end - q_begin)
-    inputs: List[Any] = [problem.fn_view(problem.arrays[j]) for j in term.datums]
     offsets = problem.offsets.tolist()
-    first = term.datums[0]
-    j = -1
-    end = -1
-    flat = original = None
+    inputs: List[Any] = [problem.fn_view(problem.arrays[j]) for j in term.datums]
+    losses: List[Any] = []
     with problem.no_grad():
-        for q in range(q_begin, q_end):
-            e = term.e0 + q // npoints
-            if e >= end:  # perturbations come in element order: move to the datum holding e
-                j = int(np.searchsorted(problem.offsets, e, side="right") - 1)
-                start, end = offsets[j], offsets[j + 1]
-                work = problem.arrays[j].copy()
-                flat, original = work.reshape(-1), problem.arrays[j].reshape(-1)
-                if j - first > 0:
-                    inputs[j - first - 1] = problem.fn_view(problem.arrays[j - 1])  # back to the shared original
-                inputs[j - first] = problem.fn_view(work)
-            i = e - start
-            flat[i] = points[q % npoints, e]
+        q = q_begin
+        while q < q_end:  # perturbations come in element order: one pass per datum they touch
+            j = bisect.bisect_right(offsets, term.e0 + q // npoints) - 1
+            stop = min(q_end, (offsets[j + 1] - term.e0) * npoints)
+            losses += _datum_losses(problem, term, inputs, j - term.datums[0], points, npoints, method, q, stop)
+            q = stop
+    return np.array(losses, np.float64)
+
+
+def _datum_losses(
+    problem: Problem, term: Term, inputs: List[Any], slot: int, points: np.ndarray, npoints: int, method: str,
+    q_begin: int, q_end: int,
+) -> List[Any]:
+    """Losses at perturbations [q_begin, q_end), all in the datum fn gets as inputs[slot]: points and
+    original values are read as Python floats up front, and floats and 0-d tensors skip scalar_loss."""
+    j = term.datums[slot]
+    first = q_begin // npoints  # the first element perturbed here, counted from the term's start
+    values = points[:, term.e0 + first : term.e0 + (q_end - 1) // npoints + 1].T.ravel().tolist()
+    shift = first * npoints  # values[q - shift] is the point of perturbation q
+    i0 = term.e0 + first - int(problem.offsets[j])  # that element's index in the datum
+    work = problem.arrays[j].copy()
+    flat = work.reshape(-1)
+    originals = flat[i0 : i0 + len(values) // npoints].tolist()
+    inputs[slot] = problem.fn_view(work)
+    call = problem.bind(term, inputs)
+    tensor = _torch_tensor() if problem.is_torch else None
+    isfinite = math.isfinite
+    losses = []
+    for q in range(q_begin, q_end):
+        r = q // npoints - first
+        flat[i0 + r] = values[q - shift]
+        try:
+            out = call()
+        except Exception as err:
+            raise problem.fn_error(err, problem.describe_difference(q, term, method)) from err
+        value = _plain_loss(out, tensor)
+        if value is None or not isfinite(value):  # the checked path, which raises for a non-finite value
             where = functools.partial(problem.describe_difference, q, term, method)
-            out[q - q_begin] = problem.scalar_loss(problem.invoke(term, inputs, where), where)
-            flat[i] = original[i]
-    return out
+            value = problem.scalar_loss(split_loss(out), where)
+        losses.append(value)
+        flat[i0 + r] = originals[r]
+    inputs[slot] = problem.fn_view(problem.arrays[j])  # back to the shared original
+    return losses
 
 
 class DifferenceWriter:
     """Writes blocks of one-element perturbations; after the first block only the elements that
     change are rewritten (the buffers hold x everywhere else)."""
 
-    def __init__(self, points: np.ndarray, method: str) -> None:
+    def __init__(self, points: np.ndarray, method: str, torch_fill: bool = False) -> None:
         self.points = points
         self.method = method
         self.npoints = len(POINT_LABELS[method])
+        self.torch_fill = torch_fill  # first block: x copied into the rows by torch (see _torch_fill)
         self._prev: Optional[tuple] = None
 
     def reset(self) -> None:
         self._prev = None
 
     def write(self, arrays: List[np.ndarray], buffers: List[np.ndarray], term: Term, q: int, count: int) -> None:
-        if self._prev is None:
+        prev = self._prev
+        if prev is None and self.torch_fill:
+            _torch_fill(arrays, buffers)
+            prev = (q, count)  # every row holds x: restoring this block's elements first is harmless
+        if prev is None:
             _core.difference_block(arrays, buffers, self.points, term.e0, self.npoints, q, count, True)
         else:
-            _core.difference_block(arrays, buffers, self.points, term.e0, self.npoints, q, count, False, *self._prev)
+            _core.difference_block(arrays, buffers, self.points, term.e0, self.npoints, q, count, False, *prev)
         self._prev = (q, count)
 
     def describe(self, problem: Problem, term: Term, q: int, count: int) -> str:
@@ -389,6 +456,16 @@ class DifferenceWriter:
             f"the block of perturbations [{q}, {q + count}) of {term.size * self.npoints} "
             f"({problem.describe_difference(q, term, self.method)} first)"
         )
+
+
+def _torch_fill(arrays: List[np.ndarray], buffers: List[np.ndarray]) -> None:
+    """x into every row of the buffers by torch's copy, which splits the rows over torch's threads as
+    fn's own ops do, so each thread rewrites lines it read in fn's last call (one thread taking over
+    lines that other cores read cost 4-15x the copy on a two-core host with torch on both)."""
+    import torch
+
+    for a, b in zip(arrays, buffers):
+        torch.from_numpy(b).copy_(torch.from_numpy(a))
 
 
 class RandomWriter:

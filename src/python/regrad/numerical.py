@@ -322,9 +322,10 @@ def numerical_grad(
                              step_scale=None if step is not None else scale, blocks=int(vectorized),
                              block_rows=nfev if vectorized else 0)
     points, spacing = _difference_points(problem, method, scale, step_values)
-    grad, error, nfev, ncalls, blocks, rows = _separable_gradient(
-        problem, method, points, spacing, loss_eps, vectorized, max_batch_bytes, executor, progress
-    )
+    with problem.no_grad():  # once for the run: the no_grad of each chunk of calls is then a no-op
+        grad, error, nfev, ncalls, blocks, rows = _separable_gradient(
+            problem, method, points, spacing, loss_eps, vectorized, max_batch_bytes, executor, progress
+        )
     return NumericalGrad(
         _as_output(grad, inputs), _as_output(error, inputs), nfev, ncalls, **common,
         step_scale=None if step is not None else scale, blocks=blocks, block_rows=rows,
@@ -348,10 +349,10 @@ def _difference_points(
 
 
 def _terms(problem: Problem) -> List[Term]:
-    offsets = problem.offsets
+    offsets = problem.offsets.tolist()
     if problem.structure == "datum":
-        return [Term([j], int(offsets[j]), int(offsets[j + 1])) for j in range(len(problem.arrays)) if offsets[j + 1] > offsets[j]]
-    return [Term(list(range(len(problem.arrays))), 0, int(offsets[-1]))]
+        return [Term([j], offsets[j], offsets[j + 1]) for j in range(len(problem.arrays)) if offsets[j + 1] > offsets[j]]
+    return [Term(list(range(len(problem.arrays))), 0, offsets[-1])]
 
 
 def _block_rows(problem: Problem, term: Term, nq: int, max_batch_bytes: int) -> int:
@@ -404,7 +405,7 @@ def _separable_gradient(
                     bar.update(1)
             out = f[term.e0 * npoints : term.e1 * npoints]
             if vectorized:
-                writer = DifferenceWriter(points, method)
+                writer = DifferenceWriter(points, method, problem.is_torch)
                 out[:] = block_chunk(problem, term, writer, 0, nq, rows, True, pool, bar)
                 blocks += -(-nq // rows)
                 ncalls += -(-nq // rows)
