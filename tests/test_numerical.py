@@ -287,6 +287,9 @@ def test_token_reads_torch_inputs_in_place(vectorized):
     negated = [torch._neg_view(-t.detach()) for t in inputs]
     got = numerical_grad(lambda d, xs: [v * v * v for v in xs], None, negated, structure="token", vectorized=vectorized)
     np.testing.assert_array_equal(packed(got.grads), packed(reference.grads))
+    negated_out = numerical_grad(lambda d, xs: [torch._neg_view(-(v * v * v)) for v in xs], None, inputs,
+                                 structure="token", vectorized=vectorized)  # fn's outputs as negative views
+    np.testing.assert_array_equal(packed(negated_out.grads), packed(reference.grads))
 
 
 def test_token_vectorized_copies_hold_the_points():

@@ -12,6 +12,7 @@ from .errors import InputError
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPE, _SHAPE, _SIZE = attrgetter("dtype"), attrgetter("shape"), attrgetter("size")
+_IS_CPU = attrgetter("is_cpu")
 _NUMEL = methodcaller("numel")
 
 
@@ -139,19 +140,14 @@ def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[
     """Plain contiguous CPU float tensors of one dtype and rank, checked in C-level passes; else None (the loop decides)."""
     import torch
 
-    if set(map(type, items)) != {torch.Tensor}:
-        return None
-    if not all(map(torch.Tensor.is_contiguous, items)):
-        return None
     if not keep_tensors:
         # The caller needs only memory to read: no numpy views (made on first use) and no detach.
-        dtypes = set(map(_DTYPE, items))
-        if len(dtypes) != 1 or not all(map(_IS_CPU, items)) or any(map(torch.Tensor.is_neg, items)):
-            return None  # (a CPU tensor that is contiguous is strided; a negative view would read un-negated)
-        dtype = _TORCH_TO_NUMPY.get(dtypes.pop())
+        dtype = plain_cpu_dtype(items)
         if dtype is None:
             return None
         return _checked_ranks(None, items, list(map(tuple, map(_SHAPE, items))), dtype)
+    if set(map(type, items)) != {torch.Tensor} or not all(map(torch.Tensor.is_contiguous, items)):
+        return None
     try:  # numpy() itself refuses other devices, layouts, dtypes numpy lacks and tensors requiring grad
         tensors = list(map(torch.Tensor.detach, items))
         arrays = list(map(torch.Tensor.numpy, tensors))
@@ -161,6 +157,20 @@ def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[
     if len(dtypes) != 1 or dtypes.pop() not in _FLOAT_DTYPES:
         return None
     return _checked_ranks(arrays, tensors, list(map(_SHAPE, arrays)), arrays[0].dtype)
+
+
+def plain_cpu_dtype(items: Sequence[Any]) -> Optional[np.dtype]:
+    """The numpy dtype of plain contiguous CPU torch tensors of one float dtype (float32 / float64),
+    checked in C-level passes, whose memory can be read by address; else None. A negative view
+    (torch._neg_view) is refused: its memory holds the un-negated values."""
+    import torch
+
+    if not items or set(map(type, items)) != {torch.Tensor} or not all(map(torch.Tensor.is_contiguous, items)):
+        return None
+    dtypes = set(map(_DTYPE, items))
+    if len(dtypes) != 1 or not all(map(_IS_CPU, items)) or any(map(torch.Tensor.is_neg, items)):
+        return None
+    return _TORCH_TO_NUMPY.get(dtypes.pop())
 
 
 def _checked_ranks(arrays: Optional[List[np.ndarray]], tensors: List[Any], shapes: List[tuple],
@@ -176,7 +186,6 @@ def _checked_ranks(arrays: Optional[List[np.ndarray]], tensors: List[Any], shape
 
 
 _TORCH_FLOAT_DTYPES: tuple = ()
-_IS_CPU = attrgetter("is_cpu")
 
 
 class _TorchToNumpy(dict):

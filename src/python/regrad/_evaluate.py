@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._arrays import ArrayBatch, _torch_float_dtypes
+from ._arrays import ArrayBatch, _torch_float_dtypes, plain_cpu_dtype
 from .errors import NonFiniteError, NumericalError
 
 POINT_LABELS = {
@@ -30,7 +30,6 @@ POINT_LABELS = {
 
 
 _SHAPE = operator.attrgetter("shape")
-_DTYPE = operator.attrgetter("dtype")
 
 
 def fn_name(fn: Any) -> str:
@@ -91,26 +90,10 @@ def _to_numpy(value: Any) -> np.ndarray:
 def _float_view(value: Any) -> np.ndarray:
     """A float32/float64 numpy view of a CPU tensor or array when possible (no copy), else float64."""
     if type(value).__module__.startswith("torch") and value.dtype in _torch_float_dtypes():
-        return value.detach().cpu().numpy()
+        return value.detach().cpu().resolve_neg().numpy()  # (a negative view has no numpy() of its own)
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
         return value
     return _to_numpy(value)
-
-
-_IS_CPU = operator.attrgetter("is_cpu")
-
-
-def _plain_cpu_tensors(values: Sequence[Any]) -> bool:
-    """Plain contiguous CPU torch tensors of one float dtype (float32 or float64), checked in C-level passes."""
-    import torch
-
-    return (
-        set(map(type, values)) == {torch.Tensor}
-        and all(map(torch.Tensor.is_contiguous, values))
-        and all(map(_IS_CPU, values))
-        and len(dtypes := set(map(_DTYPE, values))) == 1
-        and dtypes.pop() in (torch.float32, torch.float64)
-    )
 
 
 @dataclass
@@ -258,8 +241,9 @@ class Problem:
         if self.is_torch:
             import torch
 
-            if stacked and _plain_cpu_tensors(out):
-                return list(map(torch.Tensor.data_ptr, out)), str(out[0].dtype)[6:]
+            dtype = plain_cpu_dtype(out) if stacked else None
+            if dtype is not None:
+                return list(map(torch.Tensor.data_ptr, out)), "float64" if dtype == np.float64 else "float32"
             try:
                 return list(map(torch.Tensor.numpy, out))
             except (RuntimeError, TypeError):
