@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import regrad
-from regrad import NumericalGrad, check, numerical, numerical_grad
+from regrad import NumericalGrad, _core, check, numerical, numerical_grad
 from regrad.errors import InputError, NonFiniteError, NumericalError
 
 
@@ -39,6 +39,10 @@ def autograd_grads(fn, lps):
 def max_rel_error(numerical_grads, reference):
     scale = max(np.abs(r).max() for r in reference)
     return max(np.abs(np.asarray(g, dtype=np.float64) - r).max() for g, r in zip(numerical_grads, reference)) / scale
+
+
+def as_numpy(x):
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def packed(grads):
@@ -304,6 +308,52 @@ def test_token_vectorized_copies_hold_the_points():
         e0 = sum(len(x) for x in lps[:j])
         np.testing.assert_array_equal(block[0], (lp.astype(np.float64) + h[e0 : e0 + len(lp)]).astype(np.float32))
         np.testing.assert_array_equal(block[1], lp)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_token_vectorized_reuses_copies_across_calls_safely(kind):
+    """The stacked copies (and fn's views of them) are kept per thread while shapes repeat: a second
+    run on other values, a run with other shapes, and a run started inside fn itself (which gets a
+    buffer of its own) each give the bits of a fresh run."""
+    cube = lambda d, xs: [v * v * v for v in xs]  # noqa: E731
+    first, second = ragged(5, lengths=(6, 3)), ragged(6, lengths=(6, 3))
+    other = ragged(7, lengths=(2, 2, 5))
+    if kind == "torch":
+        first, second, other = ([torch.from_numpy(a) for a in lps] for lps in (first, second, other))
+    fresh = {id(lps): numerical_grad(cube, None, lps, structure="token") for lps in (first, second, other)}
+    seen = []
+    for lps in (first, second, other, first):
+        got = numerical_grad(lambda d, xs: seen.append(xs) or cube(d, xs), None, lps, structure="token", vectorized=True)
+        np.testing.assert_array_equal(packed(got.grads), packed(fresh[id(lps)].grads))
+    assert seen[0][0] is seen[1][0]  # same shapes: the same views again
+    inner = []
+
+    def nested(d, xs):  # fn running numerical_grad on the same shapes while its own copies are in use
+        before = [np.array(as_numpy(x)) for x in xs]
+        inner.append(numerical_grad(cube, None, second, structure="token", vectorized=True))
+        assert all(np.array_equal(as_numpy(x), b) for x, b in zip(xs, before))
+        return cube(d, xs)
+
+    got = numerical_grad(nested, None, first, structure="token", vectorized=True)
+    np.testing.assert_array_equal(packed(got.grads), packed(fresh[id(first)].grads))
+    np.testing.assert_array_equal(packed(inner[0].grads), packed(fresh[id(second)].grads))
+
+
+def test_difference_points_out_is_checked():
+    """Points written into a caller's buffer match fresh ones; a buffer of the wrong dtype, size or
+    layout is refused before anything is written."""
+    lps = ragged(8, lengths=(4, 3), dtype=np.float32)
+    fresh, _ = _core.difference_points(lps, "central", 1e-3, None, False, True)
+    out = np.empty(14, np.float32)
+    got, _ = _core.difference_points(lps, "central", 1e-3, None, False, True, out)
+    assert got is out or np.shares_memory(got, out)
+    np.testing.assert_array_equal(out, fresh)
+    with pytest.raises(TypeError, match="dtype"):
+        _core.difference_points(lps, "central", 1e-3, None, False, True, np.empty(14))
+    with pytest.raises(ValueError, match="14"):
+        _core.difference_points(lps, "central", 1e-3, None, False, True, np.empty(13, np.float32))
+    with pytest.raises(ValueError, match="writable"):
+        _core.difference_points(lps, "central", 1e-3, None, False, True, np.empty((14, 2), np.float32)[:, 0])
 
 
 def test_token_vectorized_bad_outputs_are_named():

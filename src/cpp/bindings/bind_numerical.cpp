@@ -63,16 +63,31 @@ std::vector<T*> block_buffers(const py::sequence& outs, const RaggedArrays& ragg
     return ptrs;
 }
 
+/// The caller's buffer for the points (checked: the log-probs' dtype, C-contiguous, writable, `size`
+/// elements), or a fresh array of `shape`.
+template <class T>
+py::array_t<T> points_buffer(const std::optional<py::array>& out, const std::vector<int64_t>& shape, int64_t size) {
+    if (!out) return py::array_t<T>(shape);
+    const py::array& a = *out;
+    if (!has_dtype<T>(a)) throw py::type_error("out must have the log-probs' dtype");
+    if (!(a.flags() & py::array::c_style) || !a.writeable()) throw py::value_error("out must be C-contiguous and writable");
+    if (a.size() != size) {
+        throw py::value_error("out has " + std::to_string(a.size()) + " elements; the points need " + std::to_string(size));
+    }
+    return py::reinterpret_borrow<py::array_t<T>>(a);
+}
+
 template <class T>
 py::tuple points_impl(const RaggedArrays& ragged, DifferenceMethod method, double scale,
-                      const std::optional<DoubleArray>& step, bool with_spacing, bool stacked) {
+                      const std::optional<DoubleArray>& step, bool with_spacing, bool stacked,
+                      const std::optional<py::array>& out) {
     std::vector<const T*> ptrs;
     const RaggedBatch<T> batch = typed_batch<T>(ragged, ptrs);
     const int64_t n = ragged.offsets.back();
     const int np = points_per_element(method);
     if (stacked && with_spacing) throw py::value_error("the stacked point layout has no spacing array");
-    py::array_t<T> points = stacked ? py::array_t<T>(static_cast<int64_t>(stacked_rows(method)) * n)
-                                    : py::array_t<T>({static_cast<int64_t>(np), n});
+    const int64_t rows = stacked ? static_cast<int64_t>(stacked_rows(method)) : static_cast<int64_t>(np);
+    py::array_t<T> points = stacked ? points_buffer<T>(out, {rows * n}, rows * n) : points_buffer<T>(out, {rows, n}, rows * n);
     py::object spacing = py::none();
     double* d = nullptr;
     if (with_spacing) {
@@ -90,15 +105,15 @@ py::tuple points_impl(const RaggedArrays& ragged, DifferenceMethod method, doubl
     return py::make_tuple(points, spacing);
 }
 
-/// difference_points(arrays, method, scale, step, with_spacing, stacked) -> (points [P, n] in the dtype,
+/// difference_points(arrays, method, scale, step, with_spacing, stacked, out) -> (points [P, n] in the dtype,
 /// arrays: numpy arrays or an address tuple (ragged_from),
-/// or flat [R * n] in the stacked layout; spacing [P, n] float64 or None)
+/// or flat [R * n] in the stacked layout, written into `out` when given; spacing [P, n] float64 or None)
 py::tuple points(const py::object& arrays, const std::string& method, double scale, std::optional<DoubleArray> step,
-                 bool with_spacing, bool stacked) {
+                 bool with_spacing, bool stacked, std::optional<py::array> out) {
     const DifferenceMethod m = parse_method(method);
     RaggedArrays ragged = ragged_from(arrays, "logprobs_list");
-    if (ragged.is_double) return points_impl<double>(ragged, m, scale, step, with_spacing, stacked);
-    return points_impl<float>(ragged, m, scale, step, with_spacing, stacked);
+    if (ragged.is_double) return points_impl<double>(ragged, m, scale, step, with_spacing, stacked, out);
+    return points_impl<float>(ragged, m, scale, step, with_spacing, stacked, out);
 }
 
 template <class T>
@@ -395,7 +410,9 @@ void register_numerical(py::module_& m) {
     }, py::arg("method"), py::arg("dtype"), "Relative step c of h = c * max(1, |x|) for a method and working dtype.");
     m.def("difference_points", &points, py::arg("arrays"), py::arg("method"), py::arg("scale"),
           py::arg("step") = py::none(), py::arg("with_spacing") = true, py::arg("stacked") = false,
-          "Perturbed values [P, n] (input dtype; stacked: each datum's rows as one block) and the steps taken.");
+          py::arg("out") = py::none(),
+          "Perturbed values [P, n] (input dtype; stacked: each datum's rows as one block; into `out` when given) "
+          "and the steps taken.");
     m.def("difference_block", &block, py::arg("arrays"), py::arg("outs"), py::arg("points"), py::arg("element_offset"),
           py::arg("npoints"), py::arg("q_begin"), py::arg("count"), py::arg("full"), py::arg("prev_begin") = 0,
           py::arg("prev_count") = 0,

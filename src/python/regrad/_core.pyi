@@ -29,6 +29,7 @@ def difference_points(
     step: Optional[npt.NDArray[np.float64]] = None,
     with_spacing: Literal[True] = True,
     stacked: Literal[False] = False,
+    out: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, npt.NDArray[np.float64]]: ...
 @overload
 def difference_points(
@@ -38,6 +39,7 @@ def difference_points(
     step: Optional[npt.NDArray[np.float64]],
     with_spacing: Literal[False],
     stacked: bool = False,
+    out: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, None]: ...
 def difference_block(
     arrays: Sequence[np.ndarray],

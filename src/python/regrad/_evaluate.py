@@ -352,6 +352,47 @@ class BufferPool:
         return out
 
 
+class StackedPoints:
+    """The buffer a vectorized per-token fn reads (every datum's [R, *shape] copies, flat) and fn's
+    views of it, kept per thread while the shapes repeat: a training step then reuses both instead
+    of making B views (~1 us each) again. Like BufferPool's blocks, fn must copy what it keeps."""
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        self.key: Any = None  # (dtype, is_torch, rows, shapes) of the buffer and views
+        self.points = np.empty(0)
+        self.views: List[Any] = []
+        self.shapes: List[tuple] = []  # [rows, *shape_j] of each view
+        self.term = Term([], 0, 0)  # every datum
+        self.busy = False
+
+    @classmethod
+    def acquire(cls, problem: Problem, rows: int) -> "StackedPoints":
+        """This thread's buffer sized for `rows` copies of every datum (a fresh one while it is in use)."""
+        held = getattr(cls._local, "held", None)
+        if held is None:
+            held = cls._local.held = cls()
+        if held.busy:
+            held = cls()
+        held.busy = True
+        batch = problem.batch
+        key = (batch.dtype, batch.is_torch, rows, batch.shapes)
+        if key != held.key:
+            n = int(problem.offsets[-1])
+            held.points = np.empty(rows * n, batch.dtype)
+            held.shapes = [(rows,) + s for s in batch.shapes]
+            held.views = problem.stacked_views(held.points, held.shapes)
+            held.term = Term(list(range(len(held.shapes))), 0, n)
+            held.key = key if held.points.nbytes <= BufferPool.KEEP_BYTES else None
+        return held
+
+    def release(self) -> None:
+        self.busy = False
+        if self.key is None:  # too large to keep
+            self.points, self.views = np.empty(0), []
+
+
 # ---- chunks of calls (run in the caller's thread or on an executor) -------------------------------
 
 

@@ -35,6 +35,7 @@ from ._evaluate import (
     BufferPool,
     DifferenceWriter,
     Problem,
+    StackedPoints,
     Term,
     block_chunk,
     difference_scalar_chunk,
@@ -312,10 +313,10 @@ def numerical_grad(
 
     step_values = _per_element(step, n, batch, "step")
     if structure_name == "token":
-        points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False, stacked=vectorized)
         if vectorized:
-            both, nfev = _token_gradient_stacked(problem, method, points, loss_eps)
+            both, nfev = _token_gradient_stacked(problem, method, scale, step_values, loss_eps)
         else:
+            points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False)
             both, nfev = _token_gradient(problem, method, points, loss_eps, executor)
         grads, error = _as_output_pair(both, inputs)
         return NumericalGrad(grads, error, nfev, 1 if vectorized else nfev, **common,
@@ -334,12 +335,14 @@ def numerical_grad(
 
 def _difference_points(
     problem: Problem, method: str, scale: float, step: Optional[np.ndarray], with_spacing: bool = True,
-    stacked: bool = False,
+    stacked: bool = False, out: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, Any]:
-    """Points [P, n] in the working dtype (stacked: each datum's rows as one [R, T_i] block, flat) and,
-    if asked, the steps taken [P, n] (float64; else None)."""
+    """Points [P, n] in the working dtype (stacked: each datum's rows as one [R, T_i] block, flat; into
+    `out` when given) and, if asked, the steps taken [P, n] (float64; else None)."""
     try:
-        return _core.difference_points(problem.batch.core_arrays, method, scale, step, with_spacing, stacked)  # type: ignore[call-overload]
+        return _core.difference_points(  # type: ignore[call-overload]
+            problem.batch.core_arrays, method, scale, step, with_spacing, stacked, out
+        )
     except NonFiniteError:
         raise
     except ValueError as err:
@@ -462,16 +465,27 @@ def _token_gradient(
 
 
 def _token_gradient_stacked(
-    problem: Problem, method: str, points: np.ndarray, loss_eps: float
+    problem: Problem, method: str, scale: float, step: Optional[np.ndarray], loss_eps: float
 ) -> Tuple[np.ndarray, int]:
     """Structure "token" with a vectorized fn: one call, datum j as a contiguous [R, *shape_j] array
-    of its copies (rows: the points, plus x for forward), and the same C++ pass reading them."""
+    of its copies (rows: the points, plus x for forward), and the same C++ pass reading them. The
+    copies live in this thread's StackedPoints, reused (with fn's views of them) across calls."""
     rows = len(POINT_LABELS[method]) + (method == "forward")
-    shapes = [(rows,) + s for s in problem.batch.shapes]
-    term = Term(list(range(len(shapes))), 0, int(problem.offsets[-1]))
-    where = f"the stacked copies of every log-prob ({rows} rows: {_stacked_labels(method)})"
+    held = StackedPoints.acquire(problem, rows)
+    try:
+        points = _difference_points(problem, method, scale, step, False, True, held.points)[0]
+        return _stacked_call(problem, method, points, held, loss_eps), rows
+    finally:
+        held.release()
+
+
+def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: StackedPoints, loss_eps: float) -> np.ndarray:
+    """fn on the stacked copies, then gradient and error (packed [2n]) from its per-token losses."""
+    where = _stacked_where(method)
+    shapes = held.shapes
+    rows = shapes[0][0]
     with problem.no_grad():
-        out = problem.invoke(term, problem.stacked_views(points, shapes), where)
+        out = problem.invoke(held.term, held.views, where)
     values = problem.token_values(out, where, shapes)  # numpy views, or the tensors' addresses
     try:
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps, True)
@@ -488,11 +502,17 @@ def _token_gradient_stacked(
             f"{problem.name} returned a non-finite per-token loss ({value}) in row {row} ({label}) of the stacked "
             f"copies, {problem.describe_element(e)}"
         )
-    return both, rows
+    return both
 
 
 def _stacked_labels(method: str) -> str:
     return ", ".join(("x" + label for label in POINT_LABELS[method])) + (", x" if method == "forward" else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _stacked_where(method: str) -> str:
+    rows = len(POINT_LABELS[method]) + (method == "forward")
+    return f"the stacked copies of every log-prob ({rows} rows: {_stacked_labels(method)})"
 
 
 def _token_where(method: str, k: int) -> str:
