@@ -456,6 +456,43 @@ def test_datum_structure_vectorized_and_executor_identical(dask_executor):
     assert vec.blocks == 3
 
 
+@pytest.mark.parametrize("method", ["central", "forward", "richardson"])
+@pytest.mark.parametrize("kind,k", [("numpy", None), ("torch", None), ("torch", 3), ("numpy", 2)])
+def test_datum_one_block_per_datum_matches_smaller_blocks(method, kind, k):
+    """Every datum in one block (the lean loop) gives the bits of several blocks per datum and of
+    one call per copy, for ragged and equal lengths, and for a fn that returns a view of its input."""
+    lengths = (5, 1, 8, 5)
+    lps = ragged(10, lengths=lengths, k=k, kind=kind)
+    data = ["a", "b", "c", "d"]
+    whole = numerical_grad(lambda d, lp: square_sum_rows(as_numpy(lp)), data, lps, structure="datum",
+                           vectorized=True, method=method)
+    small = numerical_grad(lambda d, lp: square_sum_rows(as_numpy(lp)), data, lps, structure="datum",
+                           vectorized=True, method=method, max_batch_bytes=3 * 8 * (k or 1) * 8)
+    scalar = numerical_grad(lambda d, lp: float(np.sum(np.sin(as_numpy(lp)) * as_numpy(lp))), data, lps,
+                            structure="datum", method=method)
+    for other in (small, scalar):
+        np.testing.assert_array_equal(packed(whole.grads), packed(other.grads))
+        np.testing.assert_array_equal(packed(whole.error), packed(other.error))
+    npoints = 4 if method == "richardson" else (1 if method == "forward" else 2)
+    assert whole.blocks == 4 and small.blocks > 4 and whole.block_rows == 8 * npoints * (k or 1)
+    first = lambda d, lp: lp.reshape(lp.shape[0], -1)[:, 0]  # noqa: E731  (a view into the engine's block)
+    viewed = numerical_grad(first, data, lps, structure="datum", vectorized=True, method=method)
+    reference = numerical_grad(lambda d, lp: float(lp.reshape(-1)[0]), data, lps, structure="datum", method=method)
+    np.testing.assert_array_equal(packed(viewed.grads), packed(reference.grads))
+
+
+def test_datum_one_block_per_datum_errors_name_the_datum():
+    lps = ragged(11, lengths=(3, 4, 2))
+    with pytest.raises(NumericalError, match=r"returned shape \(2,\).*datum 1.*shape \(8,\)"):
+        numerical_grad(lambda d, lp: np.zeros(2) if d == 1 else square_sum_rows(lp), [0, 1, 2], lps,
+                       structure="datum", vectorized=True)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss nan for copy 3 of .*datum 2"):
+        numerical_grad(lambda d, lp: np.where(np.arange(len(lp)) == 3, np.nan, 1.0) if d == 2 else square_sum_rows(lp),
+                       [0, 1, 2], lps, structure="datum", vectorized=True)
+    with pytest.raises(NumericalError, match=r"raised ZeroDivisionError.*datum 0"):
+        numerical_grad(lambda d, lp: 1 / 0, [0, 1, 2], lps, structure="datum", vectorized=True)
+
+
 def test_torch_vectorized_block_shapes_and_byte_limit():
     lps = ragged(9, lengths=(8, 5), k=3, kind="torch")
     limit = 4096

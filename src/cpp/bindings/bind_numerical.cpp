@@ -147,9 +147,40 @@ void block(const py::sequence& arrays, const py::sequence& outs, const py::array
     }
 }
 
+/// diagonal(buffer [rows, *shape], points [P, n], element_offset, npoints): row r of one datum's
+/// buffer (already x in every row) gets element r / P set to its point k = r % P.
+template <class T>
+void diagonal_impl(py::array& buffer, const py::array& points, int64_t element_offset, int npoints) {
+    if (!has_dtype<T>(points) || points.ndim() != 2 || !(points.flags() & py::array::c_style)) {
+        throw py::type_error("points must be a C-contiguous [P, n] array of the buffer's dtype");
+    }
+    if (buffer.ndim() < 1 || !(buffer.flags() & py::array::c_style) || !buffer.writeable()) {
+        throw py::value_error("buffer must be a writable C-contiguous [rows, ...] array");
+    }
+    const int64_t rows = buffer.shape(0);
+    const int64_t size = rows > 0 ? buffer.size() / rows : 0;
+    const int64_t n = points.shape(1);
+    if (points.shape(0) != npoints || element_offset < 0 || element_offset + size > n) {
+        throw py::value_error("points has shape [" + std::to_string(points.shape(0)) + ", " + std::to_string(n) +
+                              "] but the datum needs " + std::to_string(npoints) + " points for elements [" +
+                              std::to_string(element_offset) + ", " + std::to_string(element_offset + size) + ")");
+    }
+    T* out = static_cast<T*>(buffer.mutable_data());
+    const T* p = static_cast<const T*>(points.data()) + element_offset;
+    py::gil_scoped_release release;
+    write_difference_diagonal<T>(out, size, rows, p, n, npoints);
+}
+
+void diagonal(py::array buffer, const py::array& points, int64_t element_offset, int npoints) {
+    if (has_dtype<double>(buffer)) return diagonal_impl<double>(buffer, points, element_offset, npoints);
+    if (has_dtype<float>(buffer)) return diagonal_impl<float>(buffer, points, element_offset, npoints);
+    throw py::type_error("buffer must be float32 or float64");
+}
+
 /// quotients(method, spacing [P, n], f, f_stride_e, f_stride_k, f0, f0_stride, loss_eps) -> (grad, error) float64 [n]
-py::tuple quotients(const std::string& method, const DoubleArray& spacing, const DoubleArray& f, int64_t f_stride_e,
-                    int64_t f_stride_k, std::optional<DoubleArray> f0, int64_t f0_stride, double loss_eps) {
+py::object quotients(const std::string& method, const DoubleArray& spacing, const DoubleArray& f, int64_t f_stride_e,
+                     int64_t f_stride_k, std::optional<DoubleArray> f0, int64_t f0_stride, double loss_eps,
+                     bool packed) {
     const DifferenceMethod m = parse_method(method);
     const int np = points_per_element(m);
     if (spacing.ndim() != 2 || spacing.shape(0) != np) {
@@ -168,17 +199,19 @@ py::tuple quotients(const std::string& method, const DoubleArray& spacing, const
             if ((n - 1) * f0_stride >= f0->size()) throw py::value_error("f0 is too short");
         }
     }
-    py::array_t<double> grad(n);
-    py::array_t<double> error(n);
+    // packed: one [2n] array, the gradient then the error (split once by the caller).
+    py::array_t<double> grad(packed ? 2 * n : n);
+    py::array_t<double> error(packed ? 0 : n);
     const double* f0p = f0 ? f0->data() : nullptr;
     const double* sp = spacing.data();
     const double* fp = f.data();
     double* g = grad.mutable_data();
-    double* err = error.mutable_data();
+    double* err = packed ? g + n : error.mutable_data();
     {
         py::gil_scoped_release release;
         difference_quotients(m, n, sp, fp, f_stride_e, f_stride_k, f0p, f0_stride, loss_eps, g, err);
     }
+    if (packed) return std::move(grad);
     return py::make_tuple(grad, error);
 }
 
@@ -417,9 +450,12 @@ void register_numerical(py::module_& m) {
           py::arg("npoints"), py::arg("q_begin"), py::arg("count"), py::arg("full"), py::arg("prev_begin") = 0,
           py::arg("prev_count") = 0,
           "Writes a block of one-element perturbations into per-datum [rows, ...] buffers (in place).");
+    m.def("difference_diagonal", &diagonal, py::arg("buffer"), py::arg("points"), py::arg("element_offset"),
+          py::arg("npoints"), "One datum's perturbations into a buffer whose rows already hold x (in place).");
     m.def("difference_quotients", &quotients, py::arg("method"), py::arg("spacing"), py::arg("f"),
           py::arg("f_stride_e"), py::arg("f_stride_k"), py::arg("f0") = py::none(), py::arg("f0_stride") = 0,
-          py::arg("loss_eps") = 0.0, "Gradient and per-element error estimate from loss values at the points.");
+          py::arg("loss_eps") = 0.0, py::arg("packed") = false,
+          "Gradient and per-element error estimate from loss values at the points (packed: one [2n] array).");
     m.def("token_quotients", &token, py::arg("method"), py::arg("arrays"), py::arg("points"), py::arg("values"),
           py::arg("loss_eps") = 0.0, py::arg("stacked") = false,
           "Structure 'token': gradient and error estimate (input dtype) from per-datum loss values at the points.");

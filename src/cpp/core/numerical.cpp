@@ -203,6 +203,24 @@ void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capa
     }
 }
 
+template <class T>
+void write_difference_diagonal(T* out, int64_t size, int64_t rows, const T* points, int64_t points_stride,
+                               int npoints) {
+    if (npoints != 1 && npoints != 2 && npoints != 4) throw std::invalid_argument("npoints must be 1, 2 or 4");
+    if (rows < 0 || size < 0 || (rows > 0 && (rows - 1) / npoints >= size)) {
+        throw std::invalid_argument(std::to_string(rows) + " rows of " + std::to_string(npoints) +
+                                    " points need more than the datum's " + std::to_string(size) + " elements");
+    }
+    if (rows > 0 && points_stride < size) throw std::invalid_argument("points_stride is smaller than the datum");
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = r / npoints;
+        out[r * size + i] = points[(r % npoints) * points_stride + i];
+    }
+}
+
+template void write_difference_diagonal<float>(float*, int64_t, int64_t, const float*, int64_t, int);
+template void write_difference_diagonal<double>(double*, int64_t, int64_t, const double*, int64_t, int);
+
 template void write_difference_block<float>(const RaggedBatch<float>&, float* const*, int64_t, const float*, int64_t,
                                             int, int64_t, int64_t, bool, int64_t, int64_t);
 template void write_difference_block<double>(const RaggedBatch<double>&, double* const*, int64_t, const double*,

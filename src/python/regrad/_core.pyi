@@ -53,6 +53,7 @@ def difference_block(
     prev_begin: int = 0,
     prev_count: int = 0,
 ) -> None: ...
+@overload
 def difference_quotients(
     method: str,
     spacing: npt.NDArray[np.float64],
@@ -62,7 +63,21 @@ def difference_quotients(
     f0: Optional[npt.NDArray[np.float64]] = None,
     f0_stride: int = 0,
     loss_eps: float = 0.0,
+    packed: Literal[False] = False,
 ) -> Tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+@overload
+def difference_quotients(
+    method: str,
+    spacing: npt.NDArray[np.float64],
+    f: npt.NDArray[np.float64],
+    f_stride_e: int,
+    f_stride_k: int,
+    f0: Optional[npt.NDArray[np.float64]],
+    f0_stride: int,
+    loss_eps: float,
+    packed: Literal[True],
+) -> npt.NDArray[np.float64]: ...
+def difference_diagonal(buffer: np.ndarray, points: np.ndarray, element_offset: int, npoints: int) -> None: ...
 def token_quotients(
     method: str,
     arrays: Sequence[np.ndarray],

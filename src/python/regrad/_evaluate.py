@@ -46,6 +46,12 @@ def _text(where: Where) -> str:
     return where if isinstance(where, str) else where()
 
 
+def _torch_from_numpy() -> Callable[[np.ndarray], Any]:
+    import torch
+
+    return torch.from_numpy
+
+
 def _torch_tensor() -> type:
     """torch.Tensor (imported on first use)."""
     import torch
@@ -336,6 +342,13 @@ class BufferPool:
         if self._flat.nbytes > self.KEEP_BYTES:
             self._flat = np.empty(0, np.uint8)
 
+    def flat(self, nbytes: int) -> np.ndarray:
+        """The flat buffer, at least nbytes long (views handed out earlier may no longer be valid)."""
+        if nbytes > self._flat.nbytes:
+            self._flat = np.empty(nbytes, np.uint8)
+            self._key, self._views = None, []
+        return self._flat
+
     def views(self, arrays: Sequence[np.ndarray], rows: int) -> List[np.ndarray]:
         """[rows, *shape] buffers for the arrays (the same views again while rows and shapes repeat)."""
         key = (rows, [(a.dtype, a.shape) for a in arrays])
@@ -553,6 +566,54 @@ def block_chunk(
             if progress is not None:
                 progress.update(1)
     return out
+
+
+def datum_blocks(
+    problem: Problem, terms: Sequence[Term], writer: "DifferenceWriter", f: np.ndarray, pool: BufferPool,
+    progress: Any = None,
+) -> None:
+    """Structure "datum", vectorized, every datum's perturbations in one block: f[e0 * P : e1 * P] of
+    each term from one call of fn on [P * size, *shape] copies. The lean form of block_chunk for the
+    common case (a few Python operations per datum); the same bits, checks and error texts."""
+    npoints = writer.npoints
+    batch = problem.batch
+    dtype = batch.dtype
+    flat = pool.flat(max(t.size * t.size for t in terms) * npoints * dtype.itemsize)  # [P * size, size] copies
+    # x into every row: torch's copy for torch inputs (see _torch_fill), numpy's broadcast otherwise.
+    sources = (batch.tensors or list(map(_torch_from_numpy(), batch.arrays))) if problem.is_torch else batch.arrays
+    views: dict = {}  # datum shape -> (buffer, what fn gets)
+    fn, data, points, diagonal = problem.fn, problem.data, writer.points, _core.difference_diagonal
+    for term in terms:
+        j = term.datums[0]
+        shape = batch.shapes[j]
+        count = term.size * npoints
+        held = views.get(shape)
+        if held is None:
+            buffer = flat[: count * term.size * dtype.itemsize].view(dtype).reshape((count,) + tuple(shape))
+            given = problem.fn_view(buffer)
+            held = views[shape] = (buffer, given, given.copy_ if problem.is_torch else functools.partial(np.copyto, buffer))
+        buffer, given, fill = held
+        fill(sources[j])
+        diagonal(buffer, points, term.e0, npoints)
+        try:
+            out = fn(data[j], given)
+        except Exception as err:
+            raise problem.fn_error(err, functools.partial(writer.describe, problem, term, 0, count)) from err
+        if type(out) is tuple:
+            out = split_loss(out)
+        values = _float_view(out)
+        if values.shape != (count,):  # raises the shape error
+            problem.vector_loss(out, count, functools.partial(writer.describe, problem, term, 0, count))
+        f[term.e0 * npoints : term.e1 * npoints] = values  # now: fn's output may be a view of its input
+        if progress is not None:
+            progress.update(1)
+    if not math.isfinite(np.add.reduce(f)) and not np.all(np.isfinite(f)):
+        q = int(np.flatnonzero(~np.isfinite(f))[0])
+        term = next(t for t in terms if q < t.e1 * npoints)
+        where = writer.describe(problem, term, 0, term.size * npoints)
+        raise NonFiniteError(
+            f"{problem.name} returned the non-finite loss {f[q]} for copy {q - term.e0 * npoints} of {where}"
+        )
 
 
 def base_loss(problem: Problem, term: Term, vectorized: bool) -> float:

@@ -38,6 +38,7 @@ from ._evaluate import (
     StackedPoints,
     Term,
     block_chunk,
+    datum_blocks,
     difference_scalar_chunk,
     fn_name,
     split_loss,
@@ -161,13 +162,14 @@ def _as_output(packed: np.ndarray, inputs: _Inputs) -> List[Any]:
 
 
 def _as_output_pair(both: np.ndarray, inputs: _Inputs) -> Tuple[List[Any], List[Any]]:
-    """grads and error from one packed [2n] buffer (gradient, then error): torch inputs take one split."""
+    """grads and error from one packed [2n] buffer (gradient, then error; float64 or the working
+    dtype): torch inputs take one split."""
     batch = inputs.batch
     count = len(batch.shapes)
     if batch.is_torch and inputs.dtype_note is None:
         import torch
 
-        parts = torch.from_numpy(both).split_with_sizes(batch.sizes * 2)
+        parts = torch.from_numpy(both.astype(batch.dtype, copy=False)).split_with_sizes(batch.sizes * 2)
         if batch.shapes and len(batch.shapes[0]) > 1:
             parts = [p.view(s) for p, s in zip(parts, batch.shapes * 2)]
         return list(parts[:count]), list(parts[count:])
@@ -324,12 +326,13 @@ def numerical_grad(
                              block_rows=nfev if vectorized else 0)
     points, spacing = _difference_points(problem, method, scale, step_values)
     with problem.no_grad():  # once for the run: the no_grad of each chunk of calls is then a no-op
-        grad, error, nfev, ncalls, blocks, rows = _separable_gradient(
+        both, nfev, ncalls, blocks, rows = _separable_gradient(
             problem, method, points, spacing, loss_eps, vectorized, max_batch_bytes, executor, progress
         )
+    grads, error = _as_output_pair(both, inputs)
     return NumericalGrad(
-        _as_output(grad, inputs), _as_output(error, inputs), nfev, ncalls, **common,
-        step_scale=None if step is not None else scale, blocks=blocks, block_rows=rows,
+        grads, error, nfev, ncalls, **common, step_scale=None if step is not None else scale, blocks=blocks,
+        block_rows=rows,
     )
 
 
@@ -360,7 +363,7 @@ def _terms(problem: Problem) -> List[Term]:
 
 def _block_rows(problem: Problem, term: Term, nq: int, max_batch_bytes: int) -> int:
     """Perturbed copies per block: as many as fit max_batch_bytes, preferring cache-sized blocks."""
-    copy_bytes = term.size * problem.arrays[0].itemsize
+    copy_bytes = term.size * problem.batch.dtype.itemsize
     limit = max_batch_bytes // copy_bytes
     if limit < 1:
         where = f"datum {term.datums[0]}" if problem.structure == "datum" else "the batch"
@@ -379,8 +382,9 @@ def _chunks(total: int, count: int) -> List[Tuple[int, int]]:
 def _separable_gradient(
     problem: Problem, method: str, points: np.ndarray, spacing: np.ndarray, loss_eps: float, vectorized: bool,
     max_batch_bytes: int, executor: Any, progress: Optional[bool],
-) -> Tuple[np.ndarray, np.ndarray, int, int, int, int]:
-    """Structures "batch" and "datum": one term (all data) or one term per datum."""
+) -> Tuple[np.ndarray, int, int, int, int]:
+    """Structures "batch" and "datum": one term (all data) or one term per datum. Returns the
+    gradient and error packed [2n], nfev, ncalls, blocks and the rows of the largest block."""
     from ._evaluate import base_loss
 
     npoints = len(POINT_LABELS[method])
@@ -398,6 +402,7 @@ def _separable_gradient(
     bar = Progress(total_calls if executor is None else sum(len(_chunks(nq, EXECUTOR_CHUNKS)) for _, nq, _ in plan),
                    progress, f"regrad numerical_grad ({method}, {problem.structure})")
     pool = BufferPool.shared()
+    single = vectorized and problem.structure == "datum" and all(nq == rows for _, nq, rows in plan)
     try:
         for term, nq, rows in plan:
             if f0 is not None:
@@ -406,6 +411,8 @@ def _separable_gradient(
                 ncalls += 1
                 if executor is None:
                     bar.update(1)
+            if single:
+                continue
             out = f[term.e0 * npoints : term.e1 * npoints]
             if vectorized:
                 writer = DifferenceWriter(points, method, problem.is_torch)
@@ -428,11 +435,17 @@ def _separable_gradient(
                     bar.update(1)
                 ncalls += nq
             nfev += nq
+        if single:  # every datum in one block: the lean loop
+            datum_blocks(problem, terms, DifferenceWriter(points, method, problem.is_torch), f, pool, bar)
+            nfev += n * npoints
+            ncalls += len(terms)
+            blocks += len(terms)
+            max_rows = max(nq for _, nq, _ in plan)
     finally:
         bar.close()
         pool.release()
-    grad, error = _core.difference_quotients(method, spacing, f, npoints, 1, f0, 1, loss_eps)
-    return grad, error, nfev, ncalls, blocks, max_rows
+    both = _core.difference_quotients(method, spacing, f, npoints, 1, f0, 1, loss_eps, True)
+    return both, nfev, ncalls, blocks, max_rows
 
 
 def _token_gradient(

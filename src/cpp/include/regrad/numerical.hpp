@@ -76,6 +76,13 @@ void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capa
                             int64_t points_stride, int npoints, int64_t q_begin, int64_t count, bool full,
                             int64_t prev_begin, int64_t prev_count);
 
+/// One datum's block when its rows already hold x: row r (of `rows`, each `size` elements) gets
+/// element r / P set to point r % P, read at points[k * points_stride + i] (points of this datum).
+/// Throws std::invalid_argument if a row's element is past `size` or npoints is not 1, 2 or 4.
+template <class T>
+void write_difference_diagonal(T* out, int64_t size, int64_t rows, const T* points, int64_t points_stride,
+                               int npoints);
+
 /// grad[e] and error[e] from the loss values: f[e * f_stride_e + k * f_stride_k] at point k,
 /// f0[e * f0_stride] at x (forward only). error is a bound on the rounding error of the quotient
 /// (loss_eps * |f| / step) plus, for Richardson, |R - D(h/2)| (the truncation estimate).
