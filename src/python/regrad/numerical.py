@@ -357,8 +357,8 @@ def _difference_points(
 def _terms(problem: Problem) -> List[Term]:
     offsets = problem.offsets.tolist()
     if problem.structure == "datum":
-        return [Term([j], offsets[j], offsets[j + 1]) for j in range(len(problem.arrays)) if offsets[j + 1] > offsets[j]]
-    return [Term(list(range(len(problem.arrays))), 0, offsets[-1])]
+        return [Term([j], offsets[j], offsets[j + 1]) for j in range(len(offsets) - 1) if offsets[j + 1] > offsets[j]]
+    return [Term(list(range(len(offsets) - 1)), 0, offsets[-1])]
 
 
 def _block_rows(problem: Problem, term: Term, nq: int, max_batch_bytes: int) -> int:
