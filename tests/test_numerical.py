@@ -481,6 +481,22 @@ def test_datum_one_block_per_datum_matches_smaller_blocks(method, kind, k):
     np.testing.assert_array_equal(packed(viewed.grads), packed(reference.grads))
 
 
+def test_datum_one_block_reads_any_output_kind():
+    """Torch outputs as negative views or requiring grad, and plain lists, read like a plain tensor."""
+    lps = ragged(12, lengths=(3, 4), kind="torch")
+    base = lambda lp: (lp * lp).sum(-1)  # noqa: E731
+    reference = numerical_grad(lambda d, lp: base(lp), [0, 1], lps, structure="datum", vectorized=True)
+
+    def grad_enabled(d, lp):
+        with torch.enable_grad():
+            return base(lp.clone().requires_grad_(True))
+
+    kinds = [lambda d, lp: torch._neg_view(-base(lp)), grad_enabled, lambda d, lp: base(lp).tolist()]
+    for fn in kinds:
+        got = numerical_grad(fn, [0, 1], lps, structure="datum", vectorized=True)
+        np.testing.assert_array_equal(packed(got.grads), packed(reference.grads))
+
+
 def test_datum_one_block_per_datum_errors_name_the_datum():
     lps = ragged(11, lengths=(3, 4, 2))
     with pytest.raises(NumericalError, match=r"returned shape \(2,\).*datum 1.*shape \(8,\)"):

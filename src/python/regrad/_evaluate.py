@@ -601,7 +601,10 @@ def datum_blocks(
             raise problem.fn_error(err, functools.partial(writer.describe, problem, term, 0, count)) from err
         if type(out) is tuple:
             out = split_loss(out)
-        values = _float_view(out)
+        try:  # a plain CPU tensor (~1 us); else (grad, negative view, numpy, list, ...) the general view
+            values = out.numpy()
+        except (AttributeError, RuntimeError, TypeError):
+            values = _float_view(out)
         if values.shape != (count,):  # raises the shape error
             problem.vector_loss(out, count, functools.partial(writer.describe, problem, term, 0, count))
         f[term.e0 * npoints : term.e1 * npoints] = values  # now: fn's output may be a view of its input
