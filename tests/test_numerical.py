@@ -481,6 +481,26 @@ def test_datum_one_block_per_datum_matches_smaller_blocks(method, kind, k):
     np.testing.assert_array_equal(packed(viewed.grads), packed(reference.grads))
 
 
+def test_difference_diagonal_writes_one_element_per_row_and_checks_sizes():
+    """Row r gets element r // P set to point r % P of its datum (offset into the packed points);
+    everything else is left as it was. Mismatched dtypes and sizes are refused before writing."""
+    points = np.arange(2 * 7, dtype=np.float32).reshape(2, 7) + 100
+    buffer = np.zeros((6, 3), np.float32)
+    _core.difference_diagonal(buffer, points, 4, 2)  # the datum holds packed elements 4..6
+    expected = np.zeros((6, 3), np.float32)
+    for r in range(6):
+        expected[r, r // 2] = points[r % 2, 4 + r // 2]
+    np.testing.assert_array_equal(buffer, expected)
+    with pytest.raises(TypeError, match="dtype"):
+        _core.difference_diagonal(np.zeros((6, 3)), points, 4, 2)
+    with pytest.raises(ValueError, match=r"elements \[5, 8\)"):
+        _core.difference_diagonal(buffer, points, 5, 2)
+    with pytest.raises(ValueError, match="7 rows of 2 points"):
+        _core.difference_diagonal(np.zeros((7, 3), np.float32), points, 4, 2)
+    with pytest.raises(ValueError, match="writable"):
+        _core.difference_diagonal(buffer[:, :2], points, 4, 2)
+
+
 def test_datum_one_block_reads_any_output_kind():
     """Torch outputs as negative views or requiring grad, and plain lists, read like a plain tensor."""
     lps = ragged(12, lengths=(3, 4), kind="torch")
