@@ -184,6 +184,8 @@ def sparsity_case(lengths: List[int], budget: float, with_batch: bool) -> Table:
     if with_batch:
         table.rows.append(vectorized_overhead(lps, vec, budget))
         print(f"  {table.rows[-1]['name']:<42} {table.rows[-1]['note']}", file=sys.stderr)
+        table.rows.append(datum_floor(lps, vec, per_datum_vec))
+        print(f"  {table.rows[-1]['name']:<42} {table.rows[-1]['note']}", file=sys.stderr)
     return table
 
 
@@ -215,6 +217,37 @@ def vectorized_overhead(lps: List[torch.Tensor], vec: Callable, budget: float) -
     fn_time, engine_time = statistics.median(fn_times), statistics.median(engine_times)
     return dict(name="fn alone on the stacked perturbations", seconds=fn_time, err=None, memory=None,
                 note=f"interleaved with regrad batch vectorized ({fmt_time(engine_time)}): ratio {engine_time / fn_time:.2f}")
+
+
+def datum_floor(lps: List[torch.Tensor], vec: Callable, per_datum_vec: Callable) -> Dict[str, Any]:
+    """The least any datum-structure engine must do, timed against regrad's batch route: per datum,
+    x into the 2 T rows of one reused block (torch's copy) and one call of fn; no perturbation, no
+    bookkeeping. batch / floor is the most the "datum >= B x batch" figure can reach on this host."""
+    rows = max(2 * lp.numel() for lp in lps)
+    block = torch.empty(rows * lps[0].numel(), dtype=lps[0].dtype)
+    views = [block[: 2 * lp.numel() * lp.numel()].view(2 * lp.numel(), *lp.shape) for lp in lps]
+
+    def floor():
+        with torch.no_grad():
+            for j, (lp, view) in enumerate(zip(lps, views)):
+                view.copy_(lp)
+                per_datum_vec(None, view)
+
+    floor_times, datum_times, batch_times = [], [], []
+    for _ in range(15):  # interleaved: all three see the same machine load
+        for times, run in ((floor_times, floor),
+                           (datum_times, lambda: regrad.numerical_grad(per_datum_vec, [None] * len(lps), lps,
+                                                                       structure="datum", vectorized=True,
+                                                                       progress=False)),
+                           (batch_times, lambda: regrad.numerical_grad(vec, None, lps, vectorized=True,
+                                                                       progress=False))):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    floor_t, datum_t, batch_t = (statistics.median(t) for t in (floor_times, datum_times, batch_times))
+    return dict(name="datum floor: x copies + fn alone, no engine", seconds=floor_t, err=None, memory=None,
+                note=f"interleaved: batch vectorized {fmt_time(batch_t)} is {batch_t / floor_t:.1f}x this floor "
+                     f"and {batch_t / datum_t:.1f}x regrad datum vectorized ({fmt_time(datum_t)})")
 
 
 def topk_case(budget: float) -> Table:
