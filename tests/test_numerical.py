@@ -481,6 +481,24 @@ def test_datum_one_block_per_datum_matches_smaller_blocks(method, kind, k):
     np.testing.assert_array_equal(packed(viewed.grads), packed(reference.grads))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_datum_one_block_boundary_is_the_largest_datum(dtype):
+    """One block per datum exactly when the largest datum's P * T copies fit min(max_batch_bytes,
+    4 MiB): at that many bytes one block each; one byte less, more blocks (the lean one-block loop
+    must not take that case and overrun the limit); the same bits either way."""
+    lengths = (3, 7, 5)
+    lps = [np.linspace(-2.0, -0.5, t).astype(dtype) for t in lengths]
+    data = [0, 1, 2]
+    fn = lambda d, lp: square_sum_rows(lp) + d  # noqa: E731
+    limit = 2 * 7 * 7 * np.dtype(dtype).itemsize
+    at = numerical_grad(fn, data, lps, structure="datum", vectorized=True, max_batch_bytes=limit)
+    below = numerical_grad(fn, data, lps, structure="datum", vectorized=True, max_batch_bytes=limit - 1)
+    assert (at.blocks, at.block_rows) == (3, 14)
+    assert below.blocks > 3 and below.block_rows < 14
+    np.testing.assert_array_equal(packed(at.grads), packed(below.grads))
+    np.testing.assert_array_equal(packed(at.error), packed(below.error))
+
+
 def test_difference_diagonal_writes_one_element_per_row_and_checks_sizes():
     """Row r gets element r // P set to point r % P of its datum (offset into the packed points);
     everything else is left as it was. Mismatched dtypes and sizes are refused before writing."""
@@ -491,6 +509,15 @@ def test_difference_diagonal_writes_one_element_per_row_and_checks_sizes():
     for r in range(6):
         expected[r, r // 2] = points[r % 2, 4 + r // 2]
     np.testing.assert_array_equal(buffer, expected)
+    for npoints in (1, 2, 4):  # enough rows for the threaded loop
+        size = 300
+        many = np.arange(npoints * (size + 9), dtype=np.float64).reshape(npoints, size + 9)
+        block = np.full((npoints * size, size), -1.0)
+        _core.difference_diagonal(block, many, 9, npoints)
+        rows = np.arange(npoints * size)
+        reference = np.full((npoints * size, size), -1.0)
+        reference[rows, rows // npoints] = many[rows % npoints, 9 + rows // npoints]
+        np.testing.assert_array_equal(block, reference)
     with pytest.raises(TypeError, match="dtype"):
         _core.difference_diagonal(np.zeros((6, 3)), points, 4, 2)
     with pytest.raises(ValueError, match=r"elements \[5, 8\)"):

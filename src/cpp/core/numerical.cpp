@@ -212,6 +212,7 @@ void write_difference_diagonal(T* out, int64_t size, int64_t rows, const T* poin
                                     " points need more than the datum's " + std::to_string(size) + " elements");
     }
     if (rows > 0 && points_stride < size) throw std::invalid_argument("points_stride is smaller than the datum");
+#pragma omp parallel for schedule(static) if (rows >= 256)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = r / npoints;
         out[r * size + i] = points[(r % npoints) * points_stride + i];

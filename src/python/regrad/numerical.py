@@ -37,6 +37,7 @@ from ._evaluate import (
     Problem,
     StackedPoints,
     Term,
+    base_loss,
     block_chunk,
     datum_blocks,
     difference_scalar_chunk,
@@ -374,6 +375,13 @@ def _block_rows(problem: Problem, term: Term, nq: int, max_batch_bytes: int) -> 
     return int(min(nq, limit, preferred))
 
 
+def _one_block_each(problem: Problem, terms: List[Term], npoints: int, max_batch_bytes: int) -> bool:
+    """Whether _block_rows gives every term all its perturbations in one block (the largest term decides)."""
+    largest = max(term.size for term in terms)
+    nbytes = npoints * largest * largest * problem.batch.dtype.itemsize
+    return nbytes <= min(max_batch_bytes, PREFERRED_BLOCK_BYTES)
+
+
 def _chunks(total: int, count: int) -> List[Tuple[int, int]]:
     size = max(1, -(-total // count))
     return [(q, min(q + size, total)) for q in range(0, total, size)]
@@ -385,24 +393,22 @@ def _separable_gradient(
 ) -> Tuple[np.ndarray, int, int, int, int]:
     """Structures "batch" and "datum": one term (all data) or one term per datum. Returns the
     gradient and error packed [2n], nfev, ncalls, blocks and the rows of the largest block."""
-    from ._evaluate import base_loss
-
     npoints = len(POINT_LABELS[method])
     n = int(problem.offsets[-1])
     terms = _terms(problem)
     f = np.empty(n * npoints)
     f0 = np.zeros(n) if method == "forward" else None
     nfev = ncalls = blocks = max_rows = 0
-    plan = []
-    for term in terms:
-        nq = term.size * npoints
-        rows = _block_rows(problem, term, nq, max_batch_bytes) if vectorized else 1
-        plan.append((term, nq, rows))
+    single = vectorized and problem.structure == "datum" and _one_block_each(problem, terms, npoints, max_batch_bytes)
+    if single:
+        plan = [(term, term.size * npoints, term.size * npoints) for term in terms]
+    else:
+        plan = [(term, term.size * npoints, _block_rows(problem, term, term.size * npoints, max_batch_bytes)
+                 if vectorized else 1) for term in terms]
     total_calls = sum(-(-nq // rows) for _, nq, rows in plan) + (len(terms) if f0 is not None else 0)
     bar = Progress(total_calls if executor is None else sum(len(_chunks(nq, EXECUTOR_CHUNKS)) for _, nq, _ in plan),
                    progress, f"regrad numerical_grad ({method}, {problem.structure})")
     pool = BufferPool.shared()
-    single = vectorized and problem.structure == "datum" and all(nq == rows for _, nq, rows in plan)
     try:
         for term, nq, rows in plan:
             if f0 is not None:
