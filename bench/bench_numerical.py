@@ -229,7 +229,7 @@ def datum_floor(lps: List[torch.Tensor], vec: Callable, per_datum_vec: Callable)
 
     def floor():
         with torch.no_grad():
-            for j, (lp, view) in enumerate(zip(lps, views)):
+            for lp, view in zip(lps, views):
                 view.copy_(lp)
                 per_datum_vec(None, view)
 
