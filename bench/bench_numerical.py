@@ -4,7 +4,8 @@ numdifftools, torch gradcheck's numerical Jacobian and torch autograd, in one ru
     python bench/bench_numerical.py [--budget SECONDS] [--markdown]
 
 Cases: (a) the seed's `sparsity_penalty` over 8x256 and 64x(512..4096) float32 log-probs, (b) a
-non-differentiable top-k penalty (numpy) on a dense 4096-vector. Every row reports the median
+non-differentiable top-k penalty (numpy) on a dense 4096-vector, (c) the datum and batch
+structures side by side across B x T (where "datum >= B x batch" starts to hold). Every row reports the median
 time, the ratio to one loss evaluation, the speed-up over the per-element loop, the max error vs
 the reference gradient (autograd, or the exact indicator for top-k), and the tracemalloc peak
 (Python and numpy allocations; torch's allocator is not traced). A method whose single run would
@@ -219,12 +220,14 @@ def vectorized_overhead(lps: List[torch.Tensor], vec: Callable, budget: float) -
                 note=f"interleaved with regrad batch vectorized ({fmt_time(engine_time)}): ratio {engine_time / fn_time:.2f}")
 
 
-def datum_floor(lps: List[torch.Tensor], vec: Callable, per_datum_vec: Callable) -> Dict[str, Any]:
-    """The least any datum-structure engine must do, timed against regrad's batch route: per datum,
-    x into the 2 T rows of one reused block (torch's copy) and one call of fn; no perturbation, no
-    bookkeeping. batch / floor is the most the "datum >= B x batch" figure can reach on this host."""
+def datum_vs_batch(lps: List[torch.Tensor], vec: Callable, per_datum_vec: Callable, rounds: int = 15) -> Dict[str, float]:
+    """Medians of the datum floor, regrad's datum route and regrad's batch route (all vectorized),
+    interleaved so all three see the same machine load. The floor is the least any datum-structure
+    engine must do: per datum, x into the 2 T rows of one reused block (torch's copy) and one call
+    of fn, with no perturbation and no bookkeeping; batch / floor is the most the "datum >= B x
+    batch" figure can reach on this host."""
     rows = max(2 * lp.numel() for lp in lps)
-    block = torch.empty(rows * lps[0].numel(), dtype=lps[0].dtype)
+    block = torch.empty(rows * max(lp.numel() for lp in lps), dtype=lps[0].dtype)
     views = [block[: 2 * lp.numel() * lp.numel()].view(2 * lp.numel(), *lp.shape) for lp in lps]
 
     def floor():
@@ -233,21 +236,52 @@ def datum_floor(lps: List[torch.Tensor], vec: Callable, per_datum_vec: Callable)
                 view.copy_(lp)
                 per_datum_vec(None, view)
 
-    floor_times, datum_times, batch_times = [], [], []
-    for _ in range(15):  # interleaved: all three see the same machine load
-        for times, run in ((floor_times, floor),
-                           (datum_times, lambda: regrad.numerical_grad(per_datum_vec, [None] * len(lps), lps,
-                                                                       structure="datum", vectorized=True,
-                                                                       progress=False)),
-                           (batch_times, lambda: regrad.numerical_grad(vec, None, lps, vectorized=True,
-                                                                       progress=False))):
+    runs = {
+        "floor": floor,
+        "datum": lambda: regrad.numerical_grad(per_datum_vec, [None] * len(lps), lps, structure="datum",
+                                               vectorized=True, progress=False),
+        "batch": lambda: regrad.numerical_grad(vec, None, lps, vectorized=True, progress=False),
+    }
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm: buffers, caches
+    for _ in range(rounds):
+        for name, run in runs.items():
             t0 = time.perf_counter()
             run()
-            times.append(time.perf_counter() - t0)
-    floor_t, datum_t, batch_t = (statistics.median(t) for t in (floor_times, datum_times, batch_times))
-    return dict(name="datum floor: x copies + fn alone, no engine", seconds=floor_t, err=None, memory=None,
-                note=f"interleaved: batch vectorized {fmt_time(batch_t)} is {batch_t / floor_t:.1f}x this floor "
-                     f"and {batch_t / datum_t:.1f}x regrad datum vectorized ({fmt_time(datum_t)})")
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def datum_floor(lps: List[torch.Tensor], vec: Callable, per_datum_vec: Callable) -> Dict[str, Any]:
+    """The datum floor as a row of case (a), with batch / floor and batch / datum in its note."""
+    t = datum_vs_batch(lps, vec, per_datum_vec)
+    return dict(name="datum floor: x copies + fn alone, no engine", seconds=t["floor"], err=None, memory=None,
+                note=f"interleaved: batch vectorized {fmt_time(t['batch'])} is {t['batch'] / t['floor']:.1f}x this floor "
+                     f"and {t['batch'] / t['datum']:.1f}x regrad datum vectorized ({fmt_time(t['datum'])})")
+
+
+SWEEP = [(4, 256), (8, 256), (16, 256), (24, 256), (32, 256), (8, 512), (16, 512), (4, 1024), (8, 1024)]
+
+
+def sweep_case() -> str:
+    """Datum vs batch structure (vectorized, sparsity_penalty, B data of T float32 log-probs) across
+    sizes: where the per-call costs of fn stop dominating, datum / batch reaches B."""
+    title = "(c) datum vs batch structure across B x T (sparsity_penalty, vectorized, interleaved medians)"
+    print(title, file=sys.stderr)
+    lines = [f"**{title}**", "",
+             "| B x T | batch | datum | batch / datum | / B | floor (copies + fn) | batch / floor |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for batch, length in SWEEP:
+        rng = np.random.default_rng(0)
+        lps = [torch.from_numpy(-(0.01 + rng.exponential(2.0, size=length)).astype(np.float32)) for _ in range(batch)]
+        vec, _, per_datum_vec, _ = make_sparsity_forms(batch)
+        t = datum_vs_batch(lps, vec, per_datum_vec, rounds=9)
+        ratio = t["batch"] / t["datum"]
+        print(f"  {batch} x {length}: batch / datum {ratio:.1f} ({ratio / batch:.2f} B)", file=sys.stderr, flush=True)
+        lines.append(f"| {batch} x {length} | {fmt_time(t['batch'])} | {fmt_time(t['datum'])} | {ratio:.1f}x | "
+                     f"{ratio / batch:.2f} | {fmt_time(t['floor'])} | {t['batch'] / t['floor']:.1f}x |")
+    return "\n".join(lines)
 
 
 def topk_case(budget: float) -> Table:
@@ -295,8 +329,9 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's moving mmap/trim thresholds (fn's own time then swings with page faults)")
-    parser.add_argument("--case", action="append", choices=("small", "large", "topk"),
-                        help="run only these cases: (a) 8 x 256, (a) 64 x (512..4096), (b) top-k (default: all)")
+    parser.add_argument("--case", action="append", choices=("small", "large", "topk", "sweep"),
+                        help="run only these cases: (a) 8 x 256, (a) 64 x (512..4096), (b) top-k, "
+                             "(c) datum vs batch across sizes (default: all)")
     args = parser.parse_args()
     pinned = False if args.default_malloc else pin_malloc()
     lengths = sorted(np.random.default_rng(2).integers(512, 4097, size=64).tolist())
@@ -304,6 +339,7 @@ def main() -> None:
         "small": lambda: sparsity_case([256] * 8, args.budget, with_batch=True),
         "large": lambda: sparsity_case(lengths, args.budget, with_batch=False),
         "topk": lambda: topk_case(args.budget),
+        "sweep": sweep_case,
     }
     tables = [cases[name]() for name in (args.case or cases)]
     info = regrad.build_info()
@@ -315,7 +351,8 @@ def main() -> None:
     print(header)
     for t in tables:
         print()
-        print(t.markdown() if args.markdown else t.markdown().replace("|", " "))
+        text = t if isinstance(t, str) else t.markdown()
+        print(text if args.markdown else text.replace("|", " "))
 
 
 if __name__ == "__main__":
