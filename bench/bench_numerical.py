@@ -5,11 +5,12 @@ numdifftools, torch gradcheck's numerical Jacobian and torch autograd, in one ru
 
 Cases: (a) the seed's `sparsity_penalty` over 8x256 and 64x(512..4096) float32 log-probs, (b) a
 non-differentiable top-k penalty (numpy) on a dense 4096-vector, (c) the datum and batch
-structures side by side across B x T (where "datum >= B x batch" starts to hold). Every row reports the median
-time, the ratio to one loss evaluation, the speed-up over the per-element loop, the max error vs
-the reference gradient (autograd, or the exact indicator for top-k), and the tracemalloc peak
-(Python and numpy allocations; torch's allocator is not traced). A method whose single run would
-exceed --budget seconds is timed on a prefix of the coordinates and extrapolated ("est.").
+structures side by side across B x T (where "datum >= B x batch" starts to hold). Every row of
+(a) and (b) reports the median time, the ratio to one loss evaluation, the speed-up over the
+per-element loop, the max error vs the reference gradient (autograd, or the exact indicator for
+top-k), and the tracemalloc peak (Python and numpy allocations; torch's allocator is not traced).
+A method whose single run would exceed --budget seconds is timed on a prefix of the coordinates
+and extrapolated ("est.").
 glibc's mmap/trim thresholds are pinned for the whole run (both sides of every ratio) unless
 --default-malloc: see regrad.bench.timing.pin_malloc.
 """
@@ -280,7 +281,7 @@ def sweep_case() -> str:
         rng = np.random.default_rng(0)
         lps = [torch.from_numpy(-(0.01 + rng.exponential(2.0, size=length)).astype(np.float32)) for _ in range(batch)]
         vec, _, per_datum_vec, _ = make_sparsity_forms(batch)
-        one_block = 2 * length * length * 4 <= NUMERICAL.PREFERRED_BLOCK_BYTES
+        one_block = 2 * length * length * lps[0].element_size() <= NUMERICAL.PREFERRED_BLOCK_BYTES
         t = datum_vs_batch(lps, vec, per_datum_vec, rounds=9, with_floor=one_block)
         ratio = t["batch"] / t["datum"]
         print(f"  {batch} x {length}: batch / datum {ratio:.1f} ({ratio / batch:.2f} B)", file=sys.stderr, flush=True)
