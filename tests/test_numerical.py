@@ -717,6 +717,27 @@ def test_wrong_return_shape(kwargs, fn, match):
         numerical_grad(fn, None, ragged(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,value,match",
+    [
+        ({}, None, r"returned NoneType at perturbation 0 of 30.*expected a scalar loss"),
+        ({}, "1.5", r"returned str at perturbation 0 of 30.*expected a scalar loss"),
+        ({}, {"loss": 1.0}, r"returned dict at perturbation 0"),
+        ({"method": "spsa"}, None, r"returned NoneType at perturbation 0 \(sample 0"),
+        ({"vectorized": True}, None, r"returned NoneType at the block of perturbations \[0, 30\).*shape \(30,\)"),
+        ({"structure": "datum", "vectorized": True}, None, r"returned NoneType at the block.*shape \(10,\)"),
+        ({"structure": "datum"}, "x", r"returned str at perturbation 0 of 10: datum 0"),
+    ],
+)
+def test_returns_without_numbers_are_named(kwargs, value, match):
+    # numpy would read None as nan (a misleading "non-finite loss") and "1.5" as 1.5 (a silent success).
+    data = [None] * 3 if kwargs.get("structure") == "datum" else None
+    with pytest.raises(NumericalError, match=match):
+        numerical_grad(lambda d, lps: value, data, ragged(), **kwargs)
+    with pytest.raises(NumericalError, match=r"returned list .*\(datum 0\); expected per-token losses"):
+        numerical_grad(lambda d, lps: [["x"] * lp.size for lp in lps], None, ragged(), structure="token")
+
+
 def test_non_finite_losses_and_inputs():
     with pytest.raises(NonFiniteError, match="non-finite loss nan at perturbation 0"):
         numerical_grad(lambda d, lps: float("nan"), None, ragged())

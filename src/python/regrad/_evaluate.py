@@ -84,13 +84,22 @@ def split_loss(out: Any) -> Any:
     return out
 
 
+class _NotNumbers(TypeError):
+    """fn returned something that is not a number or an array of numbers (None, a string, a dict)."""
+
+
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach().cpu()
         if not value.is_floating_point():
             value = value.double()
         return value.double().numpy()
-    return np.asarray(value, dtype=np.float64)
+    if value is None or isinstance(value, (str, bytes, Mapping)):  # numpy reads None as nan and "1" as 1.0
+        raise _NotNumbers(type(value).__name__)
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise _NotNumbers(type(value).__name__) from err
 
 
 def _float_view(value: Any) -> np.ndarray:
@@ -185,6 +194,10 @@ class Problem:
             raise self.fn_error(err, where) from err
         return split_loss(out)
 
+    def not_numbers(self, out: Any, where: Where, expected: str) -> NumericalError:
+        """The error for a return value that holds no numbers (None, a string, ...)."""
+        return NumericalError(f"{self.name} returned {type(out).__name__} at {_text(where)}; expected {expected}")
+
     def scalar_loss(self, out: Any, where: Where) -> float:
         kind = type(out)
         if kind is float or kind is np.float64 or kind is np.float32:
@@ -192,7 +205,10 @@ class Problem:
         elif _is_torch_scalar(out):
             value = out.item()
         else:
-            a = np.asarray(out, dtype=np.float64) if np.isscalar(out) else _to_numpy(out)
+            try:
+                a = _to_numpy(out)
+            except _NotNumbers:
+                raise self.not_numbers(out, where, "a scalar loss (a float or a 0-d tensor)") from None
             if a.ndim != 0 or isinstance(out, bool):
                 raise NumericalError(
                     f"{self.name} returned shape {tuple(a.shape)} at {_text(where)}; structure={self.structure!r} "
@@ -206,7 +222,10 @@ class Problem:
 
     def vector_loss(self, out: Any, count: int, where: Where) -> np.ndarray:
         """One loss per perturbed copy, float32 or float64 (a view where fn's output allows)."""
-        a = _float_view(out)
+        try:
+            a = _float_view(out)
+        except _NotNumbers:
+            raise self.not_numbers(out, where, f"one loss per perturbed copy, shape ({count},)") from None
         if a.shape == (count,) and math.isfinite(np.add.reduce(a)):
             return a  # the common case: one reduction checks every value (an overflowing sum is re-checked below)
         where = _text(where) if a.shape != (count,) or not np.all(np.isfinite(a)) else ""
@@ -254,7 +273,11 @@ class Problem:
                 return list(map(torch.Tensor.numpy, out))
             except (RuntimeError, TypeError):
                 pass
-        return [_float_view(p) for p in out]
+        try:
+            return [_float_view(p) for p in out]
+        except _NotNumbers:
+            bad = next(j for j, p in enumerate(out) if p is None or np.asarray(p).dtype.kind not in "biuf")
+            raise self.not_numbers(out[bad], f"{where} (datum {bad})", "per-token losses (an array of numbers)") from None
 
     def _check_token_shapes(self, out: Sequence[Any], shapes: List[tuple], where: str, stacked: bool) -> None:
         for j, (p, s) in enumerate(zip(out, shapes)):
@@ -601,10 +624,10 @@ def datum_blocks(
             raise problem.fn_error(err, functools.partial(writer.describe, problem, term, 0, count)) from err
         if type(out) is tuple:
             out = split_loss(out)
-        try:  # a plain CPU tensor (~1 us); else (grad, negative view, numpy, list, ...) the general view
+        try:  # a plain CPU tensor (~1 us); else (grad, negative view, numpy, list, ...) the checked view
             values = out.numpy()
         except (AttributeError, RuntimeError, TypeError):
-            values = _float_view(out)
+            values = problem.vector_loss(out, count, functools.partial(writer.describe, problem, term, 0, count))
         if values.shape != (count,):  # raises the shape error
             problem.vector_loss(out, count, functools.partial(writer.describe, problem, term, 0, count))
         f[term.e0 * npoints : term.e1 * npoints] = values  # now: fn's output may be a view of its input
