@@ -317,6 +317,48 @@ def test_autograd_route_needs_a_graph():
         regrad.compose(None, [spec])(data, lps)
 
 
+def test_a_graph_that_misses_the_inputs_goes_numerical():
+    # A numpy regularizer wrapped back into a fresh leaf: autograd would give an all-zero gradient.
+    data, lps = make_batch()
+    value = lambda d, lp: float(sum(np.sum(np.tanh(x.detach().numpy())) for x in lp))  # noqa: E731
+    rewrapped = lambda d, lp: (torch.tensor(value(d, lp), dtype=torch.float64, requires_grad=True), {})  # noqa: E731
+    loss_fn = regrad.compose(None, [{"fn": rewrapped, "weight": 1.0, "name": "t"}])
+    xs = leaves(lps)
+    loss, _ = loss_fn(data, xs)
+    loss.backward()
+    assert loss_fn.last_output.regularizers["t"].grad_method == "numerical"
+    for x in xs:
+        np.testing.assert_allclose(x.grad.numpy(), 1 - np.tanh(x.detach().numpy()) ** 2, rtol=1e-6)
+    strict = RegularizerSpec.sync("t", 1.0, rewrapped, grad="autograd")
+    with pytest.raises(RegularizerError, match="'t'.*does not reach the log-probs"):
+        regrad.compose(None, [strict])(data, leaves(lps))
+
+
+def test_non_finite_metrics_and_weighted_totals_are_named():
+    data, lps = make_batch()
+    nan_metric = {"fn": lambda d, lp: (sum(x.sum() for x in lp), {"m": float("nan")}), "weight": 1.0, "name": "nm"}
+    with pytest.raises(RegularizerError, match="'nm'.*metric 'm' is nan") as info:
+        regrad.compose(None, [nan_metric])(data, leaves(lps))
+    assert isinstance(info.value.cause, NonFiniteError)
+    # each term finite, the float32 weighted sum not: 1e38 * (-4) * 2 terms overflows
+    lps32 = [x.float() for x in lps]
+    loud = [RegularizerSpec.with_grad(f"big{i}", 1e38, cubic_value, lambda d, lp: [np.full(x.shape, -4.0, np.float32) for x in lp])
+            for i in range(2)]
+    with pytest.raises(NonFiniteError, match="weighted sum of the terms has a non-finite gradient"):
+        with np.errstate(over="ignore"):
+            regrad.compose(None, loud)(data, leaves(lps32))
+
+
+@pytest.mark.parametrize("weights,match", [([1.0, -2.0], "weight -2.0 at token 1"), ([1.0, float("nan")], "weight nan at token 1")])
+def test_cross_entropy_rejects_signed_or_nan_weights(weights, match):
+    lps = [torch.tensor([-1.0, -1.0], dtype=torch.float64)]
+    data = [regrad.Datum([0, 1], {"target_tokens": np.array([0, 1]), "weights": np.array(weights)})]
+    with pytest.raises(regrad.InputError, match=f"datum 0 has {match}"):
+        regrad.losses.cross_entropy(data, lps)
+    with pytest.raises(RegularizerError, match=f"'base_loss'.*datum 0 has {match}"):
+        regrad.compose(regrad.losses.cross_entropy, [])(data, leaves(lps))
+
+
 def test_a_failure_stops_later_terms_when_sequential():
     data, lps = make_batch()
     ran = []

@@ -668,6 +668,33 @@ def test_check_passes_and_fails():
     per_datum = check(lambda d, lp: (lp**3).sum(), [0, 1, 2], lps, structure="datum", method="richardson")
     assert per_datum.passed
 
+    class InfBackward(torch.autograd.Function):  # a backward with a division by zero
+        @staticmethod
+        def forward(ctx, x):
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return g / torch.zeros(1, dtype=g.dtype)
+
+    infinite = check(lambda d, lps: sum(InfBackward.apply(lp).sum() for lp in lps), None, lps)
+    assert not infinite.passed  # inf <= atol + rtol * inf must not pass
+
+
+def test_numerical_wrapper_options_dtype_and_double_backward():
+    with pytest.raises(InputError, match=r"unknown option\(s\) \['stepp'\]"):
+        numerical(lambda d, lps: 0.0, stepp=1e-3)
+    with pytest.raises(InputError, match="structure must be one of"):
+        numerical(lambda d, lps: 0.0, structure="bogus")
+    # a Python-float loss of float16 inputs is kept in float32 (float16 tops out at 65504)
+    x = torch.full((4000,), -20.0, dtype=torch.float16, requires_grad=True)
+    loss = numerical(lambda d, lps: float(-lps[0].double().sum()))(None, [x])
+    assert loss.dtype == torch.float32 and loss.item() == 80000.0
+    a = torch.tensor([0.5, 1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(numerical(lambda d, lps: (lps[0] ** 3).sum())(None, [a]) ** 2, a, create_graph=True)
+    with pytest.raises(RuntimeError):  # no silent second derivative without the Hessian term
+        g.sum().backward()
+
 
 # ---- progress -----------------------------------------------------------------------------------
 

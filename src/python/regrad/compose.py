@@ -293,9 +293,7 @@ class ComposedLoss:
         flat = result.flat_grad
         assert flat is not None
         if self.track_grad_norms:
-            norm = float(np.linalg.norm(flat))
-            if not math.isfinite(norm) and np.isfinite(flat).all():
-                norm = float(np.linalg.norm(flat.astype(np.float64)))  # float32 squares overflowed
+            norm = _norm(flat)
             result.grad_norm = norm
             finite = math.isfinite(norm)
         else:
@@ -323,9 +321,22 @@ class ComposedLoss:
         if total is None:
             total = np.zeros(inputs.size, inputs.batch.dtype)
         output = self._telemetry(results, total, start)
+        self._check_total(output, total)
         self.last_output = output
         emit(self.on_event, "stop", "loss", "loss", duration_ms=output.duration_ms, value=output.loss_total)
         return inputs, output.loss_total, total, output
+
+    @staticmethod
+    def _check_total(output: CustomLossOutput, total: np.ndarray) -> None:
+        """Finite terms can still sum, once weighted, to a non-finite loss or gradient (an overflowing weight)."""
+        norm = output.total_grad_norm
+        finite_grad = (norm is not None and math.isfinite(norm)) or bool(np.isfinite(total).all())
+        if not (math.isfinite(output.loss_total) and finite_grad):
+            what = "loss" if not math.isfinite(output.loss_total) else "gradient"
+            raise NonFiniteError(
+                f"the weighted sum of the terms has a non-finite {what} (loss_total={output.loss_total}); "
+                "check the weights: every term alone was finite"
+            )
 
     def _telemetry(self, results: List[TermResult], total: np.ndarray, start: float) -> CustomLossOutput:
         base: Optional[BaseLossTelemetry] = None
@@ -341,7 +352,7 @@ class ComposedLoss:
                 regularizers[spec.name] = RegularizerTelemetry(weight=spec.weight, **common)  # type: ignore[arg-type]
         regularizer_total = sum(reg.contribution for reg in regularizers.values())
         loss_total = (base.value if base is not None else 0.0) + regularizer_total
-        total_norm = float(np.linalg.norm(total)) if self.track_grad_norms else None
+        total_norm = _norm(total) if self.track_grad_norms else None
         return CustomLossOutput(loss_total, base, regularizers, regularizer_total, total_norm, _ms_since(start))
 
     @staticmethod
@@ -365,6 +376,17 @@ class ComposedLoss:
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _TotalGrad.apply(value_t, torch.from_numpy(flat), inputs.sizes, inputs.batch.shapes, *tensors)
         return value_t
+
+
+def _norm(flat: np.ndarray) -> float:
+    """The L2 norm, rescaled when the squares overflowed (inf only for a non-finite entry)."""
+    with np.errstate(over="ignore"):
+        norm = float(np.linalg.norm(flat))
+    if not math.isfinite(norm) and np.isfinite(flat).all():
+        wide = flat.astype(np.float64)
+        peak = float(np.abs(wide).max())
+        norm = peak * float(np.linalg.norm(wide / peak))
+    return norm
 
 
 def _ms_since(start: float) -> float:

@@ -191,9 +191,12 @@ def metrics_dict(metrics: Any) -> Dict[str, float]:
         if hasattr(value, "detach"):  # a tensor metric: read it without touching its graph
             value = value.detach()
         try:
-            custom[str(key)] = float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a float") from None
+        if not math.isfinite(number):  # telemetry is JSON: NaN / Infinity would make it invalid
+            raise NonFiniteError(f"metric {key!r} is {number}")
+        custom[str(key)] = number
     return custom
 
 
@@ -225,13 +228,16 @@ def carries_graph(loss: Any) -> bool:
     return bool(getattr(loss, "requires_grad", False))
 
 
-def autograd_grads(loss: Any, leaves: List[Any]) -> List[Any]:
-    """d(loss)/d(leaves) by torch autograd; leaves the loss does not use get zeros."""
+def autograd_grads(loss: Any, leaves: List[Any]) -> Optional[List[Any]]:
+    """d(loss)/d(leaves) by torch autograd; leaves the loss does not use get zeros. None when the
+    graph reaches no leaf at all (a loss rebuilt from detached values, e.g. via numpy)."""
     import torch
 
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     if all(map(is_not, grads, repeat(None))):  # every leaf used: no per-datum check
         return list(grads)
+    if leaves and all(g is None for g in grads):
+        return None
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
 
 
@@ -445,10 +451,19 @@ def _from_probe(spec: Any, out: Any, leaves: List[Any], inputs: CallInputs) -> U
     loss, custom = split_output(out)
     value = scalar_value(loss)
     if carries_graph(loss):
-        return TermResult(value, custom, "autograd", inputs.pack_autograd(autograd_grads(loss, leaves)))
-    if spec.grad == "autograd":
+        grads = autograd_grads(loss, leaves)
+        if grads is not None:
+            return TermResult(value, custom, "autograd", inputs.pack_autograd(grads))
+        if spec.grad == "autograd":
+            raise TypeError(
+                "grad='autograd' but the loss's autograd graph does not reach the log-probs (was it rebuilt "
+                "from detached values, e.g. through numpy?); use grad='numerical'"
+            )
+    elif spec.grad == "autograd":
         raise TypeError("grad='autograd' but the loss carries no autograd graph (use grad='numerical')")
-    return value, custom  # known value and metrics; only the gradient is left to the numerical route
+    # known value and metrics; only the gradient is left to the numerical route (auto: such a loss
+    # would otherwise get an all-zero autograd gradient)
+    return value, custom
 
 
 def _finish(

@@ -56,11 +56,29 @@ def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[floa
     if not arrays:
         return 0.0, np.zeros(0), {"perplexity": 1.0}
     packed_weights = np.concatenate(weights).astype(arrays[0].dtype, copy=False)  # dot in the batch dtype
+    _check_weights(packed_weights, weights)
     total_weight = float(packed_weights.sum(dtype=np.float64))
     scale = 1.0 / total_weight if total_weight != 0 else 0.0
     nll = -float(np.dot(packed_weights, np.concatenate(arrays))) * scale
     gradient = np.multiply(packed_weights, -scale, out=packed_weights)  # packed_weights is a fresh copy: scale in place
-    return nll, gradient, {"perplexity": math.exp(nll)}
+    return nll, gradient, {"perplexity": _perplexity(nll)}
+
+
+def _check_weights(packed: np.ndarray, weights: List[np.ndarray]) -> None:
+    """Weights are a token mask or weighting: finite and >= 0 (a weighted mean with signed weights can
+    flip the gradient's sign). Names the first bad datum and token."""
+    if packed.size and not (packed.min() >= 0 and np.isfinite(packed.max())):
+        for i, w in enumerate(weights):
+            bad = np.flatnonzero(~(np.isfinite(w) & (w >= 0)))
+            if bad.size:
+                raise InputError(
+                    f"cross_entropy needs finite weights >= 0; datum {i} has weight {w[bad[0]]} at token {bad[0]} "
+                    "(for signed per-token weights such as advantages, write the base loss yourself)"
+                )
+
+
+def _perplexity(nll: float) -> float:
+    return math.exp(nll) if nll < 709.0 else math.inf  # (math.exp raises OverflowError past ~709.78)
 
 
 @analytic(_value_and_grad)
@@ -77,8 +95,10 @@ def cross_entropy(data: Sequence[Any], logprobs_list: List[Any]) -> Tuple[Any, D
     import torch
 
     weights = _token_weights(data, batch.shapes)
+    if weights:
+        _check_weights(np.concatenate(weights), weights)
     total_weight = float(sum(w.sum(dtype=np.float64) for w in weights))
     scale = 1.0 / total_weight if total_weight != 0 else 0.0
     weighted = [torch.dot(torch.tensor(w, dtype=lp.dtype), lp) for w, lp in zip(weights, logprobs_list)]
     loss = -torch.stack(weighted).sum() * scale if weighted else torch.zeros(())
-    return loss, {"perplexity": math.exp(float(loss.detach()))}
+    return loss, {"perplexity": _perplexity(float(loss.detach()))}

@@ -20,6 +20,7 @@ arrays) and must not modify them in place. See docs/numerical.md.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 import numbers
@@ -554,6 +555,12 @@ def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> Li
 # ---- torch.autograd.Function wrapper ------------------------------------------------------------
 
 
+# what regrad.numerical passes on to numerical_grad (its keyword-only options)
+_WRAPPER_OPTIONS = frozenset(
+    name for name, p in inspect.signature(numerical_grad).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
+
+
 def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     """Wraps `fn(data, logprobs_list)` so torch autograd differentiates it numerically.
 
@@ -566,7 +573,12 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     """
     if not callable(fn):
         raise InputError(f"fn must be callable, got {type(fn).__name__}")
-    structure = STRUCTURES.get(options.get("structure", "batch"), "batch")
+    unknown = sorted(set(options) - _WRAPPER_OPTIONS)
+    if unknown:
+        raise InputError(f"unknown option(s) {unknown} for regrad.numerical; it takes {sorted(_WRAPPER_OPTIONS)}")
+    structure = STRUCTURES.get(options.get("structure", "batch"))
+    if structure is None:
+        raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {options.get('structure')!r}")
     if structure != "batch" or options.get("vectorized"):
         raise InputError(
             "regrad.numerical wraps a plain fn(data, logprobs_list) -> loss; for structure='datum'/'token' or "
@@ -586,7 +598,10 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
         with torch.no_grad():
             out = fn(data, detached)
         loss = split_loss(out)
-        dtype = loss.dtype if is_torch_tensor(loss) and loss.is_floating_point() else tensors[0].dtype
+        if is_torch_tensor(loss) and loss.is_floating_point():
+            dtype = loss.dtype
+        else:  # a Python / numpy number: kept at least float32 (float16 would turn 7e4 into inf)
+            dtype = tensors[0].dtype if tensors[0].dtype in (torch.float32, torch.float64) else torch.float32
         try:
             value = torch.as_tensor(float(loss), dtype=dtype)
         except (TypeError, ValueError) as err:
@@ -612,6 +627,7 @@ def _numerical_function() -> Any:
             return value.clone()
 
         @staticmethod
+        @torch.autograd.function.once_differentiable  # a numerical gradient has no graph of its own
         def backward(ctx: Any, grad_output: Any) -> Any:
             wrapped, fn, data, options = ctx.spec
             tensors = [t.detach() for t in ctx.saved_tensors]
@@ -645,7 +661,7 @@ _NumericalFunction = _LazyFunction()
 class CheckResult:
     """Numerical vs autograd gradients, like torch.autograd.gradcheck.
 
-    passed: every element satisfies |numerical - autograd| <= atol + rtol * |autograd|.
+    passed: every element satisfies |numerical - autograd| <= atol + rtol * |autograd|, with both finite.
     max_abs_error / max_rel_error: one float per datum (relative error divides by max(|autograd|, atol)).
     worst: (datum, flat index) of the largest absolute error, or None for an empty batch.
     """
@@ -695,14 +711,17 @@ def check(
     result = numerical_grad(fn, data, [torch.from_numpy(a) for a in batch.arrays], **options)
     abs_err, rel_err, ok, worst, worst_val = [], [], True, None, -1.0
     for j, (g, a) in enumerate(zip(result.grads, auto_np)):
-        diff = np.abs(_numpy(g).astype(np.float64) - a)
+        with np.errstate(invalid="ignore"):  # inf - inf: a nan error, which fails below
+            diff = np.abs(_numpy(g).astype(np.float64) - a)
         if diff.size == 0:
             abs_err.append(0.0)
             rel_err.append(0.0)
             continue
-        abs_err.append(float(diff.max()))
-        rel_err.append(float((diff / np.maximum(np.abs(a), atol)).max()))
-        ok = ok and bool(np.all(diff <= atol + rtol * np.abs(a)))
+        with np.errstate(invalid="ignore"):
+            abs_err.append(float(diff.max()))
+            rel_err.append(float((diff / np.maximum(np.abs(a), atol)).max()))
+        # a non-finite autograd gradient fails (inf <= atol + rtol * inf would pass it), as in gradcheck
+        ok = ok and bool(np.all(np.isfinite(a))) and bool(np.all(diff <= atol + rtol * np.abs(a)))
         i = int(np.argmax(diff))
         if diff.reshape(-1)[i] > worst_val:
             worst, worst_val = (j, i), float(diff.reshape(-1)[i])
