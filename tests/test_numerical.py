@@ -792,6 +792,20 @@ def test_step_underflow_and_bad_steps():
         numerical_grad(lambda d, lps: 0.0, None, [np.array([1e6])], method="spsa", sigma=1e-12)
 
 
+@pytest.mark.parametrize("kwargs,x", [
+    ({"step": 1e308}, np.array([0.5, -1.0])),  # was a gradient of exact zeros (the spacings' difference overflowed)
+    ({"step": 1e308, "method": "richardson"}, np.array([0.5, -1.0])),  # was NaN
+    ({"step": 1e39}, np.array([0.5, -1.0], np.float32)),  # x + h is inf in float32
+    ({"step": 1e308, "structure": "token"}, np.array([0.5, -1.0])),
+    ({"method": "spsa", "sigma": 1e308}, np.array([0.5, -1.0])),
+])
+def test_step_overflow_is_named(kwargs, x):
+    fn = (lambda d, lps: [np.tanh(lp) for lp in lps]) if kwargs.get("structure") == "token" else \
+        (lambda d, lps: float(np.tanh(lps[0]).sum()))
+    with pytest.raises(NumericalError, match=r"step overflow at datum 0, token 0: .* x = 0.5 and h = 1e\+(308|39)"):
+        numerical_grad(fn, None, [x], **kwargs)
+
+
 def test_max_batch_bytes_too_small():
     with pytest.raises(NumericalError, match=r"max_batch_bytes=64 cannot hold one perturbed copy of the batch \(120"):
         numerical_grad(batch_vectorized, None, ragged(), vectorized=True, max_batch_bytes=64)

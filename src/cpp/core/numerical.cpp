@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace regrad {
@@ -24,7 +26,14 @@ int64_t datum_of(const int64_t* offsets, int64_t batch, int64_t e) {
 }
 
 
-enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3 };
+/// A number for an error message: %g (std::to_string prints 1e-20 as 0.000000 and 1e300 in full).
+std::string number_text(double v) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.6g", v);
+    return text;
+}
+
+enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3, Overflow = 4 };
 
 }  // namespace
 
@@ -111,14 +120,15 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
                 bad_kind[j] = static_cast<int>(PointProblem::BadStep);
                 break;
             }
-            bool underflow = false;
+            bool underflow = false, overflow = false;
             for (int k = 0; k < np; ++k) {
                 const T p = pj[k * kstride + i];
-                underflow = underflow || p == xv || !std::isfinite(p);
+                underflow = underflow || p == xv;
+                overflow = overflow || !(std::fabs(static_cast<double>(p) - static_cast<double>(xv)) < kMaxSpacing);
             }
-            if (underflow) {
+            if (underflow || overflow) {
                 bad_at[j] = i;
-                bad_kind[j] = static_cast<int>(PointProblem::Underflow);
+                bad_kind[j] = static_cast<int>(underflow ? PointProblem::Underflow : PointProblem::Overflow);
                 break;
             }
         }
@@ -133,13 +143,18 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
         const double h = step == nullptr ? scale * (ax > 1.0 ? ax : 1.0) : step[step_len == 1 ? 0 : e];
         switch (static_cast<PointProblem>(bad_kind[j])) {
             case PointProblem::NonFiniteX:
-                throw NonFiniteError("non-finite log-prob " + std::to_string(xv) + " at " + where, j, i);
+                throw NonFiniteError("non-finite log-prob " + number_text(xv) + " at " + where, j, i);
             case PointProblem::BadStep:
-                throw std::invalid_argument("step " + std::to_string(h) + " at " + where +
+                throw std::invalid_argument("step " + number_text(h) + " at " + where +
                                             " is not positive and finite");
+            case PointProblem::Overflow:
+                throw StepUnderflowError("step overflow at " + where + ": x + h is not finite (or h is over 1e300) for x = " +
+                                             number_text(xv) + " and h = " + number_text(h) +
+                                             " in the working dtype (use a smaller step)",
+                                         e);
             default:
-                throw StepUnderflowError("step underflow at " + where + ": x + h == x for x = " + std::to_string(xv) +
-                                             " and h = " + std::to_string(h) +
+                throw StepUnderflowError("step underflow at " + where + ": x + h == x for x = " + number_text(xv) +
+                                             " and h = " + number_text(h) +
                                              " in the working dtype (use a larger step)",
                                          e);
         }

@@ -28,10 +28,13 @@ inline double max_with_one(double a) {
     return out;
 }
 
+/// The largest step the quotients can difference (s[0] - s[1] and (d1 / d2)^2 stay finite).
+inline constexpr double kMaxSpacing = 1e300;
+
 /// Writes the NP difference points of one datum, point k of element i at points[k * kstride + i]
 /// (points and spacing already offset to the datum), and (when spacing is given) the steps actually
 /// taken; per-element steps are read at step[base + i]. Branch-free so the compiler vectorises it.
-/// Returns true if any element is non-finite, has a bad step or underflows.
+/// Returns true if any element is non-finite, has a bad step, underflows or overflows.
 template <int NP, int StepKind, bool WithSpacing, class T>  // StepKind: 0 relative, 1 one absolute step, 2 per element
 bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t kstride, double scale,
                       const double* __restrict step, T* __restrict points, double* __restrict spacing) {
@@ -51,7 +54,9 @@ bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t
         for (int k = 0; k < NP; ++k) {
             const T p = static_cast<T>(xd + kFractions[k] * h);
             const double d = static_cast<double>(p) - xd;
-            problems += static_cast<int64_t>(d == 0.0);
+            // d == 0: x + h rounds onto x; |d| not below kMaxSpacing (inf, NaN too): x + h overflows the
+            // dtype, or the differences of two steps would (the quotients then read 0 or NaN)
+            problems += static_cast<int64_t>(d == 0.0) + static_cast<int64_t>(!(std::fabs(d) < kMaxSpacing));
             points[k * kstride + i] = p;
             if constexpr (WithSpacing) spacing[k * kstride + i] = d;
         }

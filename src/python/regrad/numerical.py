@@ -351,7 +351,7 @@ def _difference_points(
     except NonFiniteError:
         raise
     except ValueError as err:
-        if "underflow" in str(err):
+        if "step underflow" in str(err) or "step overflow" in str(err):
             raise NumericalError(str(err)) from None
         raise InputError(str(err)) from None
 
