@@ -334,6 +334,24 @@ def test_a_graph_that_misses_the_inputs_goes_numerical():
         regrad.compose(None, [strict])(data, leaves(lps))
 
 
+@pytest.mark.parametrize("grad", ["auto", "numerical"])
+def test_a_regularizer_sorting_the_log_probs_in_place_fails_and_they_are_put_back(grad):
+    data, lps = make_batch()
+    before = [x.clone() for x in lps]
+
+    def top_sorted(d, lp):  # np.ndarray.sort() sorts the caller's memory
+        return float(sum((a.sort(), a[-1])[1] for a in (x.detach().numpy() for x in lp)))
+
+    spec = RegularizerSpec.sync("topsort", 1.0, top_sorted, grad=grad)
+    with pytest.raises(RegularizerError, match="'topsort'.*datum 0 changed in place.*put back"):
+        regrad.compose(regrad.losses.cross_entropy, [spec]).evaluate(data, leaves(lps))
+    xs = leaves(lps)
+    with pytest.raises(RegularizerError, match="'topsort'.*changed in place"):
+        regrad.compose(None, [spec])(data, xs)
+    for x, b in zip(xs, before):
+        assert torch.equal(x.detach(), b)
+
+
 def test_non_finite_metrics_and_weighted_totals_are_named():
     data, lps = make_batch()
     nan_metric = {"fn": lambda d, lp: (sum(x.sum() for x in lp), {"m": float("nan")}), "weight": 1.0, "name": "nm"}

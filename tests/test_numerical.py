@@ -765,6 +765,31 @@ def test_returns_without_numbers_are_named(kwargs, value, match):
         numerical_grad(lambda d, lps: [["x"] * lp.size for lp in lps], None, ragged(), structure="token")
 
 
+@pytest.mark.parametrize("kwargs,neg", [
+    ({}, lambda t: t.neg_()),  # the unperturbed data are the caller's tensors
+    ({}, lambda t: (t.numpy().sort(), t)[1]),  # a write through numpy: no version counter sees it
+    ({"structure": "datum"}, lambda t: t.neg_()),  # the perturbed private copy, negated an even number of times
+    ({"vectorized": True, "max_batch_bytes": 240}, lambda t: t.neg_()),  # blocks after the first rewrite only diagonals
+    ({"structure": "datum", "vectorized": True}, lambda t: t.neg_()),  # the lean one-block loop: the same rule
+    ({"method": "forward", "structure": "token"}, lambda t: t.clamp_(min=-0.5)),  # the base call gets x itself
+    ({"method": "spsa", "antithetic": False}, lambda t: t.clamp_(min=-0.5)),
+])
+def test_fn_modifying_its_inputs_in_place_is_named(kwargs, neg):
+    lps = ragged(21, kind="torch")
+    before = [lp.clone() for lp in lps]
+    structure = kwargs.get("structure", "batch")
+    if structure == "datum":
+        fn = lambda d, lp: neg(lp).exp().sum(-1)  # noqa: E731
+    elif structure == "token":
+        fn = lambda d, l: [neg(t) ** 2 for t in l]  # noqa: E731
+    else:
+        fn = lambda d, l: sum(neg(t).exp().sum(-1) for t in l)  # noqa: E731
+    with pytest.raises(NumericalError, match="modified its input log-probs in place"):
+        numerical_grad(fn, [0, 1, 2] if structure == "datum" else None, lps, **kwargs)
+    for lp, b in zip(lps, before):  # the caller's values are intact or put back
+        assert torch.equal(lp, b)
+
+
 def test_non_finite_losses_and_inputs():
     with pytest.raises(NonFiniteError, match="non-finite loss nan at perturbation 0"):
         numerical_grad(lambda d, lps: float("nan"), None, ragged())

@@ -30,6 +30,7 @@ POINT_LABELS = {
 
 
 _SHAPE = operator.attrgetter("shape")
+_VERSION = operator.attrgetter("_version")  # a torch tensor's in-place modification counter
 
 
 def fn_name(fn: Any) -> str:
@@ -181,6 +182,14 @@ class Problem:
         if self.structure == "datum":
             return functools.partial(self.fn, self.data[term.datums[0]], inputs[0])
         return lambda: self.fn(self.data, list(inputs))
+
+    def modified_error(self, where: Where) -> NumericalError:
+        """fn changed the log-probs it was given in place, which the engine reuses between calls."""
+        return NumericalError(
+            f"{self.name} modified its input log-probs in place (found after {_text(where)}); the engine reuses "
+            "them between calls, so later evaluations and the gradient would be wrong: use out-of-place "
+            "operations (x.neg(), np.sort(a); not x.neg_(), a.sort())"
+        )
 
     def fn_error(self, err: Exception, where: Where) -> NumericalError:
         """The error raised for an exception of fn at `where`."""
@@ -483,6 +492,9 @@ def _datum_losses(
             value = problem.scalar_loss(split_loss(out), where)
         losses.append(value)
         flat[i0 + r] = originals[r]
+    # fn wrote into its input (an in-place torch op bumps the fresh views' counters; numpy writes change work)
+    if (problem.is_torch and any(map(_VERSION, inputs))) or not np.array_equal(work, problem.arrays[j]):
+        raise problem.modified_error(problem.describe_difference(q_end - 1, term, method))
     inputs[slot] = problem.fn_view(problem.arrays[j])  # back to the shared original
     return losses
 
@@ -583,6 +595,8 @@ def block_chunk(
             if vectorized:
                 inputs = [problem.fn_view(b[:count]) for b in buffers]
                 out[q - q_begin : q - q_begin + count] = problem.vector_loss(problem.invoke(term, inputs, where), count, where)
+                if problem.is_torch and any(map(_VERSION, inputs)):  # an in-place op (fresh views start at 0)
+                    raise problem.modified_error(where)  # the next block rewrites only what changes
             else:
                 inputs = [problem.fn_view(b[0]) for b in buffers]
                 out[q - q_begin] = problem.scalar_loss(problem.invoke(term, inputs, where), where)
@@ -618,10 +632,13 @@ def datum_blocks(
         buffer, given, fill = held
         fill(sources[j])
         diagonal(buffer, points, term.e0, npoints)
+        version = given._version if problem.is_torch else 0
         try:
             out = fn(data[j], given)
         except Exception as err:
             raise problem.fn_error(err, functools.partial(writer.describe, problem, term, 0, count)) from err
+        if problem.is_torch and given._version != version:  # an in-place op: the same rule as block_chunk's
+            raise problem.modified_error(writer.describe(problem, term, 0, count))
         if type(out) is tuple:
             out = split_loss(out)
         try:  # a plain CPU tensor (~1 us); else (grad, negative view, numpy, list, ...) the checked view

@@ -10,6 +10,7 @@ numerical routes add only the engine's perturbed evaluations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import threading
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from numbers import Real
 from operator import attrgetter, is_not
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -358,48 +359,70 @@ def compute_term(spec: Any, inputs: CallInputs, cancel: Optional[threading.Event
     if route == "analytic":
         value, grads, metrics = spec.fn.value_and_grad(inputs.data, inputs.batch.arrays)
         return _finish(scalar_value(value), metrics_dict(metrics), grads, "analytic", inputs)
-    if route == "user":
-        loss, custom = split_output(spec.fn(inputs.data, inputs.detached))
-        value = scalar_value(loss)
-        return _finish(value, custom, spec.grad_fn(inputs.data, inputs.detached), "user", inputs)
-    known: Optional[Known] = None
-    if route in ("autograd", "probe"):
-        probed = _probe(spec, inputs)
-        if isinstance(probed, TermResult):
-            return probed
-        known, route = probed, "numerical"
-    if known is None:
-        known = _value_from(spec, [spec.fn(*call) for call in _value_calls(spec, inputs)])
-    grads, nfev, error, label = _numerical(spec, route, spec.fn, inputs, cancel)
+    with _unchanged(inputs):  # user code sees the caller's memory from here on
+        if route == "user":
+            loss, custom = split_output(spec.fn(inputs.data, inputs.detached))
+            value = scalar_value(loss)
+            return _finish(value, custom, spec.grad_fn(inputs.data, inputs.detached), "user", inputs)
+        known: Optional[Known] = None
+        if route in ("autograd", "probe"):
+            probed = _probe(spec, inputs)
+            if isinstance(probed, TermResult):
+                return probed
+            known, route = probed, "numerical"
+        if known is None:
+            known = _value_from(spec, [spec.fn(*call) for call in _value_calls(spec, inputs)])
+        grads, nfev, error, label = _numerical(spec, route, spec.fn, inputs, cancel)
     return _finish(known[0], known[1], grads, label, inputs, nfev=nfev, grad_error=error)
 
 
 async def compute_term_async(spec: Any, inputs: CallInputs, cancel: Optional[threading.Event] = None) -> TermResult:
     """Value, metrics and packed gradient of an `async def` term; awaits fn (and an async grad_fn) here."""
     route = resolve(spec)
-    if route == "user":
-        loss, custom = split_output(await spec.fn(inputs.data, inputs.detached))
-        value = scalar_value(loss)
-        grads = spec.grad_fn(inputs.data, inputs.detached)
-        if inspect.isawaitable(grads):
-            grads = await grads
-        return _finish(value, custom, grads, "user", inputs)
-    known: Optional[Known] = None
-    if route in ("autograd", "probe"):
-        probed = await _probe_async(spec, inputs)
-        if isinstance(probed, TermResult):
-            return probed
-        known, route = probed, "numerical"
-    if known is None:
-        known = _value_from(spec, [await spec.fn(*call) for call in _value_calls(spec, inputs)])
     loop = asyncio.get_running_loop()
 
     def blocking_fn(data: Any, logprobs_list: Any) -> Any:
         # the engine runs in a worker thread; each evaluation is awaited on this loop
         return asyncio.run_coroutine_threadsafe(spec.fn(data, logprobs_list), loop).result()
 
-    grads, nfev, error, label = await asyncio.to_thread(_numerical, spec, route, blocking_fn, inputs, cancel)
+    with _unchanged(inputs):
+        if route == "user":
+            loss, custom = split_output(await spec.fn(inputs.data, inputs.detached))
+            value = scalar_value(loss)
+            grads = spec.grad_fn(inputs.data, inputs.detached)
+            if inspect.isawaitable(grads):
+                grads = await grads
+            return _finish(value, custom, grads, "user", inputs)
+        known: Optional[Known] = None
+        if route in ("autograd", "probe"):
+            probed = await _probe_async(spec, inputs)
+            if isinstance(probed, TermResult):
+                return probed
+            known, route = probed, "numerical"
+        if known is None:
+            known = _value_from(spec, [await spec.fn(*call) for call in _value_calls(spec, inputs)])
+        grads, nfev, error, label = await asyncio.to_thread(_numerical, spec, route, blocking_fn, inputs, cancel)
     return _finish(known[0], known[1], grads, label, inputs, nfev=nfev, grad_error=error)
+
+
+@contextlib.contextmanager
+def _unchanged(inputs: CallInputs) -> Iterator[None]:
+    """Around user code handed the caller's log-probs as they are (user and numerical routes): if
+    they changed in place, puts them back and fails the term (every term shares them)."""
+    arrays = inputs.batch.arrays
+    saved = [a.copy() for a in arrays]
+    try:
+        yield
+    finally:  # (on an error too: the caller keeps its values)
+        changed = [j for j, (a, b) in enumerate(zip(arrays, saved)) if not np.array_equal(a, b)]
+        for j in changed:
+            np.copyto(arrays[j], saved[j])
+    if changed:
+        raise RuntimeError(
+            f"the log-probs of datum {changed[0]} changed in place while this term ran (by its fn, or by a term "
+            "running beside it); they were put back. Use out-of-place operations (np.sort(a), x.neg(); "
+            "not a.sort(), x.neg_())"
+        )
 
 
 def _skip_probe(spec: Any, inputs: CallInputs) -> bool:

@@ -299,43 +299,80 @@ def numerical_grad(
         zeros = np.zeros(0)
         return NumericalGrad(_as_output(zeros, inputs), _as_output(zeros, inputs), 0, 0, **common)
 
-    if method in RANDOMIZED:
-        central_scale = scale
-        scale = _per_element(sigma, n, batch, "sigma")
-        if scale is None:
-            scale = central_scale * np.maximum(1.0, np.abs(np.concatenate([a.reshape(-1) for a in batch.arrays]).astype(np.float64)))
-        _difference_points(problem, "central", 1.0, scale)  # checks x +- sigma is representable
-        grad, variance, nfev, ncalls, blocks, rows = randomized_gradient(
-            problem, _terms(problem), method, scale, seed, num_samples, antithetic, vectorized,
-            max_batch_bytes, _block_rows, executor, progress,
-        )
-        return NumericalGrad(
-            _as_output(grad, inputs), _as_output(np.sqrt(variance), inputs), nfev, ncalls, **common,
-            variance=_as_output(variance, inputs), num_samples=num_samples, seed=seed, blocks=blocks, block_rows=rows,
-            info={"sigma_default": sigma is None, "antithetic": antithetic},
-        )
+    saved = _snapshot(problem, method, vectorized, antithetic)
+    try:
+        if method in RANDOMIZED:
+            central_scale = scale
+            scale = _per_element(sigma, n, batch, "sigma")
+            if scale is None:
+                scale = central_scale * np.maximum(1.0, np.abs(np.concatenate([a.reshape(-1) for a in batch.arrays]).astype(np.float64)))
+            _difference_points(problem, "central", 1.0, scale)  # checks x +- sigma is representable
+            grad, variance, nfev, ncalls, blocks, rows = randomized_gradient(
+                problem, _terms(problem), method, scale, seed, num_samples, antithetic, vectorized,
+                max_batch_bytes, _block_rows, executor, progress,
+            )
+            _check_snapshot(problem, saved)
+            return NumericalGrad(
+                _as_output(grad, inputs), _as_output(np.sqrt(variance), inputs), nfev, ncalls, **common,
+                variance=_as_output(variance, inputs), num_samples=num_samples, seed=seed, blocks=blocks, block_rows=rows,
+                info={"sigma_default": sigma is None, "antithetic": antithetic},
+            )
 
-    step_values = _per_element(step, n, batch, "step")
-    if structure_name == "token":
-        if vectorized:
-            both, nfev = _token_gradient_stacked(problem, method, scale, step_values, loss_eps)
-        else:
-            points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False)
-            both, nfev = _token_gradient(problem, method, points, loss_eps, executor)
+        step_values = _per_element(step, n, batch, "step")
+        if structure_name == "token":
+            if vectorized:
+                both, nfev = _token_gradient_stacked(problem, method, scale, step_values, loss_eps)
+            else:
+                points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False)
+                both, nfev = _token_gradient(problem, method, points, loss_eps, executor)
+            _check_snapshot(problem, saved)
+            grads, error = _as_output_pair(both, inputs)
+            return NumericalGrad(grads, error, nfev, 1 if vectorized else nfev, **common,
+                                 step_scale=None if step is not None else scale, blocks=int(vectorized),
+                                 block_rows=nfev if vectorized else 0)
+        points, spacing = _difference_points(problem, method, scale, step_values)
+        with problem.no_grad():  # once for the run: the no_grad of each chunk of calls is then a no-op
+            both, nfev, ncalls, blocks, rows = _separable_gradient(
+                problem, method, points, spacing, loss_eps, vectorized, max_batch_bytes, executor, progress
+            )
+        _check_snapshot(problem, saved)
         grads, error = _as_output_pair(both, inputs)
-        return NumericalGrad(grads, error, nfev, 1 if vectorized else nfev, **common,
-                             step_scale=None if step is not None else scale, blocks=int(vectorized),
-                             block_rows=nfev if vectorized else 0)
-    points, spacing = _difference_points(problem, method, scale, step_values)
-    with problem.no_grad():  # once for the run: the no_grad of each chunk of calls is then a no-op
-        both, nfev, ncalls, blocks, rows = _separable_gradient(
-            problem, method, points, spacing, loss_eps, vectorized, max_batch_bytes, executor, progress
+        return NumericalGrad(
+            grads, error, nfev, ncalls, **common, step_scale=None if step is not None else scale, blocks=blocks,
+            block_rows=rows,
         )
-    grads, error = _as_output_pair(both, inputs)
-    return NumericalGrad(
-        grads, error, nfev, ncalls, **common, step_scale=None if step is not None else scale, blocks=blocks,
-        block_rows=rows,
+    except BaseException:  # fn failed or was stopped: the caller still gets its own values back
+        _restore(problem, saved)
+        raise
+
+
+def _snapshot(problem: Problem, method: str, vectorized: bool, antithetic: bool) -> Optional[List[np.ndarray]]:
+    """Copies of torch log-probs that fn gets as they are (scalar runs: the unperturbed data; forward
+    and one-sided estimates: the base call), to catch in-place changes. numpy ones go as read-only views."""
+    handed = (
+        (not vectorized and problem.structure != "token" and method not in RANDOMIZED)
+        or method == "forward"
+        or (method in RANDOMIZED and not antithetic)
     )
+    return [a.copy() for a in problem.arrays] if handed and problem.is_torch else None
+
+
+def _restore(problem: Problem, saved: Optional[List[np.ndarray]]) -> Optional[str]:
+    """Puts back the caller's values that fn changed; says where the first change was (None: none)."""
+    first = None
+    for j, (now, before) in enumerate(zip(problem.arrays, saved or [])):
+        if not np.array_equal(now, before):
+            i = int(np.flatnonzero(now.reshape(-1) != before.reshape(-1))[0])
+            first = first or f"datum {j}, element {i} changed"
+            np.copyto(now, before)
+    return first
+
+
+def _check_snapshot(problem: Problem, saved: Optional[List[np.ndarray]]) -> None:
+    """Raises (after putting the caller's values back) if fn changed the log-probs it was handed."""
+    changed = _restore(problem, saved)
+    if changed:
+        raise problem.modified_error(f"the run: {changed}; the caller's values were put back")
 
 
 def _difference_points(
