@@ -359,8 +359,10 @@ def _snapshot(problem: Problem, method: str, vectorized: bool, antithetic: bool)
 
 def _restore(problem: Problem, saved: Optional[List[np.ndarray]]) -> Optional[str]:
     """Puts back the caller's values that fn changed; says where the first change was (None: none)."""
+    if saved is None:  # (problem.arrays would build numpy views of a torch batch)
+        return None
     first = None
-    for j, (now, before) in enumerate(zip(problem.arrays, saved or [])):
+    for j, (now, before) in enumerate(zip(problem.arrays, saved)):
         if not np.array_equal(now, before):
             i = int(np.flatnonzero(now.reshape(-1) != before.reshape(-1))[0])
             first = first or f"datum {j}, element {i} changed"
