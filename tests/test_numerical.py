@@ -860,6 +860,76 @@ def test_bad_options(kwargs, match):
         kwargs["executor"].shutdown()
 
 
+class _BrokenExecutor:
+    """An executor whose map runs the calls but hands back what a broken one would."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def map(self, func, *columns):
+        results = [func(*args) for args in zip(*columns)]
+        return {
+            "short": results[:-1],
+            "long": results + results[:1],
+            "none": [None] * len(results),
+            "cut": [r[:-1] for r in results],
+            "not iterable": None,
+        }[self.mode]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"structure": "datum"}, {"structure": "token"}, {"method": "spsa"}])
+@pytest.mark.parametrize(
+    "mode,match",
+    [
+        ("short", r"returned \d+ results for \d+ chunks"),
+        ("long", "returned more than the"),
+        ("none", "returned no numbers for chunk 0"),
+        ("cut", r"returned shape \(\d+,\) for chunk 0; expected its \d+ losses"),
+        ("not iterable", "returned NoneType, not an iterable"),
+    ],
+)
+def test_broken_executor_is_named_not_read(kwargs, mode, match):
+    fns = {"datum": lambda d, lp: float(np.sum(lp**2)), "token": lambda d, lps: [lp**2 for lp in lps]}
+    fn = fns.get(kwargs.get("structure"), lambda d, lps: float(sum(np.sum(lp**2) for lp in lps)))
+    with pytest.raises(InputError, match=f"executor _BrokenExecutor.map {match}"):
+        numerical_grad(fn, [0, 1, 2], ragged(), executor=_BrokenExecutor(mode), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_token_executor_same_bits(dtype):
+    lps = ragged(4, lengths=(3, 6), k=2, dtype=dtype)
+    fn = lambda d, lps: [np.sin(lp) * lp for lp in lps]  # noqa: E731
+    direct = numerical_grad(fn, None, lps, structure="token")
+    with ThreadPoolExecutor(2) as pool:
+        mapped = numerical_grad(fn, None, lps, structure="token", executor=pool)
+    np.testing.assert_array_equal(packed(mapped.grads), packed(direct.grads))
+    np.testing.assert_array_equal(packed(mapped.error), packed(direct.error))
+    assert mapped.grads[1].shape == (6, 2) and mapped.grads[0].dtype == dtype
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"structure": "datum"}, {"executor": "pool"}])
+def test_generator_data_is_listed_once(kwargs):
+    lps = ragged(5)
+    weights = [1.0, 2.0, 3.0]
+    if kwargs.get("structure") == "datum":
+        fn = lambda w, lp: w * float(np.sum(lp**2))  # noqa: E731
+    else:
+        fn = lambda d, lps: float(sum(w * np.sum(lp**2) for w, lp in zip(d, lps)))  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:
+        opts = {**kwargs, "executor": pool} if "executor" in kwargs else kwargs
+        result = numerical_grad(fn, (w for w in weights), lps, **opts)
+    for g, w, lp in zip(result.grads, weights, lps):
+        np.testing.assert_allclose(g, 2 * w * lp, rtol=1e-7, atol=1e-9)
+    # the torch wrapper calls fn twice (forward and backward) and check() three times
+    wrapped = numerical(lambda d, lps: sum(w * (lp**2).sum() for w, lp in zip(d, lps)))
+    leaves = [torch.from_numpy(lp).requires_grad_(True) for lp in lps]
+    wrapped(iter(weights), leaves).backward()
+    for leaf, w, lp in zip(leaves, weights, lps):
+        np.testing.assert_allclose(leaf.grad.numpy(), 2 * w * lp, rtol=1e-7, atol=1e-9)
+    checked = check(lambda d, lps: sum(w * (lp**2).sum() for w, lp in zip(d, lps)), iter(weights), lps)
+    assert checked.passed and max(checked.max_abs_error) < 1e-6
+
+
 def test_bad_logprobs():
     with pytest.raises(InputError, match="not a single array"):
         numerical_grad(lambda d, lps: 0.0, None, np.zeros(3))

@@ -14,13 +14,13 @@ import math
 import operator
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
 from ._arrays import ArrayBatch, _torch_float_dtypes, plain_cpu_dtype
-from .errors import NonFiniteError, NumericalError
+from .errors import InputError, NonFiniteError, NumericalError
 
 POINT_LABELS = {
     "forward": ("+h",),
@@ -669,3 +669,29 @@ def base_loss(problem: Problem, term: Term, vectorized: bool) -> float:
             return float(problem.vector_loss(problem.invoke(term, inputs, where), 1, where)[0])
         inputs = [problem.fn_view(a) for a in arrays]
         return problem.scalar_loss(problem.invoke(term, inputs, where), where)
+
+
+def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]]) -> Iterator[Any]:
+    """executor.map(func, *calls) in order, each result checked as it arrives: with sizes, a numeric
+    vector of sizes[k] losses; then one result per call. An executor that breaks this is named (a
+    short or None result would otherwise be read as uninitialised memory or NaN)."""
+    name = f"executor {type(executor).__name__}"
+    results = executor.map(func, *zip(*calls))
+    try:
+        results = iter(results)
+    except TypeError:
+        raise InputError(f"{name}.map returned {type(results).__name__}, not an iterable of results") from None
+    count = 0
+    for value in results:
+        if count == len(calls):
+            raise InputError(f"{name}.map returned more than the {len(calls)} results asked for")
+        if sizes is not None:
+            value = None if value is None else np.asarray(value)
+            numbers = value is not None and value.dtype.kind in "fiu"
+            if not numbers or value.shape != (sizes[count],):
+                got = f"shape {tuple(value.shape)}" if numbers else "no numbers"
+                raise InputError(f"{name}.map returned {got} for chunk {count}; expected its {sizes[count]} losses")
+        yield value
+        count += 1
+    if count != len(calls):
+        raise InputError(f"{name}.map returned {count} results for {len(calls)} chunks of calls")

@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import numpy as np
 
 from . import _core
-from ._evaluate import BufferPool, Problem, RandomWriter, Term, base_loss, block_chunk
+from ._evaluate import BufferPool, Problem, RandomWriter, Term, base_loss, block_chunk, mapped
 from ._progress import Progress
 
 DIRECTIONS = {"spsa": "rademacher", "gaussian": "gaussian"}
@@ -59,12 +59,10 @@ def randomized_gradient(
                 f = block_chunk(problem, term, writer, 0, nq, rows, vectorized, pool, bar)
             else:
                 spans = _chunks(nq)
-                results = executor.map(
-                    block_chunk, *zip(*[(problem, term, writer, q0, q1, 1, False) for q0, q1 in spans])
-                )
+                calls = [(problem, term, writer, q0, q1, 1, False) for q0, q1 in spans]
                 f = np.empty(nq)
-                for (q0, q1), values in zip(spans, results):
-                    f[q0:q1] = values
+                for k, values in enumerate(mapped(executor, block_chunk, calls, [q1 - q0 for q0, q1 in spans])):
+                    f[spans[k][0] : spans[k][1]] = values
                     bar.update(1)
             g, v = _core.random_estimate(kind, seed, scale[term.e0 : term.e1], term.e0, f, antithetic, f0)
             grad[term.e0 : term.e1] = g

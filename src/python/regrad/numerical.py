@@ -19,6 +19,7 @@ arrays) and must not modify them in place. See docs/numerical.md.
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
 import itertools
@@ -43,6 +44,7 @@ from ._evaluate import (
     datum_blocks,
     difference_scalar_chunk,
     fn_name,
+    mapped,
     split_loss,
 )
 from ._progress import Progress
@@ -234,6 +236,12 @@ def _check_options(method: str, structure: str, vectorized: bool, executor: Any,
     return canonical
 
 
+def reusable(data: Any) -> Any:
+    """data as fn may receive it many times: a one-shot iterator (a generator, map, zip) is listed
+    once, since the second call of fn would otherwise see it empty; anything else is passed as is."""
+    return list(data) if isinstance(data, collections.abc.Iterator) else data
+
+
 def _is_int(value: Any) -> bool:
     """An integer that is not a bool (plain ints checked without the slower ABC test)."""
     return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
@@ -280,6 +288,7 @@ def numerical_grad(
     """
     if not callable(fn):
         raise InputError(f"fn must be callable, got {type(fn).__name__}")
+    data = reusable(data)
     structure_name = _check_options(method, structure, vectorized, executor, max_batch_bytes, num_samples, seed)
     inputs = _prepare_inputs(logprobs_list)
     batch = inputs.batch
@@ -473,11 +482,9 @@ def _separable_gradient(
                 ncalls += nq
             else:
                 spans = _chunks(nq, EXECUTOR_CHUNKS)
-                results = executor.map(
-                    difference_scalar_chunk, *zip(*[(problem, term, points, method, q0, q1) for q0, q1 in spans])
-                )
-                for (q0, q1), values in zip(spans, results):
-                    out[q0:q1] = values
+                calls = [(problem, term, points, method, q0, q1) for q0, q1 in spans]
+                for k, values in enumerate(mapped(executor, difference_scalar_chunk, calls, [q1 - q0 for q0, q1 in spans])):
+                    out[spans[k][0] : spans[k][1]] = values
                     bar.update(1)
                 ncalls += nq
             nfev += nq
@@ -504,7 +511,10 @@ def _token_gradient(
         values = [_token_call(problem, k, points, method) for k in ks]
     else:
         count = len(ks)
-        values = list(executor.map(_token_call, [problem] * count, ks, [points] * count, [method] * count))
+        calls = [(problem, k, points, method) for k in ks]
+        n, shapes, offsets = int(problem.offsets[-1]), problem.batch.shapes, problem.offsets.tolist()
+        values = [[packed[o0:o1].reshape(shape) for shape, o0, o1 in zip(shapes, offsets, offsets[1:])]
+                  for packed in mapped(executor, _token_call_packed, calls, [n] * count)]
     try:
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     except (TypeError, ValueError):
@@ -591,6 +601,12 @@ def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> Li
     return problem.token_values(out, where)
 
 
+def _token_call_packed(problem: Problem, k: int, points: np.ndarray, method: str) -> np.ndarray:
+    """_token_call's per-token losses packed into one vector (what an executor hands back; float32
+    stays float32, so the quotients have the same bits as without an executor)."""
+    return np.concatenate([np.asarray(v).reshape(-1) for v in _token_call(problem, k, points, method)])
+
+
 # ---- torch.autograd.Function wrapper ------------------------------------------------------------
 
 
@@ -628,6 +644,7 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapped(data: Any, logprobs_list: Sequence[Any]) -> Any:
+        data = reusable(data)  # forward and backward both call fn with it
         tensors = list(logprobs_list)
         if not tensors or not all(is_torch_tensor(t) for t in tensors):
             return fn(data, logprobs_list)
@@ -732,6 +749,7 @@ def check(
     in float32. `options` go to numerical_grad (structure applies to both routes)."""
     import torch
 
+    data = reusable(data)
     inputs = _prepare_inputs(logprobs_list)
     batch = inputs.batch
     f64 = batch.dtype == np.float64
