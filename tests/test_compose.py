@@ -536,6 +536,32 @@ def test_async_user_gradient():
     assert out.regularizers["c"].grad_method == "user"
 
 
+class _AsyncCubic:
+    """A callable object whose __call__ is `async def` (a client wrapper, say): awaited like an async fn."""
+
+    def __init__(self):
+        self.awaited = 0
+
+    async def __call__(self, data, logprobs_list):
+        await asyncio.sleep(0)
+        self.awaited += 1
+        return cubic_value(data, logprobs_list)
+
+
+@pytest.mark.parametrize("as_base", [False, True])
+def test_object_with_async_call_is_awaited(as_base):
+    data, lps = make_batch()
+    fn = _AsyncCubic()
+    loss_fn = regrad.compose(fn, []) if as_base else regrad.compose(None, [{"fn": fn, "weight": 0.5, "name": "c"}])
+    value, grads, out = loss_fn.evaluate(data, lps)
+    ref = leaves(lps)
+    total = hand_total(data, ref, [("cubic", 1.0 if as_base else 0.5)])
+    total.backward()
+    assert value == pytest.approx(total.item(), rel=1e-12) and fn.awaited >= 1
+    for g, b in zip(grads, ref):
+        torch.testing.assert_close(g, b.grad, rtol=1e-6, atol=1e-8)  # numerical route: numpy inside
+
+
 # ------------------------------------------------------------------------------------------------
 # The real Tinker SDK's client-side custom-loss path (no server)
 

@@ -60,6 +60,24 @@ def test_from_dict_seed_form_and_async_detection():
     assert nspec.grad == "spsa" and dict(nspec.numerical_options) == {"num_samples": 8}
 
 
+def test_objects_with_async_call_are_async():
+    class Remote:
+        async def __call__(self, data, logprobs_list):
+            return 0.0, {}
+
+    class Local:
+        def __call__(self, data, logprobs_list):
+            return 0.0, {}
+
+    assert RegularizerSpec.from_dict({"fn": Remote(), "weight": 1, "name": "r"}).is_async
+    assert RegularizerSpec.async_("r", 1, Remote()).is_async
+    assert not RegularizerSpec.from_dict({"fn": Local(), "weight": 1, "name": "l"}).is_async
+    with pytest.raises(TypeError, match=r"'r'.*async def.*async_"):
+        RegularizerSpec.sync("r", 1, Remote())
+    with pytest.raises(TypeError, match=r"'l'.*needs an `async def` fn"):
+        RegularizerSpec.async_("l", 1, Local())
+
+
 def test_plain_dicts_and_specs_mix():
     specs = as_specs([{"fn": reg, "weight": 0.1, "name": "a"}, regrad.l1(0.01, name="b")])
     assert [s.name for s in specs] == ["a", "b"]

@@ -8,7 +8,6 @@ same pass, and records telemetry. A failing term fails the whole call with `Regu
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import threading
 import time
@@ -21,7 +20,7 @@ import numpy as np
 from . import losses
 from .errors import NonFiniteError, RegularizerError
 from .grad import CallInputs, Cancelled, TermResult, compute_term, compute_term_async, resolve
-from .specs import RegularizerSpec, SpecLike, as_specs
+from .specs import RegularizerSpec, SpecLike, as_specs, is_async_fn
 from .telemetry import BaseLossTelemetry, CustomLossOutput, EventCallback, RegularizerTelemetry, emit
 
 __all__ = ["compose", "ComposedLoss"]
@@ -65,7 +64,7 @@ def _base_spec(base_loss: Union[Callable[..., Any], RegularizerSpec, None]) -> O
         return base_loss
     if not callable(base_loss):
         raise TypeError(f"base_loss must be callable, a RegularizerSpec or None, got {type(base_loss).__name__}")
-    if inspect.iscoroutinefunction(base_loss):
+    if is_async_fn(base_loss):
         return RegularizerSpec.async_(BASE, 1.0, base_loss, timeout=None)
     return RegularizerSpec.sync(BASE, 1.0, base_loss)
 

@@ -73,7 +73,7 @@ class RegularizerSpec:
     def with_grad(cls, name: str, weight: float, fn: LossFn, grad_fn: Callable[..., Any]) -> "RegularizerSpec":
         """A regularizer with its own gradient: `grad_fn(data, logprobs_list)` returns one gradient per datum."""
         _check_callable(f"regularizer {name!r}", "grad_fn", grad_fn)
-        is_async = inspect.iscoroutinefunction(fn)
+        is_async = is_async_fn(fn)
         return cls(name, weight, fn, is_async, "user", grad_fn, 30.0 if is_async else None)
 
     @classmethod
@@ -92,7 +92,7 @@ class RegularizerSpec:
         if unknown:
             raise ValueError(f"regularizer spec {label!r} has unknown keys {unknown}; allowed: {sorted(_DICT_KEYS)}")
         fn = spec["fn"]
-        is_async = inspect.iscoroutinefunction(fn)
+        is_async = is_async_fn(fn)
         grad_fn = spec.get("grad_fn")
         grad = spec.get("grad", "user" if grad_fn is not None else "auto")
         if "timeout" in spec and not is_async:
@@ -107,7 +107,7 @@ class RegularizerSpec:
         _check_weight(self.name, self.weight)
         label = f"regularizer {self.name!r}"
         _check_callable(label, "fn", self.fn)
-        actually_async = inspect.iscoroutinefunction(self.fn)
+        actually_async = is_async_fn(self.fn)
         if actually_async and not self.is_async:
             raise TypeError(f"{label}: fn is an `async def` function; use RegularizerSpec.async_")
         if self.is_async and not actually_async:
@@ -122,7 +122,7 @@ class RegularizerSpec:
             raise ValueError(f"{label}: grad='user' needs a grad_fn (use RegularizerSpec.with_grad)")
         if self.grad == "analytic" and not has_analytic(self.fn):
             raise ValueError(f"{label}: grad='analytic' needs a built-in fn with value_and_grad (e.g. regrad.l1)")
-        if inspect.iscoroutinefunction(self.grad_fn) and not self.is_async:
+        if is_async_fn(self.grad_fn) and not self.is_async:
             raise TypeError(f"{label}: an `async def` grad_fn needs an `async def` fn")
         self._validate_options(label)
         if self.timeout is not None:
@@ -158,6 +158,14 @@ def _check_weight(name: Any, weight: Any) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"regularizer {name!r}: weight must be finite and >= 0, got {weight!r}")
     return value
+
+
+def is_async_fn(fn: Any) -> bool:
+    """True for an `async def` function (or a partial of one) and for an object whose `__call__` is
+    `async def`: calling either returns a coroutine, which must be awaited, not read as a loss."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    return fn is not None and not inspect.isroutine(fn) and inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
 def _check_callable(label: str, what: str, fn: Any) -> None:
