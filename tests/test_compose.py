@@ -310,6 +310,42 @@ def test_non_finite_or_misshapen_gradients_fail_the_call():
         regrad.compose(None, [too_few])(data, lps)
 
 
+@pytest.mark.parametrize("track_grad_norms", [True, False])
+def test_a_non_finite_gradient_names_its_first_element(track_grad_norms):
+    data, lps = make_batch()
+
+    def poisoned(d, lp):
+        grads = [3 * np.asarray(x) ** 2 for x in lp]
+        grads[2].reshape(-1)[5] = grads[2].reshape(-1)[9] = np.inf  # flat elements 5 and 9 of datum 2
+        return grads
+
+    spec = RegularizerSpec.with_grad("p", 0.1, cubic_value, poisoned)
+    with pytest.raises(RegularizerError, match=r"'p'.*user gradient has non-finite entries \(2 of 27\); the first, inf, at datum 2, token 5"):
+        regrad.compose(None, [spec], track_grad_norms=track_grad_norms)(data, lps)
+    wide = [x.reshape(-1, 1).expand(-1, 3).contiguous() for x in lps]
+    with pytest.raises(RegularizerError, match=r"\(2 of 81\); the first, inf, at datum 2, token 1, column 2"):
+        regrad.compose(None, [spec], track_grad_norms=track_grad_norms)(data, wide)
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_numerical_route_errors_name_the_users_fn(is_async):
+    data, lps = make_batch()
+
+    def sqrt_of_first(d, lp):  # finite at x and x + h, NaN at x - h (h = 0.01)
+        x = np.asarray(lp[0])
+        return float(np.sqrt(x[0] + 0.005 - lps[0][0].item())), {}
+
+    async def async_sqrt_of_first(d, lp):
+        return sqrt_of_first(d, lp)
+
+    fn = async_sqrt_of_first if is_async else sqrt_of_first
+    spec = {"fn": fn, "weight": 1.0, "name": "s", "grad": "numerical", "numerical_options": {"step": 0.01}}
+    with np.errstate(invalid="ignore"), pytest.raises(
+        RegularizerError, match=rf"'s'.*fn '.*{fn.__name__}' returned the non-finite loss nan .*datum 0, token 0, step -h"
+    ):
+        regrad.compose(None, [spec])(data, lps)
+
+
 def test_autograd_route_needs_a_graph():
     data, lps = make_batch()
     spec = RegularizerSpec.sync("counted", 0.1, lambda d, lp: (float(len(lp)), {}), grad="autograd")

@@ -252,7 +252,7 @@ class ComposedLoss:
         try:
             if cancel.is_set():
                 raise Cancelled("a sibling term failed before this one started")
-            result = self._checked(compute_term(spec, inputs, cancel))
+            result = self._checked(compute_term(spec, inputs, cancel), inputs)
         except Exception as err:
             raise self._term_error(scope, spec, err, start) from err
         return self._term_done(scope, spec, result, start)
@@ -266,7 +266,7 @@ class ComposedLoss:
             done, _ = await asyncio.wait({task}, timeout=spec.timeout)
             if not done:
                 raise TimeoutError(f"no result within the timeout of {spec.timeout} s")
-            result = self._checked(task.result())
+            result = self._checked(task.result(), inputs)
         except asyncio.CancelledError as err:
             emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err)
             raise
@@ -287,8 +287,9 @@ class ComposedLoss:
         emit(self.on_event, "stop", scope, spec.name, duration_ms=result.duration_ms, value=result.value)
         return result
 
-    def _checked(self, result: TermResult) -> TermResult:
-        """Grad norm (same pass, no re-run) and the finiteness check of one term's gradient."""
+    def _checked(self, result: TermResult, inputs: CallInputs) -> TermResult:
+        """Grad norm (same pass, no re-run) and the finiteness check of one term's gradient (an error
+        names the first non-finite element)."""
         flat = result.flat_grad
         assert flat is not None
         if self.track_grad_norms:
@@ -297,8 +298,12 @@ class ComposedLoss:
             finite = math.isfinite(norm)
         else:
             finite = bool(np.isfinite(flat).all())
-        if not finite:
-            raise NonFiniteError(f"the {result.grad_method} gradient has non-finite entries")
+        bad = np.flatnonzero(~np.isfinite(flat)) if not finite else ()
+        if len(bad):
+            raise NonFiniteError(
+                f"the {result.grad_method} gradient has non-finite entries ({len(bad)} of {flat.size}); the first, "
+                f"{flat[bad[0]]}, at {inputs.describe(int(bad[0]))}"
+            )
         return result
 
     # -- the result ------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ numerical routes add only the engine's perturbed evaluations.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import inspect
+import itertools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -95,6 +97,15 @@ class CallInputs:
     def __post_init__(self) -> None:
         self.sizes: List[int] = self.batch.sizes
         self.size: int = int(sum(self.sizes))
+
+    def describe(self, e: int) -> str:
+        """Where packed element e lies: "datum j, token i" (and ", column k" for [T, K] log-probs)."""
+        j = bisect.bisect_right(list(itertools.accumulate(self.sizes)), e)
+        i = e - sum(self.sizes[:j])
+        shape = self.batch.shapes[j]
+        if len(shape) == 1:
+            return f"datum {j}, token {i}"
+        return f"datum {j}, token {i // shape[1]}, column {i % shape[1]}"
 
     def leaves(self) -> List[Any]:
         """Torch tensors requiring grad to differentiate a term with respect to (torch.autograd.grad).
@@ -274,7 +285,15 @@ def _guarded(fn: Callable[..., Any], cancel: Optional[threading.Event]) -> Calla
             raise Cancelled("a sibling term failed")
         return fn(data, logprobs_list)
 
-    return guarded
+    return _named_like(guarded, fn)
+
+
+def _named_like(wrapper: Callable[..., Any], fn: Any) -> Callable[..., Any]:
+    """wrapper under fn's name, so the engine's errors name the user's fn, not regrad's wrapper."""
+    wrapper.__qualname__ = wrapper.__name__ = (
+        getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    )
+    return wrapper
 
 
 def _numerical(
@@ -384,6 +403,8 @@ async def compute_term_async(spec: Any, inputs: CallInputs, cancel: Optional[thr
     def blocking_fn(data: Any, logprobs_list: Any) -> Any:
         # the engine runs in a worker thread; each evaluation is awaited on this loop
         return asyncio.run_coroutine_threadsafe(spec.fn(data, logprobs_list), loop).result()
+
+    _named_like(blocking_fn, spec.fn)
 
     with _unchanged(inputs):
         if route == "user":
