@@ -370,9 +370,11 @@ def test_token_vectorized_bad_outputs_are_named():
 
     with pytest.raises(NonFiniteError, match=r"\(nan\) in row 1 \(x\) of the stacked copies, datum 1, token 2"):
         numerical_grad(nan_in_x_row, None, lps, structure="token", vectorized=True, method="forward")
-    mixed = numerical_grad(lambda d, xs: [x.double() if j else x.float() for j, x in enumerate(xs)], None, lps,
-                           structure="token", vectorized=True)
+    with pytest.warns(RuntimeWarning, match="narrower float"):
+        mixed = numerical_grad(lambda d, xs: [x.double() if j else x.float() for j, x in enumerate(xs)], None, lps,
+                               structure="token", vectorized=True)
     np.testing.assert_allclose(packed(mixed.grads), 1.0, rtol=5e-3)  # datum 0 rounded its losses to float32
+    assert np.all(np.abs(packed(mixed.grads) - 1.0) <= packed(mixed.error))  # and .error covers it
 
 
 _SIMD_SCRIPT = """
@@ -858,6 +860,69 @@ def test_bad_options(kwargs, match):
         numerical_grad(lambda d, lps: 0.0, None, ragged(), **kwargs)
     if "executor" in kwargs and hasattr(kwargs["executor"], "shutdown"):
         kwargs["executor"].shutdown()
+
+
+class _CopyingExecutor:
+    """Runs each call on deep copies of its arguments, as a process or Dask executor would (the
+    caller's Problem never sees what a chunk noted)."""
+
+    def map(self, func, *columns):
+        import copy
+
+        return [func(*copy.deepcopy(args)) for args in zip(*columns)]
+
+
+def _float32_sin(kind, vectorized):
+    """sin-sum losses computed in float32 from float64 log-probs, for each structure's fn signature."""
+    if kind == "token":
+        return lambda d, lps: [np.sin(lp).astype(np.float32) for lp in lps]
+    if kind == "datum":
+        return lambda d, lp: np.sin(lp).sum(axis=-1).astype(np.float32) if vectorized else np.float32(np.sin(lp).sum())
+    if vectorized:
+        return lambda d, lps: sum(np.sin(lp).sum(axis=-1) for lp in lps).astype(np.float32)
+    return lambda d, lps: torch.tensor(sum(np.sin(lp).sum() for lp in lps), dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"method": "richardson"},
+        {"method": "forward"},
+        {"vectorized": True},
+        {"structure": "datum"},
+        {"structure": "datum", "vectorized": True},
+        {"structure": "token"},
+        {"structure": "token", "executor": "copying"},
+        {"executor": "copying"},
+        {"executor": "threads"},
+    ],
+)
+def test_a_float32_loss_of_float64_log_probs_is_reported(kwargs):
+    lps = [-np.random.default_rng(3).uniform(0.1, 3.0, size=n) for n in (40, 25)]
+    fn = _float32_sin(kwargs.get("structure"), kwargs.get("vectorized", False))
+    with ThreadPoolExecutor(2) as pool:
+        executor = {"copying": _CopyingExecutor(), "threads": pool}.get(kwargs.get("executor"))
+        opts = {**kwargs, "executor": executor} if executor else kwargs
+        with pytest.warns(RuntimeWarning, match=r"narrower float than the float64 log-probs .*epsilon 1.2e-07"):
+            result = numerical_grad(fn, [0, 1], lps, **opts)
+        assert result.info["loss_eps"] == np.finfo(np.float32).eps
+        actual = np.abs(packed(result.grads) - np.cos(np.concatenate(lps)))
+        assert actual.max() > 1e-4  # the float64 step is far too small for float32 losses ...
+        assert np.all(actual <= packed(result.error))  # ... and the error estimate now says so
+        # the suggested step fixes it, and a step given is the caller's choice: no warning
+        step = result.info["suggested_step_scale"] * np.maximum(1.0, np.abs(np.concatenate(lps)))
+        better = numerical_grad(fn, [0, 1], lps, **{**opts, "step": step})
+    better_actual = np.abs(packed(better.grads) - np.cos(np.concatenate(lps)))
+    assert better_actual.max() < actual.max() / 10
+
+
+def test_float64_losses_warn_nothing_and_float32_inputs_keep_their_eps(recwarn):
+    lps = ragged(3)
+    result = numerical_grad(lambda d, lps: float(sum(np.sin(lp).sum() for lp in lps)), None, lps)
+    lps32 = ragged(3, dtype=np.float32)
+    result32 = numerical_grad(lambda d, lps: np.float32(sum(np.sin(lp).sum() for lp in lps)), None, lps32)
+    assert not recwarn.list and "loss_eps" not in result.info and "loss_eps" not in result32.info
 
 
 class _BrokenExecutor:

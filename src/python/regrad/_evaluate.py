@@ -30,6 +30,7 @@ POINT_LABELS = {
 
 
 _SHAPE = operator.attrgetter("shape")
+_EPS64 = float(np.finfo(np.float64).eps)
 _VERSION = operator.attrgetter("_version")  # a torch tensor's in-place modification counter
 
 
@@ -126,6 +127,28 @@ class Term:
         return self.e1 - self.e0
 
 
+_NARROW_EPS: dict = {}  # dtype -> machine epsilon if narrower than float64, else 0.0 (filled on first sight)
+
+
+def narrow_eps(value: Any) -> float:
+    """Machine epsilon of a loss value's dtype when it is a float narrower than float64 (numpy or
+    torch float32 / float16 / bfloat16), else 0.0 (Python floats, float64, lists)."""
+    dtype = getattr(value, "dtype", None)
+    eps = _NARROW_EPS.get(dtype)
+    if eps is None:
+        if isinstance(dtype, np.dtype):
+            eps = float(np.finfo(dtype).eps) if dtype.kind == "f" and dtype.itemsize < 8 else 0.0
+        elif getattr(dtype, "is_floating_point", False) and getattr(dtype, "itemsize", 8) < 8:
+            import torch
+
+            eps = float(torch.finfo(dtype).eps)
+        else:
+            eps = 0.0
+        if dtype is not None:
+            _NARROW_EPS[dtype] = eps
+    return eps
+
+
 @dataclass
 class Problem:
     """The prepared inputs of one numerical-gradient run (picklable)."""
@@ -136,6 +159,20 @@ class Problem:
     batch: ArrayBatch  # working arrays (widened if needed), C-contiguous, never modified
     offsets: np.ndarray  # int64 [B + 1] element offsets of the packed layout
     width: int
+    # the largest machine epsilon of fn's losses seen so far when narrower than float64 (a float32
+    # loss of float64 log-probs rounds at 1e-7, not 1e-16: the error estimate must use it)
+    loss_eps: float = 0.0
+
+    def see_loss(self, value: Any) -> None:
+        """Notes the precision of a loss value fn returned (one attribute read; no copy)."""
+        eps = narrow_eps(value)
+        if eps > self.loss_eps:
+            self.loss_eps = eps
+
+    def narrowed(self, losses: np.ndarray) -> np.ndarray:
+        """Losses a chunk hands back from an executor: float32 when fn's were narrower than float64
+        (exact), so the caller's Problem learns their precision from a remote chunk too."""
+        return losses.astype(np.float32) if self.loss_eps > _EPS64 else losses
 
     @property
     def arrays(self) -> List[np.ndarray]:
@@ -457,7 +494,7 @@ def difference_scalar_chunk(
             stop = min(q_end, (offsets[j + 1] - term.e0) * npoints)
             losses += _datum_losses(problem, term, inputs, j - term.datums[0], points, npoints, method, q, stop)
             q = stop
-    return np.array(losses, np.float64)
+    return problem.narrowed(np.array(losses, np.float64))
 
 
 def _datum_losses(
@@ -492,6 +529,8 @@ def _datum_losses(
             value = problem.scalar_loss(split_loss(out), where)
         losses.append(value)
         flat[i0 + r] = originals[r]
+    if q_end > q_begin:
+        problem.see_loss(split_loss(out))  # the precision of fn's losses (one look per datum chunk)
     # fn wrote into its input (an in-place torch op bumps the fresh views' counters; numpy writes change work)
     if (problem.is_torch and any(map(_VERSION, inputs))) or not np.array_equal(work, problem.arrays[j]):
         raise problem.modified_error(problem.describe_difference(q_end - 1, term, method))
@@ -594,15 +633,20 @@ def block_chunk(
             where = functools.partial(writer.describe, problem, term, q, count)
             if vectorized:
                 inputs = [problem.fn_view(b[:count]) for b in buffers]
-                out[q - q_begin : q - q_begin + count] = problem.vector_loss(problem.invoke(term, inputs, where), count, where)
+                loss = problem.invoke(term, inputs, where)
+                out[q - q_begin : q - q_begin + count] = problem.vector_loss(loss, count, where)
+                problem.see_loss(loss)
                 if problem.is_torch and any(map(_VERSION, inputs)):  # an in-place op (fresh views start at 0)
                     raise problem.modified_error(where)  # the next block rewrites only what changes
             else:
                 inputs = [problem.fn_view(b[0]) for b in buffers]
-                out[q - q_begin] = problem.scalar_loss(problem.invoke(term, inputs, where), where)
+                loss = problem.invoke(term, inputs, where)
+                out[q - q_begin] = problem.scalar_loss(loss, where)
+                if q == q_begin:
+                    problem.see_loss(loss)
             if progress is not None:
                 progress.update(1)
-    return out
+    return problem.narrowed(out)
 
 
 def datum_blocks(
@@ -648,6 +692,7 @@ def datum_blocks(
         if values.shape != (count,):  # raises the shape error
             problem.vector_loss(out, count, functools.partial(writer.describe, problem, term, 0, count))
         f[term.e0 * npoints : term.e1 * npoints] = values  # now: fn's output may be a view of its input
+        problem.see_loss(out)
         if progress is not None:
             progress.update(1)
     if not math.isfinite(np.add.reduce(f)) and not np.all(np.isfinite(f)):
@@ -666,9 +711,13 @@ def base_loss(problem: Problem, term: Term, vectorized: bool) -> float:
     with problem.no_grad():
         if vectorized:
             inputs = [problem.fn_view(a[None]) for a in arrays]
-            return float(problem.vector_loss(problem.invoke(term, inputs, where), 1, where)[0])
+            loss = problem.invoke(term, inputs, where)
+            problem.see_loss(loss)
+            return float(problem.vector_loss(loss, 1, where)[0])
         inputs = [problem.fn_view(a) for a in arrays]
-        return problem.scalar_loss(problem.invoke(term, inputs, where), where)
+        loss = problem.invoke(term, inputs, where)
+        problem.see_loss(loss)
+        return problem.scalar_loss(loss, where)
 
 
 def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]]) -> Iterator[Any]:

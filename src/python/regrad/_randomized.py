@@ -63,6 +63,7 @@ def randomized_gradient(
                 f = np.empty(nq)
                 for k, values in enumerate(mapped(executor, block_chunk, calls, [q1 - q0 for q0, q1 in spans])):
                     f[spans[k][0] : spans[k][1]] = values
+                    problem.see_loss(values)
                     bar.update(1)
             g, v = _core.random_estimate(kind, seed, scale[term.e0 : term.e1], term.e0, f, antithetic, f0)
             grad[term.e0 : term.e1] = g

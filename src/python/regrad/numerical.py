@@ -25,6 +25,7 @@ import inspect
 import itertools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -324,7 +325,7 @@ def numerical_grad(
             return NumericalGrad(
                 _as_output(grad, inputs), _as_output(np.sqrt(variance), inputs), nfev, ncalls, **common,
                 variance=_as_output(variance, inputs), num_samples=num_samples, seed=seed, blocks=blocks, block_rows=rows,
-                info={"sigma_default": sigma is None, "antithetic": antithetic},
+                info={"sigma_default": sigma is None, "antithetic": antithetic, **_loss_precision(problem, method, loss_eps, sigma is None)},
             )
 
         step_values = _per_element(step, n, batch, "step")
@@ -338,7 +339,7 @@ def numerical_grad(
             grads, error = _as_output_pair(both, inputs)
             return NumericalGrad(grads, error, nfev, 1 if vectorized else nfev, **common,
                                  step_scale=None if step is not None else scale, blocks=int(vectorized),
-                                 block_rows=nfev if vectorized else 0)
+                                 block_rows=nfev if vectorized else 0, info=_loss_precision(problem, method, loss_eps, step is None))
         points, spacing = _difference_points(problem, method, scale, step_values)
         with problem.no_grad():  # once for the run: the no_grad of each chunk of calls is then a no-op
             both, nfev, ncalls, blocks, rows = _separable_gradient(
@@ -348,11 +349,36 @@ def numerical_grad(
         grads, error = _as_output_pair(both, inputs)
         return NumericalGrad(
             grads, error, nfev, ncalls, **common, step_scale=None if step is not None else scale, blocks=blocks,
-            block_rows=rows,
+            block_rows=rows, info=_loss_precision(problem, method, loss_eps, step is None),
         )
     except BaseException:  # fn failed or was stopped: the caller still gets its own values back
         _restore(problem, saved)
         raise
+
+
+# the relative step c that suits a loss rounding at eps: eps ** power (the defaults' rule)
+_STEP_POWER = {"forward": 1 / 2, "central": 1 / 3, "richardson": 1 / 5, "spsa": 1 / 3, "gaussian": 1 / 3}
+
+
+def _loss_precision(problem: Problem, method: str, working_eps: float, default_step: bool) -> Dict[str, Any]:
+    """When fn's losses were narrower than the working dtype (a float32 loss of float64 log-probs):
+    info saying so, and with the default steps a RuntimeWarning. The error estimate already used
+    the losses' epsilon."""
+    eps = problem.loss_eps
+    if eps <= working_eps:
+        return {}
+    suggested = eps ** _STEP_POWER[method]
+    if default_step:
+        warnings.warn(
+        f"{problem.name} returned losses of a narrower float than the {problem.batch.dtype.name} log-probs "
+            f"(machine epsilon {eps:.2g}): the default steps suit {problem.batch.dtype.name} losses, so rounding "
+            f"dominates the differences; .error reports it. Return {problem.batch.dtype.name} losses, or pass an "
+            f"absolute {'sigma' if method in RANDOMIZED else 'step'}= of about {suggested:.1g} * max(1, |x|) per "
+            f"element (the {method} rule for that precision)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return {"loss_eps": eps, "suggested_step_scale": suggested}
 
 
 def _snapshot(problem: Problem, method: str, vectorized: bool, antithetic: bool) -> Optional[List[np.ndarray]]:
@@ -485,6 +511,7 @@ def _separable_gradient(
                 calls = [(problem, term, points, method, q0, q1) for q0, q1 in spans]
                 for k, values in enumerate(mapped(executor, difference_scalar_chunk, calls, [q1 - q0 for q0, q1 in spans])):
                     out[spans[k][0] : spans[k][1]] = values
+                    problem.see_loss(values)
                     bar.update(1)
                 ncalls += nq
             nfev += nq
@@ -497,7 +524,7 @@ def _separable_gradient(
     finally:
         bar.close()
         pool.release()
-    both = _core.difference_quotients(method, spacing, f, npoints, 1, f0, 1, loss_eps, True)
+    both = _core.difference_quotients(method, spacing, f, npoints, 1, f0, 1, max(loss_eps, problem.loss_eps), True)
     return both, nfev, ncalls, blocks, max_rows
 
 
@@ -515,10 +542,16 @@ def _token_gradient(
         n, shapes, offsets = int(problem.offsets[-1]), problem.batch.shapes, problem.offsets.tolist()
         values = [[packed[o0:o1].reshape(shape) for shape, o0, o1 in zip(shapes, offsets, offsets[1:])]
                   for packed in mapped(executor, _token_call_packed, calls, [n] * count)]
+        for call in values:
+            problem.see_loss(call[0])
+    loss_eps = max(loss_eps, problem.loss_eps)
     try:
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     except (TypeError, ValueError):
         # fn's outputs mix dtypes or are not contiguous: one float64 copy of each, then the same pass.
+        for v in itertools.chain.from_iterable(values):
+            problem.see_loss(v)
+        loss_eps = max(loss_eps, problem.loss_eps)
         values = [[np.ascontiguousarray(v, dtype=np.float64) for v in call] for call in values]
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     if bad >= 0:
@@ -556,9 +589,14 @@ def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: Stack
     with problem.no_grad():
         out = problem.invoke(held.term, held.views, where)
     values = problem.token_values(out, where, shapes)  # numpy views, or the tensors' addresses
+    problem.see_loss(out[0])
+    loss_eps = max(loss_eps, problem.loss_eps)
     try:
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps, True)
     except (TypeError, ValueError):
+        for v in out:
+            problem.see_loss(v)
+        loss_eps = max(loss_eps, problem.loss_eps)
         values = [np.ascontiguousarray(_numpy(v), dtype=np.float64) for v in out]
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps, True)
     if bad >= 0:
@@ -598,7 +636,9 @@ def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> Li
     where = _token_where(method, k)
     with problem.no_grad():
         out = problem.invoke(term, source, where)
-    return problem.token_values(out, where)
+    values = problem.token_values(out, where)
+    problem.see_loss(out[0])  # one look at the precision of fn's per-token losses
+    return values
 
 
 def _token_call_packed(problem: Problem, k: int, points: np.ndarray, method: str) -> np.ndarray:
