@@ -279,6 +279,17 @@ def test_gpu_step_underflow_raises(rng):
 
 @pytest.mark.gpu
 @gpu_only
+@pytest.mark.parametrize("dtype,x,step", [(torch.float32, 3e38, 1e38), (torch.float64, 1.0, 1e301)])
+def test_gpu_step_overflow_is_named_as_on_cpu(dtype, x, step):
+    xs = [torch.tensor([0.5, x], dtype=dtype, device="cuda")]
+    with pytest.raises(ValueError, match="step overflow at datum 0, element 1"):
+        _gpu.difference_points(xs, "central", 1e-3, step=[1e-3, step])
+    with pytest.raises(ValueError, match="step overflow at datum 0, token 1"):
+        _core.difference_points([xs[0].cpu().numpy()], "central", 1e-3, np.array([1e-3, step]))
+
+
+@pytest.mark.gpu
+@gpu_only
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("antithetic", [True, False])
 def test_gpu_random_stream_and_estimates_match_cpu(rng, kind, antithetic):

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "regrad/formulas.hpp"
 #include "regrad/numerical.hpp"
 
 namespace regrad {
@@ -28,8 +29,8 @@ inline double max_with_one(double a) {
     return out;
 }
 
-/// The largest step the quotients can difference (s[0] - s[1] and (d1 / d2)^2 stay finite).
-inline constexpr double kMaxSpacing = 1e300;
+/// The largest step the quotients can difference (formulas::max_spacing, shared with the GPU).
+inline constexpr double kMaxSpacing = formulas::max_spacing();
 
 /// Writes the NP difference points of one datum, point k of element i at points[k * kstride + i]
 /// (points and spacing already offset to the datum), and (when spacing is given) the steps actually

@@ -28,6 +28,7 @@ enum StatusCode : int64_t {
     kStatusNonFiniteValue = 2,  ///< datum (the per-datum value overflowed)
     kStatusBadStep = 3,         ///< datum, position (difference_points: step not positive and finite)
     kStatusStepUnderflow = 4,   ///< datum, position (difference_points: x + h == x)
+    kStatusStepOverflow = 5,    ///< datum, position (difference_points: |x + h - x| >= 1e300, inf or NaN)
 };
 
 /// Device count, the runtime and driver versions (0 devices is not an error).

@@ -65,14 +65,16 @@ __global__ void points_kernel(Ragged x, int64_t n, int np, double scale, const d
             report(first, e, kStatusBadStep);
             continue;
         }
-        bool underflow = false;
+        bool underflow = false, overflow = false;  // as the CPU builder: x + h == x, or a spacing too large
         for (int k = 0; k < np; ++k) {
             const T p = static_cast<T>(static_cast<double>(xv) + formulas::point_fraction(k) * h);
-            underflow = underflow || p == xv || !isfinite(p);
+            const double d = static_cast<double>(p) - static_cast<double>(xv);
+            underflow = underflow || p == xv;
+            overflow = overflow || !(fabs(d) < formulas::max_spacing());
             points[k * n + e] = p;
-            spacing[k * n + e] = static_cast<double>(p) - static_cast<double>(xv);
+            spacing[k * n + e] = d;
         }
-        if (underflow) report(first, e, kStatusStepUnderflow);
+        if (underflow || overflow) report(first, e, underflow ? kStatusStepUnderflow : kStatusStepOverflow);
     }
 }
 

@@ -39,7 +39,7 @@ BUILD_HINT = (
 )
 
 # Status codes written by the kernels (src/cpp/cuda/cuda_api.hpp).
-_OK, _NON_FINITE_INPUT, _NON_FINITE_VALUE, _BAD_STEP, _STEP_UNDERFLOW = range(5)
+_OK, _NON_FINITE_INPUT, _NON_FINITE_VALUE, _BAD_STEP, _STEP_UNDERFLOW, _STEP_OVERFLOW = range(6)
 
 
 def on_cuda(logprobs_list: Any) -> bool:
@@ -160,6 +160,11 @@ def _raise_status(status: Any, what: str) -> None:
         raise ValueError(
             f"step underflow at datum {datum}, element {position}: x + h == x in the working dtype "
             "(use a larger step)"
+        )
+    elif code == _STEP_OVERFLOW:
+        raise ValueError(
+            f"step overflow at datum {datum}, element {position}: x + h is not finite (or h is over 1e300) "
+            "in the working dtype (use a smaller step)"
         )
     else:
         raise RuntimeError(f"unknown status {code} from regrad._cuda")

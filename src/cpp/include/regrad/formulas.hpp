@@ -103,6 +103,10 @@ REGRAD_HD inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
     }
 }
 
+/// The largest step the quotients can difference: s[0] - s[1] and (d1 / d2)^2 stay finite. A point
+/// whose |x + h - x| is not below it (inf and NaN included) is a "step overflow" on CPU and GPU.
+REGRAD_HD inline constexpr double max_spacing() { return 1e300; }
+
 /// 128 random bits for element `index` of stream `sample` under `seed` (as regrad::random_bits).
 REGRAD_HD inline void random_bits(uint64_t seed, uint64_t sample, uint64_t index, uint32_t out[4]) {
     out[0] = static_cast<uint32_t>(index);
