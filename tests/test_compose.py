@@ -413,6 +413,39 @@ def test_cross_entropy_rejects_signed_or_nan_weights(weights, match):
         regrad.compose(regrad.losses.cross_entropy, [])(data, leaves(lps))
 
 
+def test_cross_entropy_masks_weight_zero_tokens_and_reads_generators():
+    lps = [torch.tensor([-1.0, float("-inf"), -2.0], dtype=torch.float64)]
+    data = [regrad.Datum([0, 1, 2], {"target_tokens": np.array([0, 1, 2]), "weights": np.array([1.0, 0.0, 1.0])})]
+    value, metrics = regrad.losses.cross_entropy(data, [lps[0].numpy()])
+    assert value == 1.5 and metrics["perplexity"] == pytest.approx(np.exp(1.5))
+    x = leaves(lps)
+    loss, _ = regrad.losses.cross_entropy(data, x)
+    loss.backward()
+    assert loss.item() == 1.5
+    np.testing.assert_array_equal(x[0].grad.numpy(), [-0.5, 0.0, -0.5])
+    composed, _, out = regrad.compose(regrad.losses.cross_entropy, []).evaluate(data, lps)
+    assert composed == 1.5 and out.base_loss.value == 1.5
+    # one-shot iterators are read once; a length mismatch is named on the torch path too
+    gen_loss, _ = regrad.losses.cross_entropy(iter(data), (t for t in leaves(lps)))
+    assert gen_loss.item() == 1.5 and gen_loss.requires_grad
+    with pytest.raises(regrad.InputError, match="data has 1 entries but logprobs_list has 2"):
+        regrad.losses.cross_entropy(data, leaves(lps) * 2)
+
+
+def test_second_derivative_of_a_composed_loss_raises():
+    data, lps = make_batch()
+    loss_fn = regrad.compose(None, [regrad.l2(1.0)])
+    xs = leaves(lps)
+    loss, _ = loss_fn(data, xs)
+    grads = torch.autograd.grad(loss, xs, create_graph=True)
+    ref = leaves(lps)
+    hand_total(data, ref, [("l2", 1.0)]).backward()
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g.detach(), r.grad)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        sum((g**2).sum() for g in grads).backward()
+
+
 def test_a_failure_stops_later_terms_when_sequential():
     data, lps = make_batch()
     ran = []

@@ -94,6 +94,30 @@ def test_backward_scales_by_incoming_gradient(rng):
     torch.testing.assert_close(x.grad, 3.0 * torch.sign(x.detach()))
 
 
+def test_generator_input_keeps_the_gradient(rng):
+    arrays = ragged(rng, [5, 3], np.float64)
+    xs = [torch.tensor(a, requires_grad=True) for a in arrays]
+    ys = [torch.tensor(a, requires_grad=True) for a in arrays]
+    kernels.l2(x * 1.0 for x in xs).value.backward()  # a generator of non-leaf tensors
+    (sum((y * y).sum() for y in ys) / 2).backward()
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "entropy"])
+def test_second_derivatives_raise_instead_of_being_zero(kind):
+    x = torch.tensor([-0.5, -1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    f = lambda t: kernels.regularizer(kind, [t], reduction="sum").value  # noqa: E731
+    with pytest.raises(RuntimeError, match="second derivatives .* are not available"):
+        torch.autograd.functional.hessian(f, x)
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)  # first order under create_graph: still right
+    ref = x.detach().clone().requires_grad_(True)
+    {"l1": lambda t: t.abs().sum(), "l2": lambda t: (t * t).sum(), "entropy": lambda t: -(t.exp() * t).sum()}[kind](ref).backward()
+    torch.testing.assert_close(g.detach(), ref.grad)
+    with pytest.raises(RuntimeError, match="second derivatives"):  # a gradient penalty
+        (g**2).sum().backward()
+
+
 def test_l1_sign_of_zero_is_zero():
     res = kernels.l1([np.array([0.0, -0.0, 2.0, -3.0])], reduction="sum")
     np.testing.assert_array_equal(res.grads[0], [0.0, 0.0, 1.0, -1.0])

@@ -694,8 +694,11 @@ def test_numerical_wrapper_options_dtype_and_double_backward():
     assert loss.dtype == torch.float32 and loss.item() == 80000.0
     a = torch.tensor([0.5, 1.0, -2.0], dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(numerical(lambda d, lps: (lps[0] ** 3).sum())(None, [a]) ** 2, a, create_graph=True)
-    with pytest.raises(RuntimeError):  # no silent second derivative without the Hessian term
+    with pytest.raises(RuntimeError, match="second derivatives"):  # no silent second derivative without the Hessian term
         g.sum().backward()
+    # a loss used as is: the gradient is constant to autograd, which would call the Hessian zero
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.functional.hessian(lambda t: numerical(lambda d, lps: (lps[0] ** 3).sum())(None, [t]), a)
 
 
 # ---- progress -----------------------------------------------------------------------------------

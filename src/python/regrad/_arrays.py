@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 from operator import attrgetter, methodcaller
 from typing import Any, List, Optional, Sequence
@@ -72,6 +73,12 @@ class ArrayBatch:
         # Unpickled arrays (a remote executor) carry a fresh dtype object; the core wants the canonical one.
         self._arrays = [a.view(a.dtype.type) for a in self._arrays or []]
         self.dtype = np.dtype(self.dtype.type)
+
+
+def reusable(items: Any) -> Any:
+    """items as something that can be read more than once: a one-shot iterator (a generator, map,
+    zip) is listed once, since a second pass would otherwise see it empty; anything else as is."""
+    return list(items) if isinstance(items, collections.abc.Iterator) else items
 
 
 def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", keep_tensors: bool = True) -> ArrayBatch:

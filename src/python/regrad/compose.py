@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import losses
+from ._autograd import LazyFunction, first_order_only
 from .errors import NonFiniteError, RegularizerError
 from .grad import CallInputs, Cancelled, TermResult, compute_term, compute_term_async, resolve
 from .specs import RegularizerSpec, SpecLike, as_specs, is_async_fn
@@ -420,29 +421,19 @@ def _total_grad_function() -> Any:
         @staticmethod
         def forward(ctx: Any, value: Any, flat: Any, sizes: List[int], shapes: List[tuple], *inputs: Any) -> Any:
             ctx.flat, ctx.sizes, ctx.shapes = flat, sizes, shapes
+            ctx.save_for_backward(*inputs)
             return value.clone()
 
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
-            scaled = ctx.flat * grad_output.to(ctx.flat.dtype)
+            with torch.no_grad():  # a packed gradient of numbers, not a graph
+                scaled = ctx.flat * grad_output.to(ctx.flat.dtype)
             parts = torch.split(scaled, ctx.sizes)
             if len(ctx.shapes[0]) != 1:  # [T_i, K] data (one rank for all): a view per datum
                 parts = [p.view(shape) for p, shape in zip(parts, ctx.shapes)]
-            return (None, None, None, None, *parts)
+            return (None, None, None, None, *first_order_only(list(parts), ctx.saved_tensors))
 
     return TotalGrad
 
 
-class _LazyTotalGrad:
-    """Builds the autograd.Function on first use, so importing regrad never imports torch."""
-
-    _fn: Any = None
-
-    @classmethod
-    def apply(cls, *args: Any) -> Any:
-        if cls._fn is None:
-            cls._fn = _total_grad_function()
-        return cls._fn.apply(*args)
-
-
-_TotalGrad = _LazyTotalGrad
+_TotalGrad = LazyFunction(_total_grad_function)

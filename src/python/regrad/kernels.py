@@ -13,7 +13,8 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from . import _core, _gpu
-from ._arrays import ArrayBatch, as_array_batch, split_packed, token_mask
+from ._autograd import LazyFunction, first_order_only
+from ._arrays import ArrayBatch, as_array_batch, reusable, split_packed, token_mask
 
 __all__ = ["KernelResult", "l1", "l2", "entropy", "regularizer"]
 
@@ -58,6 +59,7 @@ def regularizer(
     """Runs built-in kernel `kind` (one of KERNELS); the common entry point of l1 / l2 / entropy."""
     if kind not in KERNELS:
         raise ValueError(f"unknown kernel {kind!r}; expected one of {KERNELS}")
+    logprobs_list = reusable(logprobs_list)  # read twice below (the batch, then the autograd inputs)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if _gpu.on_cuda(logprobs_list):
@@ -101,26 +103,16 @@ def _precomputed_grad_function() -> Any:
         @staticmethod
         def forward(ctx: Any, value: Any, grads: List[Any], *inputs: Any) -> Any:  # noqa: D401
             ctx.grads = grads
+            ctx.save_for_backward(*inputs)
             return value.clone()
 
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
-            return (None, None, *[grad_output * g for g in ctx.grads])
+            with torch.no_grad():  # the gradient is numbers, not a graph
+                grads = [grad_output * g for g in ctx.grads]
+            return (None, None, *first_order_only(grads, ctx.saved_tensors))
 
     return PrecomputedGrad
 
 
-class _LazyFunction:
-    """Builds the torch.autograd.Function on first use, so importing regrad never imports torch."""
-
-    def __init__(self, factory: Any) -> None:
-        self._factory = factory
-        self._fn: Any = None
-
-    def apply(self, *args: Any) -> Any:
-        if self._fn is None:
-            self._fn = self._factory()
-        return self._fn.apply(*args)
-
-
-_PrecomputedGrad = _LazyFunction(_precomputed_grad_function)
+_PrecomputedGrad = LazyFunction(_precomputed_grad_function)

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._arrays import as_array_batch
+from ._arrays import as_array_batch, reusable
 from .data import loss_input
 from .errors import InputError
 from .grad import analytic
@@ -50,8 +50,7 @@ def _plain_weights(data: Sequence[Any], shapes: Sequence[Tuple[int, ...]]) -> Op
 
 def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[float, np.ndarray, Dict[str, float]]:
     """-Σ w·lp / Σ w and its gradient -w / Σ w (packed), in one pass; zero total weight gives 0 and 0."""
-    if len(data) != len(arrays):
-        raise InputError(f"data has {len(data)} entries but logprobs_list has {len(arrays)}")
+    _check_lengths(data, arrays)
     weights = _token_weights(data, list(map(_SHAPE, arrays)))
     if not arrays:
         return 0.0, np.zeros(0), {"perplexity": 1.0}
@@ -59,9 +58,18 @@ def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[floa
     _check_weights(packed_weights, weights)
     total_weight = float(packed_weights.sum(dtype=np.float64))
     scale = 1.0 / total_weight if total_weight != 0 else 0.0
-    nll = -float(np.dot(packed_weights, np.concatenate(arrays))) * scale
+    logprobs = np.concatenate(arrays)
+    with np.errstate(invalid="ignore"):
+        nll = -float(np.dot(packed_weights, logprobs)) * scale
+    if not math.isfinite(nll):  # a weight-0 token is masked out: its log-prob may be -inf (0 * -inf is NaN)
+        nll = -float(np.dot(packed_weights, np.where(packed_weights != 0, logprobs, 0))) * scale
     gradient = np.multiply(packed_weights, -scale, out=packed_weights)  # packed_weights is a fresh copy: scale in place
     return nll, gradient, {"perplexity": _perplexity(nll)}
+
+
+def _check_lengths(data: Sequence[Any], arrays: Sequence[Any]) -> None:
+    if len(data) != len(arrays):
+        raise InputError(f"data has {len(data)} entries but logprobs_list has {len(arrays)}; one per datum")
 
 
 def _check_weights(packed: np.ndarray, weights: List[np.ndarray]) -> None:
@@ -88,17 +96,23 @@ def cross_entropy(data: Sequence[Any], logprobs_list: List[Any]) -> Tuple[Any, D
     With torch log-probs the loss is a 0-d tensor carrying the autograd graph (usable directly as a
     Tinker custom loss); inside `compose` the analytic gradient above is used instead.
     """
+    data, logprobs_list = reusable(data), reusable(logprobs_list)
     batch = as_array_batch(logprobs_list)
     if not batch.is_torch:
         value, _, metrics = _value_and_grad(data, batch.arrays)
         return value, metrics
     import torch
 
+    _check_lengths(data, batch.arrays)
     weights = _token_weights(data, batch.shapes)
     if weights:
         _check_weights(np.concatenate(weights), weights)
     total_weight = float(sum(w.sum(dtype=np.float64) for w in weights))
     scale = 1.0 / total_weight if total_weight != 0 else 0.0
-    weighted = [torch.dot(torch.tensor(w, dtype=lp.dtype), lp) for w, lp in zip(weights, logprobs_list)]
+    weighted = []
+    for w, lp in zip(weights, logprobs_list):
+        w_t = torch.tensor(w, dtype=lp.dtype)
+        # a weight-0 token is masked out: its log-prob may be -inf (0 * -inf would be NaN)
+        weighted.append(torch.dot(w_t, torch.where(w_t != 0, lp, torch.zeros((), dtype=lp.dtype))))
     loss = -torch.stack(weighted).sum() * scale if weighted else torch.zeros(())
     return loss, {"perplexity": _perplexity(float(loss.detach()))}

@@ -19,7 +19,6 @@ arrays) and must not modify them in place. See docs/numerical.md.
 
 from __future__ import annotations
 
-import collections.abc
 import functools
 import inspect
 import itertools
@@ -32,7 +31,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
-from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, split_packed
+from ._autograd import LazyFunction, first_order_only
+from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, reusable, split_packed
 from ._evaluate import (
     POINT_LABELS,
     BufferPool,
@@ -235,12 +235,6 @@ def _check_options(method: str, structure: str, vectorized: bool, executor: Any,
     if not _is_int(seed) or not 0 <= seed < 2**64:
         raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return canonical
-
-
-def reusable(data: Any) -> Any:
-    """data as fn may receive it many times: a one-shot iterator (a generator, map, zip) is listed
-    once, since the second call of fn would otherwise see it empty; anything else is passed as is."""
-    return list(data) if isinstance(data, collections.abc.Iterator) else data
 
 
 def _is_int(value: Any) -> bool:
@@ -723,31 +717,19 @@ def _numerical_function() -> Any:
             return value.clone()
 
         @staticmethod
-        @torch.autograd.function.once_differentiable  # a numerical gradient has no graph of its own
         def backward(ctx: Any, grad_output: Any) -> Any:
             wrapped, fn, data, options = ctx.spec
-            tensors = [t.detach() for t in ctx.saved_tensors]
-            result = numerical_grad(fn, data, tensors, **options)
+            saved = ctx.saved_tensors
+            with torch.no_grad():  # a numerical gradient has no graph of its own
+                result = numerical_grad(fn, data, [t.detach() for t in saved], **options)
+                grads = [grad_output.to(g.dtype) * g for g in result.grads]
             wrapped.last_result = result
-            grads = [grad_output.to(g.dtype) * g for g in result.grads]
-            return (None, None, *grads)
+            return (None, None, *first_order_only(grads, saved))
 
     return NumericalFunction
 
 
-class _LazyFunction:
-    """Builds the torch.autograd.Function on first use, so importing regrad never imports torch."""
-
-    def __init__(self) -> None:
-        self._fn: Any = None
-
-    def apply(self, *args: Any) -> Any:
-        if self._fn is None:
-            self._fn = _numerical_function()
-        return self._fn.apply(*args)
-
-
-_NumericalFunction = _LazyFunction()
+_NumericalFunction = LazyFunction(_numerical_function)
 
 
 # ---- comparison with autograd -------------------------------------------------------------------

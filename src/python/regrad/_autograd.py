@@ -1,0 +1,60 @@
+"""torch.autograd helpers shared by the Functions whose backward hands out precomputed numbers (the
+kernels' analytic gradient, compose's packed total, regrad.numerical's estimate). Torch is imported
+on first use only, so importing regrad never imports it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Sequence
+
+SECOND_DERIVATIVE = (
+    "regrad hands autograd a gradient computed as numbers (analytic kernel, composed total or "
+    "numerical estimate), not a graph: second derivatives (create_graph=True, hessian, gradient "
+    "penalties) are not available"
+)
+
+
+class LazyFunction:
+    """A torch.autograd.Function built by `factory` on first use."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._fn: Any = None
+
+    def apply(self, *args: Any) -> Any:
+        if self._fn is None:
+            self._fn = self._factory()
+        return self._fn.apply(*args)
+
+
+def _no_higher_order_function() -> Any:
+    import torch
+
+    class NoHigherOrder(torch.autograd.Function):
+        """g itself, tied to the input x it is the gradient for; differentiating it raises."""
+
+        @staticmethod
+        def forward(ctx: Any, g: Any, x: Any) -> Any:  # noqa: D401
+            return g.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad_g: Any) -> Any:
+            raise RuntimeError(SECOND_DERIVATIVE)
+
+    return NoHigherOrder
+
+
+_NoHigherOrder = LazyFunction(_no_higher_order_function)
+
+
+def first_order_only(grads: List[Any], inputs: Sequence[Any]) -> List[Any]:
+    """Gradients a backward returns. Under create_graph=True (grad mode on inside backward) each is
+    tied to its input, so a second derivative raises SECOND_DERIVATIVE instead of silently being
+    zero (a constant gradient would otherwise look independent of the input to autograd)."""
+    import torch
+
+    if not torch.is_grad_enabled():
+        return grads
+    return [
+        g if g is None or not getattr(x, "requires_grad", False) else _NoHigherOrder.apply(g, x)
+        for g, x in zip(grads, inputs)
+    ]
