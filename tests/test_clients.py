@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -286,6 +287,61 @@ def test_wrong_builtin_loss_and_adam_params_are_rejected() -> None:
         client.forward_backward_custom(data, "cross_entropy")  # type: ignore[arg-type]
 
 
+def test_optim_step_takes_adam_params_only_and_eps_above_zero() -> None:
+    client = small_client()
+    client.forward_backward(data_from_texts(TEXTS[:1])).result()
+    for wrong in (3e-3, "fast", object()):  # silently running AdamW defaults would be wrong
+        with pytest.raises(TypeError, match="optim_step takes AdamParams"):
+            client.optim_step(wrong)
+    with pytest.raises(ValueError, match="eps must be > 0"):  # eps = 0: 0 / 0 = NaN weights where grad is 0
+        client.optim_step(regrad.AdamParams(eps=0.0))
+    assert client.optim_step({"learning_rate": 1e-3}).result().metrics["optim/learning_rate"] == 1e-3
+
+
+class _SqrtScale(torch.nn.Module):
+    """Byte logits times sqrt(scale): scale = 0 gives finite logits but a NaN gradient for scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = default_model(0, SMALL)
+        self.scale = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.body(ids) * (1.0 + self.scale.sqrt())
+
+
+def test_non_finite_parameter_gradients_apply_nothing_and_the_client_stays_usable() -> None:
+    client = LocalTrainingClient(_SqrtScale())
+    data = data_from_texts(TEXTS)
+    with pytest.raises(NonFiniteError, match="parameter 'scale' has non-finite values; no gradient applied"):
+        client.forward_backward(data).result()
+    assert all(p.grad is None for p in client.model.parameters())
+    with torch.no_grad():
+        client.model.scale.fill_(1.0)
+    client.forward_backward(data).result()
+    assert client.optim_step(regrad.AdamParams(learning_rate=1e-3)).result().metrics["optim/grad_norm"] > 0
+
+
+def test_a_custom_loss_touching_parameters_leaves_them_alone() -> None:
+    client = small_client()
+    data = data_from_texts(TEXTS)
+    penalty = lambda: sum((p**2).sum() for p in client.model.parameters())  # noqa: E731
+
+    def with_weight_penalty(d: Any, lps: List[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        return lps[0].sum() + penalty(), {}  # ignores datum 1: the request fails
+
+    with pytest.raises(InputError, match="datum 1"):
+        client.forward_backward_custom(data, with_weight_penalty).result()
+    assert all(p.grad is None for p in client.model.parameters())
+    # on success only d loss / d log-probs reaches the parameters, as on Tinker (whose loss_fn sees no weights)
+    ok = client.forward_backward_custom(data, lambda d, lps: (sum(lp.sum() for lp in lps) + penalty(), {})).result()
+    reference = small_client()
+    reference.forward_backward_custom(data, lambda d, lps: (sum(lp.sum() for lp in lps), {})).result()
+    assert math.isfinite(ok.metrics["loss:sum"])
+    for a, b in zip(param_grads(client), param_grads(reference)):
+        torch.testing.assert_close(a, b)
+
+
 def test_any_module_mapping_ids_to_logits_works() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(256, 16), torch.nn.Linear(16, 256))
@@ -406,3 +462,47 @@ def test_failing_regularizer_applies_nothing_and_client_stays_usable() -> None:
         future.result()
     assert all(p.grad is None for p in client.model.parameters())
     assert regrad.forward_backward_custom(client, data, regularizers=composed_specs()).result().loss > 0
+
+
+def test_mapped_future_keeps_the_request_outcome_not_an_interrupted_wait() -> None:
+    from concurrent.futures import Future
+
+    from regrad._futures import MappedFuture, RequestFuture
+
+    inner: Future = Future()
+    inner.set_running_or_notify_cancel()  # the request is running: a cancelled wait cannot stop it
+    mapped = MappedFuture(RequestFuture(inner), lambda v: v * 2)
+
+    async def give_up() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(mapped, 0.01)
+
+    asyncio.run(give_up())
+    inner.set_result(21)  # ... and then succeeds: its result is what every later wait gets
+    assert mapped.result() == 42 and asyncio.run(mapped.result_async()) == 42
+
+    class InterruptedOnce:
+        calls = 0
+
+        def result(self, timeout: Any = None) -> int:
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyboardInterrupt  # Ctrl-C while blocking in .result()
+            return 21
+
+        def done(self) -> bool:
+            return self.calls > 1
+
+    interrupted = MappedFuture(InterruptedOnce(), lambda v: v * 2)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.result()
+    assert interrupted.result() == 42
+
+    failed: Future = Future()
+    failed.set_exception(ValueError("request failed"))
+    mapped_calls: List[int] = []
+    kept = MappedFuture(RequestFuture(failed), mapped_calls.append)
+    for _ in range(2):  # the request's own error is kept for every caller; fn never runs
+        with pytest.raises(ValueError, match="request failed"):
+            kept.result()
+    assert mapped_calls == []

@@ -67,6 +67,8 @@ class MappedFuture(Generic[U]):
             except concurrent.futures.TimeoutError:
                 raise
             except BaseException as err:  # noqa: BLE001 - the inner error becomes this future's error
+                if not self._request_failed(err):
+                    raise  # the wait was interrupted (Ctrl-C, a cancelled task): ask again later
                 return self._finish(lambda: _raise(err))
             return self._finish(lambda: inner_value)
         return self._finish(lambda: None)
@@ -83,9 +85,20 @@ class MappedFuture(Generic[U]):
             except asyncio.TimeoutError:
                 raise
             except BaseException as err:  # noqa: BLE001
+                if not self._request_failed(err):
+                    raise
                 return self._finish(lambda: _raise(err))
             return self._finish(lambda: inner_value)
         return self._finish(lambda: None)
+
+    def _request_failed(self, err: BaseException) -> bool:
+        """True when err is the request's own outcome, to keep for every caller; False when only the
+        wait was interrupted (KeyboardInterrupt, asyncio cancellation: BaseExceptions, or the request
+        is still running), which must not become the result of a request that goes on and succeeds."""
+        if not isinstance(err, Exception):
+            return False
+        done = getattr(self._inner, "done", None)
+        return bool(done()) if callable(done) else True
 
     def done(self) -> bool:
         if self._state is not None:

@@ -89,7 +89,9 @@ class LocalTrainingClient:
         self.seed = seed
         self.context: Optional[int] = _model_attr(self.model, "context")
         self.vocab_size: Optional[int] = _model_attr(self.model, "vocab_size")
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
         if not self._params:
             raise ValueError("model has no trainable parameters")
         self._optimizer: Optional[torch.optim.AdamW] = None
@@ -232,8 +234,12 @@ class LocalTrainingClient:
         return out
 
     def _apply_grads(self, loss: torch.Tensor) -> None:
-        """Backward of `loss` into `.grad`, all or nothing: gradients are computed first, then added."""
+        """Backward of `loss` into `.grad`, all or nothing: gradients are computed and checked first, then
+        added (a NaN in one parameter's gradient would otherwise stick in .grad and refuse every later step)."""
         grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+        for name, g in zip(self._names, grads):
+            if g is not None and not bool(torch.isfinite(g).all()):
+                raise _non_finite(f"the gradient of parameter {name!r} has non-finite values; no gradient applied")
         for p, g in zip(self._params, grads):
             if g is None:
                 continue
@@ -279,7 +285,8 @@ class LocalTrainingClient:
                 weight_decay=params.weight_decay,
             )
         grads = [p.grad for p in self._params if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        # in float64: float32 squares of large but finite gradients would overflow to inf
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]))) if grads else 0.0
         if not math.isfinite(norm):
             raise _non_finite(f"accumulated gradient norm is {norm}; optimizer step not applied")
         if params.grad_clip_norm > 0 and grads:
@@ -353,15 +360,22 @@ def _adam_params(params: Any) -> AdamParams:
         out = params
     elif isinstance(params, Mapping):
         out = AdamParams(**params)
-    else:
+    elif type(params).__name__ == "AdamParams":  # tinker.types.AdamParams: the same field names
         names = AdamParams.__dataclass_fields__
         out = AdamParams(**{k: getattr(params, k) for k in names if hasattr(params, k)})
+    else:  # a float, another optimizer's params: silently running AdamW defaults would be wrong
+        raise TypeError(
+            f"optim_step takes AdamParams (regrad's or tinker.types'), a dict of its fields, or None; "
+            f"got {type(params).__name__}"
+        )
     for name in AdamParams.__dataclass_fields__:
         value = getattr(out, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"AdamParams.{name} must be a finite number >= 0, got {value!r}")
     if not (out.beta1 < 1 and out.beta2 < 1):
         raise ValueError(f"AdamParams betas must be < 1, got ({out.beta1}, {out.beta2})")
+    if not out.eps > 0:  # eps = 0 divides 0 by 0 for every parameter whose gradient is 0: NaN weights
+        raise ValueError(f"AdamParams.eps must be > 0, got {out.eps!r}")
     return out
 
 
@@ -403,17 +417,21 @@ def _custom_loss_grads(
     loss_value = float(loss.detach().sum())
     if not math.isfinite(loss_value):
         raise _non_finite(f"loss_fn {name!r} returned a non-finite loss ({loss_value}); no gradient applied")
-    loss.sum().backward()
+    # d loss / d log-probs only, as Tinker's client computes it: parameters the loss_fn may also touch
+    # get no .grad here (a failed request must leave nothing behind)
+    leaf_grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
     grads = []
-    for i, leaf in enumerate(leaves):
-        if leaf.grad is None:
+    for i, grad in enumerate(leaf_grads):
+        if grad is None:
             raise InputError(
                 f"loss_fn {name!r}: the loss does not depend on logprobs_list[{i}] (datum {i}); "
                 "Tinker's client rejects this too (add 0 * logprobs to include it)"
             )
-        if not bool(torch.isfinite(leaf.grad).all()):
+        if not bool(torch.isfinite(grad).all()):
             raise _non_finite(f"loss_fn {name!r}: the gradient for datum {i} has non-finite values", i)
-        grads.append(leaf.grad)
+        grads.append(grad)
+    for leaf, grad in zip(leaves, grads):  # as backward() would leave them (callers read leaf.grad)
+        leaf.grad = grad
     return grads, loss_value, clean_metrics
 
 
