@@ -230,6 +230,8 @@ def _bad_data() -> Dict[str, Tuple[List[Any], str]]:
         "too long": ([datum_from_text("x" * 40)], "datum 0 has 39 input tokens, longer than the model's context \\(32\\)"),
         "token range": ([Datum(ModelInput([1, 2]), {"target_tokens": np.array([3, 300])})], "datum 0: target_tokens has ids outside"),
         "not a list": (good, "must be a list of Datum"),  # type: ignore[dict-item]
+        "float ids": ([Datum(ModelInput([104.9, 101.5]), {"target_tokens": np.array([3, 4])})], "datum 0: input token 104.9 is not an integer id"),  # type: ignore[list-item]
+        "string input": ([good, Datum(ModelInput("hi"), {"target_tokens": np.array([3, 4])})], "datum 1: input token 'h' is not an integer id"),  # type: ignore[arg-type]
     }
 
 
@@ -285,6 +287,27 @@ def test_wrong_builtin_loss_and_adam_params_are_rejected() -> None:
         client.optim_step(regrad.AdamParams(learning_rate=float("nan")))
     with pytest.raises(TypeError, match="callable"):
         client.forward_backward_custom(data, "cross_entropy")  # type: ignore[arg-type]
+
+
+def test_weight_zero_padding_with_minus_inf_log_probs_is_masked() -> None:
+    class MasksByte0(torch.nn.Module):  # a model that forbids token id 0
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = default_model(0, SMALL)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            logits = self.body(ids)
+            return torch.cat([torch.full_like(logits[..., :1], float("-inf")), logits[..., 1:]], -1)
+
+    client = LocalTrainingClient(MasksByte0())
+    plain = datum_from_text("the cat sat")
+    ids, tgt = plain.model_input.to_ints(), np.asarray(plain.loss_fn_inputs["target_tokens"])
+    padded = Datum(ModelInput(ids + [32]), {"target_tokens": np.append(tgt, 0), "weights": np.append(np.ones(len(tgt)), 0.0)})
+    expected = client.forward([plain]).result().metrics["loss:sum"]
+    assert client.forward([padded]).result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-6)
+    assert client.forward_backward([padded]).result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(InputError, match="ModelInput.from_ints: input token 1.5 is not an integer id"):
+        ModelInput.from_ints([1.5])
 
 
 def test_optim_step_takes_adam_params_only_and_eps_above_zero() -> None:

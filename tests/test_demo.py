@@ -66,6 +66,9 @@ def test_cli_usage_and_bench_without_module(capsys: Any, monkeypatch: Any) -> No
 def test_demo_rejects_bad_options(tmp_path: Path, capsys: Any) -> None:
     assert cli.main(["demo", "--seq-len", "500", "--out", str(tmp_path)]) == 2
     assert "--seq-len" in capsys.readouterr().err
+    for lr in ("-1", "nan", "1e30"):
+        assert cli.main(["demo", "--lr", lr, "--out", str(tmp_path)]) == 2
+        assert "--lr must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_python_dash_m_regrad_runs_the_console_script() -> None:

@@ -6,6 +6,8 @@ both have (`model_input.to_ints()` or a token list, and `loss_fn_inputs[...]` as
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -24,7 +26,7 @@ class ModelInput:
 
     @classmethod
     def from_ints(cls, tokens: Sequence[int]) -> "ModelInput":
-        return cls([int(t) for t in tokens])
+        return cls(_token_ids(tokens, "ModelInput.from_ints"))
 
     def to_ints(self) -> List[int]:
         return list(self.tokens)
@@ -71,9 +73,20 @@ def input_tokens(datum: Any, index: int = 0) -> List[int]:
     mi = getattr(datum, "model_input", None)
     if mi is None:
         raise InputError(f"datum {index} has no model_input")
-    if hasattr(mi, "to_ints"):
-        return [int(t) for t in mi.to_ints()]
-    return [int(t) for t in mi]
+    return _token_ids(mi.to_ints() if hasattr(mi, "to_ints") else mi, f"datum {index}")
+
+
+def _token_ids(tokens: Any, where: str) -> List[int]:
+    """Token ids as Python ints; a float, string or bool is an InputError (int() would truncate 104.9
+    to 104 or fail with a bare ValueError), as tinker's ModelInput.from_ints refuses them."""
+    if isinstance(tokens, (str, bytes)):
+        raise InputError(f"{where}: input tokens must be a sequence of integer ids, got {type(tokens).__name__}")
+    ids = []
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise InputError(f"{where}: input token {t!r} is not an integer id")
+        ids.append(int(t))
+    return ids
 
 
 def datum_from_text(text: str, *, weights: Optional[Sequence[float]] = None) -> Datum:

@@ -98,6 +98,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1 or not 1 <= args.seq_len <= 128:
         print("regrad demo: --steps and --batch-size must be >= 1 and --seq-len in [1, 128]", file=sys.stderr)
         return 2
+    if not 0 < args.lr <= 1:  # (NaN fails this too) larger rates make the tiny model diverge
+        print(f"regrad demo: --lr must be in (0, 1], got {args.lr}", file=sys.stderr)
+        return 2
     run(
         steps=args.steps,
         seed=args.seed,
