@@ -346,6 +346,15 @@ def test_numerical_route_errors_name_the_users_fn(is_async):
         regrad.compose(None, [spec])(data, lps)
 
 
+def test_a_gradient_norm_beyond_float64_is_named_not_written_as_infinity():
+    data, lps = make_batch()
+    huge = RegularizerSpec.with_grad("huge", 1.0, cubic_value, lambda d, lp: [np.full(x.shape, 1e308) for x in lp])
+    with pytest.raises(RegularizerError, match="'huge'.*L2 norm overflows float64"):
+        regrad.compose(None, [huge])(data, lps)
+    _, _, out = regrad.compose(None, [huge], track_grad_norms=False).evaluate(data, lps)  # no norm asked: fine
+    assert out.regularizers["huge"].grad_norm is None
+
+
 def test_autograd_route_needs_a_graph():
     data, lps = make_batch()
     spec = RegularizerSpec.sync("counted", 0.1, lambda d, lp: (float(len(lp)), {}), grad="autograd")

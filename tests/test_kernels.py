@@ -198,6 +198,33 @@ def test_non_finite_in_2d_names_token_and_column():
 def test_overflowing_value_is_reported():
     with pytest.raises(regrad.NonFiniteError, match="datum 0.*not finite"):
         kernels.entropy([np.array([100.0], np.float32)])
+    # a float32 value summed in float64 above FLT_MAX (whatever the SIMD lanes did) is not returned as inf
+    for kind, x in (("l1", np.full(2, -3e38, np.float32)), ("l2", np.full(8, -1e19, np.float32))):
+        with pytest.raises(regrad.NonFiniteError, match="datum 0 is not finite") as info:
+            kernels.regularizer(kind, [torch.from_numpy(x)])
+        assert info.value.datum == 0
+    # each datum fits float32, their sum does not
+    with pytest.raises(regrad.NonFiniteError, match="value of the batch"):
+        kernels.l1([np.full(1, -3e38, np.float32)] * 2, reduction="sum")
+    assert kernels.l1([np.full(1, -3e38, np.float64)] * 2, reduction="sum").value == 6e38  # fine in float64
+
+
+def test_big_endian_masks_and_empty_batches():
+    x = np.array([-1.0, -2.0, -3.0])
+    assert kernels.l2([x.astype(">f8")]).value == kernels.l2([x]).value == 14.0  # read as native
+    masks = {
+        "mask=1": (1, "mask must be a list"),
+        "strings": ([np.array(["a", "b", "c"])], r"mask\[0\] has dtype <U1; expected booleans or numbers"),
+        "None entries": ([[1, None, 1]], r"mask\[0\] has dtype object"),
+    }
+    for mask, match in masks.values():
+        with pytest.raises(regrad.InputError, match=match):
+            kernels.l1([x], mask=mask)
+    assert kernels.l1([x], mask=[torch.tensor([1, 0, 1], dtype=torch.bfloat16)], reduction="sum").value == 4.0
+    with pytest.raises(regrad.InputError, match="empty batch"):
+        kernels.l1([], reduction="mean")
+    with pytest.raises(ValueError, match="regularizer 'sparsity': reduction must be"):
+        regrad.l1(0.1, name="sparsity", reduction="none")
 
 
 @pytest.mark.parametrize(
@@ -211,6 +238,10 @@ def test_overflowing_value_is_reported():
         ([[1.0, 2.0]], r"logprobs_list\[0\] is a list"),
         ([np.zeros(2), torch.zeros(2, dtype=torch.float64)], "mixes numpy arrays and torch tensors"),
         ([torch.zeros(2, dtype=torch.float16)], r"dtype torch.float16"),
+        ([np.zeros((3, 0))], r"shape \(3, 0\); K \(log-probs per token\) must be at least 1"),
+        ([torch.zeros((3, 0), dtype=torch.float64)], r"shape \(3, 0\); K"),
+        ([torch.zeros(3, dtype=torch.float64).to_sparse()], r"sparse_coo tensor; pass a dense one"),
+        ([np.ma.masked_array([1.0, 1e6], mask=[False, True])], "numpy masked array"),
     ],
 )
 def test_bad_input_gets_named_error(arrays, match):

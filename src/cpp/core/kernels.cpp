@@ -3,6 +3,7 @@
 #include "regrad/kernels.hpp"
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -130,16 +131,24 @@ double regularizer_value_and_grad(Regularizer kind, const RaggedBatch<T>& batch,
             break;
         }
     }
+    // Values are summed in float64 but returned in T: a float32 value above FLT_MAX would come back inf.
+    const double largest = static_cast<double>(std::numeric_limits<T>::max());
     double total = 0.0;
     for (int64_t i = 0; i < batch.batch; ++i) {
-        if (!std::isfinite(per_datum[i])) {
+        if (!(std::fabs(per_datum[i]) <= largest)) {  // also NaN and inf
             throw NonFiniteError("the regularizer value of datum " + std::to_string(i) +
                                      " is not finite (overflow of the input's dtype)",
                                  i, -1);
         }
         total += per_datum[i];
     }
-    return reduction == Reduction::Mean ? total / static_cast<double>(batch.batch) : total;
+    const double value = reduction == Reduction::Mean ? total / static_cast<double>(batch.batch) : total;
+    if (!(std::fabs(value) <= largest)) {
+        throw NonFiniteError("the regularizer value of the batch (the sum over data) is not finite (overflow of the "
+                                 "input's dtype)",
+                             -1, -1);
+    }
+    return value;
 }
 
 template double regularizer_value_and_grad<float>(Regularizer, const RaggedBatch<float>&, const uint8_t*,

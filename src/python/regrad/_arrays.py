@@ -107,6 +107,8 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
         if first_torch and is_torch_tensor(x):
             if x.dtype not in _torch_float_dtypes():
                 raise InputError(f"{what}[{i}] has dtype {x.dtype}; expected float32 or float64 (cast it first)")
+            if x.layout != _strided():
+                raise InputError(f"{what}[{i}] is a {x.layout} tensor; pass a dense one (.to_dense())")
             if not x.is_cpu:
                 raise InputError(
                     f"{what}[{i}] is on device {x.device}; this takes CPU tensors (move them with .cpu(), "
@@ -117,6 +119,13 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
             a = (t if t.is_contiguous() else t.contiguous()).numpy()
         elif not first_torch and isinstance(x, np.ndarray):
             a = x
+            if isinstance(a, np.ma.MaskedArray):  # its mask would be ignored: masked values summed
+                raise InputError(
+                    f"{what}[{i}] is a numpy masked array; regrad reads all its values (pass mask= to the "
+                    "kernels, or np.ma.filled(a, 0.0))"
+                )
+            if a.dtype.kind == "f" and not a.dtype.isnative:  # big-endian float32 / float64: one native copy
+                a = a.astype(a.dtype.newbyteorder("="))
             if a.dtype not in _FLOAT_DTYPES:
                 raise InputError(f"{what}[{i}] has dtype {a.dtype}; expected float32 or float64")
             if not a.flags.c_contiguous:
@@ -129,6 +138,8 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
         if first is None:
             if len(shape) not in (1, 2):
                 raise InputError(f"{what}[{i}] has shape {tuple(shape)}; expected [T] or [T, K]")
+            if len(shape) == 2 and shape[1] == 0:
+                raise InputError(f"{what}[{i}] has shape {tuple(shape)}; K (log-probs per token) must be at least 1")
             first = a
         elif a.dtype != first.dtype:
             raise InputError(f"{what}[{i}] has dtype {a.dtype} but {what}[0] has {first.dtype}; use one dtype")
@@ -185,7 +196,7 @@ def _checked_ranks(arrays: Optional[List[np.ndarray]], tensors: List[Any], shape
     """The batch if every datum is [T] or every datum is [T, K] with one K; else None."""
     ranks = set(map(len, shapes))
     if ranks == {2}:
-        if len({shape[1] for shape in shapes}) != 1:
+        if len({shape[1] for shape in shapes}) != 1 or shapes[0][1] == 0:  # K = 0: the checking loop names it
             return None
     elif ranks != {1}:
         return None
@@ -218,18 +229,33 @@ def _torch_float_dtypes() -> tuple:
     return _TORCH_FLOAT_DTYPES
 
 
+@functools.lru_cache(maxsize=None)
+def _strided() -> Any:
+    import torch
+
+    return torch.strided
+
+
 def token_mask(mask: Optional[Sequence[Any]], batch: ArrayBatch) -> Optional[np.ndarray]:
     """Packs per-datum masks ([T_i], True or > 0 keeps the token) into one uint8 array."""
     if mask is None:
         return None
-    masks = list(mask)
+    try:
+        masks = list(mask)
+    except TypeError:
+        raise InputError(f"mask must be a list with one [T_i] mask per datum, got {type(mask).__name__}") from None
     if len(masks) != len(batch.arrays):
         raise InputError(f"mask has {len(masks)} entries but the batch has {len(batch.arrays)} data")
     parts = []
     for i, (m, shape) in enumerate(zip(masks, batch.shapes)):
-        m = np.asarray(m.detach().cpu().numpy() if is_torch_tensor(m) else m)
+        try:
+            m = np.asarray(m.detach().cpu().float().numpy() if is_torch_tensor(m) else m)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InputError(f"mask[{i}] cannot be read as numbers ({type(m).__name__}: {err})") from None
         if m.shape != (shape[0],):
             raise InputError(f"mask[{i}] has shape {m.shape}; datum {i} has {shape[0]} tokens")
+        if m.dtype.kind not in "biuf":  # strings, None entries (object): > 0 would raise a raw TypeError
+            raise InputError(f"mask[{i}] has dtype {m.dtype}; expected booleans or numbers (> 0 keeps a token)")
         parts.append((m > 0).astype(np.uint8))
     return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 

@@ -391,6 +391,11 @@ def _norm(flat: np.ndarray) -> float:
         wide = flat.astype(np.float64)
         peak = float(np.abs(wide).max())
         norm = peak * float(np.linalg.norm(wide / peak))
+        if not math.isfinite(norm):  # finite entries, a norm beyond float64: telemetry cannot hold it
+            raise NonFiniteError(
+                f"the gradient's L2 norm overflows float64 (largest entry {peak:g}, {flat.size} entries); "
+                "telemetry (JSON) cannot report it"
+            )
     return norm
 
 

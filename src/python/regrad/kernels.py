@@ -15,6 +15,7 @@ import numpy as np
 from . import _core, _gpu
 from ._autograd import LazyFunction, first_order_only
 from ._arrays import ArrayBatch, as_array_batch, reusable, split_packed, token_mask
+from .errors import InputError
 
 __all__ = ["KernelResult", "l1", "l2", "entropy", "regularizer"]
 
@@ -66,6 +67,8 @@ def regularizer(
         value_t, per_datum_t, grads = _gpu.regularizer(kind, logprobs_list, reduction, mask)
         return _with_grad(value_t, per_datum_t, grads, list(logprobs_list))
     batch = as_array_batch(logprobs_list)
+    if reduction == "mean" and not batch.arrays:
+        raise InputError("reduction='mean' over an empty batch (no data) is undefined; use reduction='sum'")
     packed_mask = token_mask(mask, batch)
     value, per_datum, packed = _core.regularizer(kind, batch.arrays, packed_mask, reduction, True)
     grads = split_packed(packed, batch)

@@ -253,7 +253,11 @@ class KernelRegularizer:
 
 
 def _builtin(kind: str, name: str, weight: float, reduction: str, mask: Optional[str], grad: str, options: Dict[str, Any]) -> RegularizerSpec:
-    return RegularizerSpec.sync(name, weight, KernelRegularizer(kind, reduction=reduction, mask=mask), grad=grad, **options)
+    try:
+        fn = KernelRegularizer(kind, reduction=reduction, mask=mask)
+    except ValueError as err:  # named like every other spec error
+        raise ValueError(f"regularizer {name!r}: {err}") from None
+    return RegularizerSpec.sync(name, weight, fn, grad=grad, **options)
 
 
 def l1(weight: float, *, name: str = "l1", reduction: str = "mean", mask: Optional[str] = None, grad: str = "auto", **numerical_options: Any) -> RegularizerSpec:
