@@ -529,3 +529,28 @@ def test_mapped_future_keeps_the_request_outcome_not_an_interrupted_wait() -> No
         with pytest.raises(ValueError, match="request failed"):
             kept.result()
     assert mapped_calls == []
+
+
+def test_futures_have_tinkers_coroutine_and_future() -> None:
+    from concurrent.futures import Future
+
+    from regrad._futures import MappedFuture, RequestFuture
+
+    inner: Future = Future()
+    request = RequestFuture(inner)
+    mapped = MappedFuture(request, lambda v: v * 2)
+    concurrent_mapped = mapped.future()
+    assert mapped.future() is concurrent_mapped and not concurrent_mapped.done()
+
+    async def run() -> Tuple[int, int]:
+        tasks = asyncio.create_task(request.coroutine()), asyncio.create_task(mapped.coroutine())
+        await asyncio.sleep(0)
+        inner.set_result(21)
+        return await tasks[0], await tasks[1]
+
+    assert asyncio.run(run()) == (21, 42)
+    assert concurrent_mapped.result(timeout=5) == 42
+    failed: Future = Future()
+    failed.set_exception(ValueError("request failed"))
+    with pytest.raises(ValueError, match="request failed"):
+        MappedFuture(RequestFuture(failed), lambda v: v).future().result(timeout=5)

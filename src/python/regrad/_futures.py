@@ -34,6 +34,10 @@ class RequestFuture(Generic[T]):
     def done(self) -> bool:
         return self._future.done()
 
+    async def coroutine(self) -> T:
+        """A coroutine of the result, for `asyncio.create_task(fut.coroutine())` (Tinker's APIFuture)."""
+        return await self
+
     def __await__(self) -> Generator[Any, None, T]:
         return self.result_async().__await__()
 
@@ -46,6 +50,7 @@ class MappedFuture(Generic[U]):
         self._fn = fn
         self._lock = threading.Lock()
         self._state: Optional[tuple] = None  # ("ok", value) or ("error", exception)
+        self._concurrent: Optional["concurrent.futures.Future[U]"] = None  # made by future()
 
     def _finish(self, get_inner: Callable[[], Any]) -> U:
         with self._lock:
@@ -105,6 +110,31 @@ class MappedFuture(Generic[U]):
             return True
         done = getattr(self._inner, "done", None)
         return bool(done()) if callable(done) else False
+
+    async def coroutine(self) -> U:
+        """A coroutine of the mapped value, for `asyncio.create_task(fut.coroutine())`."""
+        return await self
+
+    def future(self) -> "concurrent.futures.Future[U]":
+        """A `concurrent.futures.Future` of the mapped value (for `wait`, `as_completed`, callbacks),
+        settled when the inner request finishes (Tinker's APIFuture.future())."""
+        with self._lock:
+            if self._concurrent is not None:
+                return self._concurrent
+            out = self._concurrent = concurrent.futures.Future()
+
+        def settle(*_: Any) -> None:
+            try:
+                out.set_result(self.result())
+            except BaseException as err:  # noqa: BLE001 - the request's error, handed to the future
+                out.set_exception(err)
+
+        inner_future = getattr(self._inner, "future", None)
+        if self._state is None and callable(inner_future):
+            inner_future().add_done_callback(settle)
+        else:  # already settled, or an inner future without .future(): wait on a helper thread
+            threading.Thread(target=settle, name="regrad-mapped-future", daemon=True).start()
+        return out
 
     def __await__(self) -> Generator[Any, None, U]:
         return self.result_async().__await__()
