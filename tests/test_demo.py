@@ -83,3 +83,27 @@ def _has(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+_NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # an install without the torch extra
+import regrad
+from regrad import *  # noqa: F401,F403 - names that need torch are left out of __all__
+from regrad import cli
+assert "LocalTrainingClient" not in regrad.__all__
+try:
+    regrad.LocalTrainingClient
+except ImportError as err:
+    assert "needs torch" in str(err), err
+else:
+    raise AssertionError("no ImportError")
+assert regrad.kernels.l1([__import__("numpy").array([-1.0, 2.0])], reduction="sum").value == 3.0
+sys.exit(cli.main(["demo", "--steps", "1"]))
+"""
+
+
+def test_without_torch_the_numpy_api_works_and_torch_names_say_so() -> None:
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "regrad demo needs torch" in result.stderr

@@ -25,11 +25,14 @@ from .numerical import NumericalGrad, check, numerical, numerical_grad
 from .specs import RegularizerSpec, entropy, l1, l2
 from .telemetry import CustomLossOutput, LossEvent, log_events
 
+_NEEDS_TORCH = ("LocalTrainingClient", "AdamParams", "forward_backward_custom", "CustomLossResult")
+_HAS_TORCH = True
 try:  # the training clients need torch (the `regrad[torch]` extra)
     from .clients import AdamParams, CustomLossResult, LocalTrainingClient, forward_backward_custom
-except ImportError as _err:  # pragma: no cover - only without torch
+except ImportError as _err:  # only without torch
     if _err.name != "torch":
         raise
+    _HAS_TORCH = False
 
 __version__: str = _core.build_info()["version"]
 
@@ -40,8 +43,15 @@ __all__ = [
     "RegularizerSpec", "compose", "ComposedLoss", "l1", "l2", "entropy",
     "CustomLossOutput", "LossEvent", "log_events",
     "numerical_grad", "numerical", "check", "NumericalGrad",
-    "LocalTrainingClient", "AdamParams", "forward_backward_custom", "CustomLossResult",
+    *(_NEEDS_TORCH if _HAS_TORCH else ()),
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Names that need torch, asked for without it: say how to get it (not a bare AttributeError)."""
+    if name in _NEEDS_TORCH:
+        raise ImportError(f"regrad.{name} needs torch, which is not installed: pip install 'regrad[torch]'")
+    raise AttributeError(f"module 'regrad' has no attribute {name!r}")
 
 
 def build_info() -> Dict[str, Any]:

@@ -33,6 +33,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if args.command == "demo":
+        try:
+            import torch  # noqa: F401  # the demo trains a torch model
+        except ImportError:
+            print("regrad demo needs torch, which is not installed: pip install 'regrad[demo]'", file=sys.stderr)
+            return 2
         from .demo import run_from_args
 
         return run_from_args(args)
