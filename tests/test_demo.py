@@ -98,7 +98,11 @@ except ImportError as err:
     assert "needs torch" in str(err), err
 else:
     raise AssertionError("no ImportError")
-assert regrad.kernels.l1([__import__("numpy").array([-1.0, 2.0])], reduction="sum").value == 3.0
+import numpy as np
+assert regrad.kernels.l1([np.array([-1.0, 2.0])], reduction="sum").value == 3.0
+datum = regrad.Datum([0, 1], {"target_tokens": np.array([0, 1])})
+value = regrad.compose(regrad.losses.cross_entropy, [regrad.l1(0.1)]).evaluate([datum], [np.array([-1.0, -2.0])])[0]
+assert abs(value - (1.5 + 0.1 * 3.0)) < 1e-12, value
 sys.exit(cli.main(["demo", "--steps", "1"]))
 """
 
