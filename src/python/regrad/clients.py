@@ -20,6 +20,7 @@ from torch import nn
 from ._futures import MappedFuture, RequestFuture
 from .data import input_tokens, loss_input
 from .errors import InputError, NonFiniteError
+from .losses import weighted_sum
 from .model import ByteLM, default_model
 
 __all__ = [
@@ -251,12 +252,12 @@ class LocalTrainingClient:
     def _run_forward(self, batch: _Batch) -> ForwardBackwardOutput:
         with torch.no_grad():
             logprobs = self._logprobs(batch)
-            loss = sum(float(_nll(w, lp)) for w, lp in zip(batch.weights, logprobs))
+            loss = sum(float(-weighted_sum(w, lp)) for w, lp in zip(batch.weights, logprobs))
         return _output(logprobs, {"loss:sum": loss})
 
     def _run_forward_backward(self, batch: _Batch) -> ForwardBackwardOutput:
         logprobs = self._logprobs(batch)
-        loss = torch.stack([_nll(w, lp) for w, lp in zip(batch.weights, logprobs)]).sum()
+        loss = torch.stack([-weighted_sum(w, lp) for w, lp in zip(batch.weights, logprobs)]).sum()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise _non_finite(f"cross-entropy loss is {value}; no gradient applied")
@@ -377,12 +378,6 @@ def _adam_params(params: Any) -> AdamParams:
     if not out.eps > 0:  # eps = 0 divides 0 by 0 for every parameter whose gradient is 0: NaN weights
         raise ValueError(f"AdamParams.eps must be > 0, got {out.eps!r}")
     return out
-
-
-def _nll(weights: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """-Σ w·lp with weight-0 positions masked out: padding at weight 0 may have a -inf log-prob (a model
-    that masks that id), and 0·(-inf) would make the whole batch's loss NaN."""
-    return -(weights * torch.where(weights != 0, logprobs, torch.zeros((), dtype=logprobs.dtype))).sum()
 
 
 def _non_finite(message: str, datum: int = -1) -> Exception:

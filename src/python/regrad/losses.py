@@ -67,6 +67,12 @@ def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[floa
     return nll, gradient, {"perplexity": _perplexity(nll)}
 
 
+def weighted_sum(weights: Any, logprobs: Any) -> Any:
+    """Σ w·lp of torch tensors with weight-0 tokens masked out: their log-prob may be -inf (padding,
+    a model that forbids that id), and 0·(-inf) would make the loss NaN. Shared with the local client."""
+    return (weights * logprobs.masked_fill(weights == 0, 0.0)).sum()
+
+
 def _check_lengths(data: Sequence[Any], arrays: Sequence[Any]) -> None:
     if len(data) != len(arrays):
         raise InputError(f"data has {len(data)} entries but logprobs_list has {len(arrays)}; one per datum")
@@ -109,10 +115,6 @@ def cross_entropy(data: Sequence[Any], logprobs_list: List[Any]) -> Tuple[Any, D
         _check_weights(np.concatenate(weights), weights)
     total_weight = float(sum(w.sum(dtype=np.float64) for w in weights))
     scale = 1.0 / total_weight if total_weight != 0 else 0.0
-    weighted = []
-    for w, lp in zip(weights, logprobs_list):
-        w_t = torch.tensor(w, dtype=lp.dtype)
-        # a weight-0 token is masked out: its log-prob may be -inf (0 * -inf would be NaN)
-        weighted.append(torch.dot(w_t, torch.where(w_t != 0, lp, torch.zeros((), dtype=lp.dtype))))
+    weighted = [weighted_sum(torch.tensor(w, dtype=lp.dtype), lp) for w, lp in zip(weights, logprobs_list)]
     loss = -torch.stack(weighted).sum() * scale if weighted else torch.zeros(())
     return loss, {"perplexity": _perplexity(float(loss.detach()))}
