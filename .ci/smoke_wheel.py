@@ -20,3 +20,15 @@ assert abs(res.value - expected) <= 1e-12 * expected, (res.value, expected)
 for g, a in zip(res.grads, x):
     np.testing.assert_array_equal(g, np.sign(a) / len(x))
 print("wheel smoke check: l1 matches numpy")
+
+# the console script without torch: `regrad check` of a built-in against its analytic gradient
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+script = os.path.join(os.path.dirname(sys.executable), "regrad")
+done = subprocess.run([script, "check", "l2", "--top-k", "3", "--json"], capture_output=True, text=True, timeout=300)
+assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+report = json.loads(done.stdout)
+assert report["passed"] and report["against"] == "the analytic gradient of l2" and max(report["max_rel_error"]) < 1e-6
+print("wheel smoke check: regrad check l2 passes without torch")

@@ -18,10 +18,11 @@ except ImportError:
     _cuda = None
 
 from . import kernels, losses, telemetry
+from ._check import check
 from .compose import ComposedLoss, compose
 from .data import Datum, ModelInput, data_from_texts, datum_from_text
 from .errors import InputError, NonFiniteError, NumericalError, RegularizerError
-from .numerical import NumericalGrad, check, numerical, numerical_grad
+from .numerical import NumericalGrad, numerical, numerical_grad
 from .specs import RegularizerSpec, entropy, l1, l2
 from .telemetry import CustomLossOutput, LossEvent, log_events
 

@@ -1,4 +1,4 @@
-"""The `regrad` console script: `regrad demo`, `regrad bench` (also `python -m regrad ...`)."""
+"""The `regrad` console script: `regrad demo`, `regrad check`, `regrad bench` (also `python -m regrad ...`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def _parser() -> argparse.ArgumentParser:
     from .demo import add_arguments
 
     add_arguments(sub.add_parser("demo", help="train the local byte-level model with regularizers (< 1 minute)"))
+    from ._check_cli import add_arguments as add_check_arguments
+
+    add_check_arguments(sub.add_parser(
+        "check", help="compare a regularizer's numerical gradient with autograd, its grad_fn or its analytic gradient",
+        description="Compares regrad's numerical gradient of TARGET with a reference on a generated batch. "
+                    "Exit status: 0 pass, 1 fail, 2 usage error."))
     sub.add_parser("bench", help="run the benchmarks (arguments go to regrad.bench)", add_help=False)
     return parser
 
@@ -41,6 +47,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .demo import run_from_args
 
         return run_from_args(args)
+    if args.command == "check":
+        from ._check_cli import run_from_args as run_check
+
+        return run_check(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     return 2
 

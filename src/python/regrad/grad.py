@@ -253,7 +253,7 @@ def autograd_grads(loss: Any, leaves: List[Any]) -> Optional[List[Any]]:
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
 
 
-def _requires_grad_error(err: BaseException) -> bool:
+def requires_grad_error(err: BaseException) -> bool:
     # torch's message when numpy()/__array__ meets a tensor that requires grad
     return isinstance(err, RuntimeError) and "requires grad" in str(err)
 
@@ -485,7 +485,7 @@ async def _probe_async(spec: Any, inputs: CallInputs) -> Union[TermResult, Known
 
 def _retry_detached(spec: Any, inputs: CallInputs, err: RuntimeError) -> bool:
     """A numpy-based fn rejected tensors that require grad: remember it and go numerical (auto only)."""
-    if spec.grad == "autograd" or not _requires_grad_error(err):
+    if spec.grad == "autograd" or not requires_grad_error(err):
         return False
     inputs.needs_detached[spec.name] = True
     return True

@@ -52,7 +52,7 @@ from ._progress import Progress
 from ._randomized import randomized_gradient
 from .errors import InputError, NonFiniteError, NumericalError
 
-__all__ = ["NumericalGrad", "NumericalResult", "CheckResult", "numerical_grad", "numerical", "check"]
+__all__ = ["NumericalGrad", "NumericalResult", "numerical_grad", "numerical"]
 
 METHODS = ("central", "forward", "richardson", "spsa", "gaussian")
 RANDOMIZED = ("spsa", "gaussian")
@@ -730,91 +730,3 @@ def _numerical_function() -> Any:
 
 
 _NumericalFunction = LazyFunction(_numerical_function)
-
-
-# ---- comparison with autograd -------------------------------------------------------------------
-
-
-@dataclass
-class CheckResult:
-    """Numerical vs autograd gradients, like torch.autograd.gradcheck.
-
-    passed: every element satisfies |numerical - autograd| <= atol + rtol * |autograd|, with both finite.
-    max_abs_error / max_rel_error: one float per datum (relative error divides by max(|autograd|, atol)).
-    worst: (datum, flat index) of the largest absolute error, or None for an empty batch.
-    """
-
-    passed: bool
-    max_abs_error: List[float]
-    max_rel_error: List[float]
-    atol: float
-    rtol: float
-    worst: Optional[Tuple[int, int]]
-    numerical: NumericalGrad
-    autograd: List[np.ndarray]
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-
-def check(
-    fn: Callable[..., Any],
-    data: Any,
-    logprobs_list: Sequence[Any],
-    *,
-    atol: Optional[float] = None,
-    rtol: Optional[float] = None,
-    **options: Any,
-) -> CheckResult:
-    """Compares numerical_grad(fn, ...) with torch autograd of the same fn (which must be written in
-    differentiable torch; both routes give it torch tensors). Defaults: atol=1e-5, rtol=1e-3 in float64 (gradcheck's), 1e-3 and 1e-2
-    in float32. `options` go to numerical_grad (structure applies to both routes)."""
-    import torch
-
-    data = reusable(data)
-    inputs = _prepare_inputs(logprobs_list)
-    batch = inputs.batch
-    f64 = batch.dtype == np.float64
-    atol = (1e-5 if f64 else 1e-3) if atol is None else float(atol)
-    rtol = (1e-3 if f64 else 1e-2) if rtol is None else float(rtol)
-    structure = STRUCTURES.get(options.get("structure", "batch"))
-    if structure is None:
-        raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {options.get('structure')!r}")
-    leaves = [torch.tensor(a).requires_grad_(True) for a in batch.arrays]
-    with torch.enable_grad():
-        total = _autograd_total(fn, data, leaves, structure)
-        if not isinstance(total, torch.Tensor) or not total.requires_grad:
-            raise InputError(f"{fn_name(fn)} does not return a torch loss with a graph; check() needs autograd")
-        auto = torch.autograd.grad(total, leaves, allow_unused=True)
-    auto_np = [np.zeros(a.shape) if g is None else g.detach().double().numpy() for g, a in zip(auto, batch.arrays)]
-    result = numerical_grad(fn, data, [torch.from_numpy(a) for a in batch.arrays], **options)
-    abs_err, rel_err, ok, worst, worst_val = [], [], True, None, -1.0
-    for j, (g, a) in enumerate(zip(result.grads, auto_np)):
-        with np.errstate(invalid="ignore"):  # inf - inf: a nan error, which fails below
-            diff = np.abs(_numpy(g).astype(np.float64) - a)
-        if diff.size == 0:
-            abs_err.append(0.0)
-            rel_err.append(0.0)
-            continue
-        with np.errstate(invalid="ignore"):
-            abs_err.append(float(diff.max()))
-            rel_err.append(float((diff / np.maximum(np.abs(a), atol)).max()))
-        # a non-finite autograd gradient fails (inf <= atol + rtol * inf would pass it), as in gradcheck
-        ok = ok and bool(np.all(np.isfinite(a))) and bool(np.all(diff <= atol + rtol * np.abs(a)))
-        i = int(np.argmax(diff))
-        if diff.reshape(-1)[i] > worst_val:
-            worst, worst_val = (j, i), float(diff.reshape(-1)[i])
-    return CheckResult(ok, abs_err, rel_err, atol, rtol, worst, result, auto_np)
-
-
-def _autograd_total(fn: Callable[..., Any], data: Any, tensors: List[Any], structure: str) -> Any:
-    """The total loss as a torch scalar with a graph, for each structure's fn signature."""
-    import torch
-
-    if structure == "datum":
-        terms = [split_loss(fn(d, t)) for d, t in zip(data, tensors)]
-        return torch.stack([torch.as_tensor(v) for v in terms]).sum()
-    out = split_loss(fn(data, tensors))
-    if structure == "token":
-        return torch.stack([torch.as_tensor(p).sum() for p in out]).sum()
-    return out

@@ -1,0 +1,182 @@
+"""`regrad.check`: a numerical gradient compared with a reference, like torch.autograd.gradcheck.
+
+The reference is torch autograd of the same fn, or a user's gradient function (`grad_fn=`, the
+`RegularizerSpec.with_grad` route), so a hand-written gradient can be checked too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._arrays import ArrayBatch, reusable
+from ._evaluate import fn_name, split_loss
+from .errors import InputError
+from .grad import requires_grad_error
+from .numerical import STRUCTURES, NumericalGrad, _numpy, _prepare_inputs, numerical_grad
+
+__all__ = ["CheckResult", "check"]
+
+
+@dataclass
+class CheckResult:
+    """Numerical vs reference gradients (autograd, or the grad_fn given to `check`).
+
+    passed: every element satisfies |numerical - reference| <= atol + rtol * |reference|, with the
+    reference finite. max_abs_error / max_rel_error: one float per datum (relative error divides
+    by max(|reference|, atol)). worst: (datum, flat index) of the largest absolute error, or None
+    for an empty batch. against: "autograd" or the grad_fn's name.
+    """
+
+    passed: bool
+    max_abs_error: List[float]
+    max_rel_error: List[float]
+    atol: float
+    rtol: float
+    worst: Optional[Tuple[int, int]]
+    numerical: NumericalGrad
+    reference: List[np.ndarray]
+    against: str = "autograd"
+
+    @property
+    def autograd(self) -> List[np.ndarray]:
+        """The reference gradients (the attribute's name from before `grad_fn=` existed)."""
+        return self.reference
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+def check(
+    fn: Callable[..., Any],
+    data: Any,
+    logprobs_list: Sequence[Any],
+    *,
+    grad_fn: Optional[Callable[..., Any]] = None,
+    atol: Optional[float] = None,
+    rtol: Optional[float] = None,
+    **options: Any,
+) -> CheckResult:
+    """Compares numerical_grad(fn, ...) with torch autograd of the same fn, or with `grad_fn(data,
+    logprobs_list) -> one gradient per datum` when given. Defaults: atol=1e-5, rtol=1e-3 in float64
+    (gradcheck's), 1e-3 and 1e-2 in float32. `options` go to numerical_grad (structure applies to
+    the autograd route too; grad_fn always gives the gradient of the total)."""
+    data = reusable(data)
+    batch = _prepare_inputs(logprobs_list).batch
+    f64 = batch.dtype == np.float64
+    atol = (1e-5 if f64 else 1e-3) if atol is None else float(atol)
+    rtol = (1e-3 if f64 else 1e-2) if rtol is None else float(rtol)
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):
+        raise InputError(f"atol and rtol must be finite and >= 0, got atol={atol}, rtol={rtol}")
+    structure = STRUCTURES.get(options.get("structure", "batch"))
+    if structure is None:
+        raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {options.get('structure')!r}")
+    inputs = _inputs(batch, need_torch=grad_fn is None)
+    if grad_fn is None:
+        reference, against = _autograd_reference(fn, data, batch, structure), "autograd"
+    else:
+        reference, against = _user_reference(grad_fn, data, inputs, batch), _name(grad_fn)
+    result = numerical_grad(fn, data, inputs, **options)
+    abs_err, rel_err, ok, worst, worst_val = [], [], True, None, -1.0
+    for j, (g, a) in enumerate(zip(result.grads, reference)):
+        with np.errstate(invalid="ignore"):  # inf - inf: a nan error, which fails below
+            diff = np.abs(_numpy(g).astype(np.float64) - a)
+        if diff.size == 0:
+            abs_err.append(0.0)
+            rel_err.append(0.0)
+            continue
+        with np.errstate(invalid="ignore"):
+            abs_err.append(float(diff.max()))
+            rel_err.append(float((diff / np.maximum(np.abs(a), atol)).max()))
+        # a non-finite reference fails (inf <= atol + rtol * inf would pass it), as in gradcheck
+        ok = ok and bool(np.all(np.isfinite(a))) and bool(np.all(diff <= atol + rtol * np.abs(a)))
+        i = int(np.argmax(diff))
+        if diff.reshape(-1)[i] > worst_val:
+            worst, worst_val = (j, i), float(diff.reshape(-1)[i])
+    return CheckResult(ok, abs_err, rel_err, atol, rtol, worst, result, reference, against)
+
+
+def _name(grad_fn: Any) -> str:
+    return "grad_fn" + fn_name(grad_fn)[2:]
+
+
+def _inputs(batch: ArrayBatch, need_torch: bool) -> List[Any]:
+    """What fn (and grad_fn) receive: torch tensors, or numpy arrays when torch is missing and not needed."""
+    try:
+        import torch
+    except ImportError:
+        if need_torch:
+            raise InputError("check() compares with torch autograd, and torch is not installed (pip install 'regrad[torch]'); "
+                             "or give grad_fn= (`regrad check --grad-fn`) to compare with your own gradient") from None
+        return list(batch.arrays)
+    return [torch.from_numpy(a) for a in batch.arrays]
+
+
+def _autograd_reference(fn: Callable[..., Any], data: Any, batch: ArrayBatch, structure: str) -> List[np.ndarray]:
+    """torch.autograd.grad of fn's total with respect to fresh leaves holding the log-probs."""
+    import torch
+
+    leaves = [torch.tensor(a).requires_grad_(True) for a in batch.arrays]
+    with torch.enable_grad():
+        try:
+            total = _autograd_total(fn, data, leaves, structure)
+        except RuntimeError as err:
+            if not requires_grad_error(err):
+                raise
+            raise InputError(f"{fn_name(fn)} cannot take tensors that require grad ({err}); check() needs a torch fn "
+                             "for autograd (or pass grad_fn= to compare with your own gradient)") from err
+        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+            raise InputError(f"{fn_name(fn)} does not return a torch loss with a graph; check() needs autograd "
+                             "(or give grad_fn=, `regrad check --grad-fn`, to compare with your own gradient)")
+        auto = torch.autograd.grad(total, leaves, allow_unused=True)
+    return [np.zeros(a.shape) if g is None else g.detach().double().numpy() for g, a in zip(auto, batch.arrays)]
+
+
+def _autograd_total(fn: Callable[..., Any], data: Any, tensors: List[Any], structure: str) -> Any:
+    """The total loss as a torch scalar with a graph, for each structure's fn signature."""
+    import torch
+
+    if structure == "datum":
+        terms = [split_loss(fn(d, t)) for d, t in zip(data, tensors)]
+        return torch.stack([torch.as_tensor(v) for v in terms]).sum()
+    out = split_loss(fn(data, tensors))
+    if structure == "token":
+        if isinstance(out, torch.Tensor) or not isinstance(out, (list, tuple)) or len(out) != len(tensors):
+            raise InputError(f"structure='token': {fn_name(fn)} must return per-token losses, one per datum "
+                             f"({len(tensors)}); it returned {type(out).__name__}")
+        return torch.stack([torch.as_tensor(p).sum() for p in out]).sum()
+    return out
+
+
+def _user_reference(grad_fn: Callable[..., Any], data: Any, inputs: List[Any], batch: ArrayBatch) -> List[np.ndarray]:
+    """grad_fn's gradients as float64 arrays shaped like the log-probs; names grad_fn and the datum on a mismatch."""
+    name = _name(grad_fn)
+    out = grad_fn(data, inputs)
+    if inspect.isawaitable(out):
+        getattr(out, "close", lambda: None)()  # no "never awaited" warning
+        raise InputError(f"{name} returned an awaitable; check() calls grad_fn synchronously")
+    if isinstance(out, np.ndarray) and out.ndim == 1 and out.dtype != object:  # packed, as compose accepts
+        if out.size != sum(batch.sizes):
+            raise InputError(f"{name} returned a packed gradient of {out.size} values; the batch has {sum(batch.sizes)} log-probs")
+        bounds = np.cumsum(batch.sizes)[:-1]
+        out = [p.reshape(s) for p, s in zip(np.split(out, bounds), batch.shapes)]
+    try:
+        parts = list(out)
+    except TypeError:
+        raise InputError(f"{name} returned {type(out).__name__}; expected a list with one gradient per datum") from None
+    if len(parts) != len(batch.shapes):
+        raise InputError(f"{name} returned {len(parts)} gradients; expected one per datum ({len(batch.shapes)})")
+    grads = []
+    for j, (g, shape) in enumerate(zip(parts, batch.shapes)):
+        try:
+            a = np.asarray(_numpy(g), dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{name}: the gradient of datum {j} is not numeric ({err})") from None
+        if a.shape != tuple(shape):
+            raise InputError(f"{name}: the gradient of datum {j} has shape {a.shape}; its log-probs have {tuple(shape)}")
+        grads.append(a)
+    return grads
