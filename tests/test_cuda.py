@@ -218,6 +218,23 @@ def test_gpu_non_finite_input_names_datum_and_position(rng):
 
 @pytest.mark.gpu
 @gpu_only
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_entropy_takes_minus_inf_as_on_cpu(rng, dtype):
+    arrays = [-np.abs(a) for a in ragged(rng, [10, 70000, 5], dtype=dtype)]
+    arrays[1][::5] = -np.inf  # probability 0: adds 0, gradient 0
+    cpu = kernels.entropy(arrays)
+    gpu = kernels.entropy(_cuda_list(arrays))
+    np.testing.assert_allclose(gpu.value.item(), cpu.value, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    for g, c in zip(gpu.grads, cpu.grads):
+        np.testing.assert_allclose(g.cpu().numpy(), c, rtol=1e-5, atol=1e-7)
+    arrays[1][40001] = np.nan
+    with pytest.raises(NonFiniteError) as gpu_err:
+        kernels.entropy(_cuda_list(arrays))
+    assert (gpu_err.value.datum, gpu_err.value.position) == (1, 40001)
+
+
+@pytest.mark.gpu
+@gpu_only
 def test_gpu_value_backward_and_side_stream(rng):
     arrays = ragged(rng, [100, 300], dtype=np.float64)
     tensors = _cuda_list(arrays, requires_grad=True)

@@ -178,14 +178,41 @@ def test_contiguous_inputs_not_copied_and_strided_inputs_copied(rng):
     assert np.shares_memory(as_array_batch([t]).arrays[0], t.numpy())
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("kind", KINDS)
+# entropy takes -inf (probability 0): test_entropy_takes_minus_inf_as_probability_zero
+@pytest.mark.parametrize("kind, bad", [(k, b) for k in KINDS for b in (np.nan, np.inf, -np.inf)
+                                       if not (k == "entropy" and b == -np.inf)])
 def test_non_finite_input_names_datum_and_position(kind, bad):
     x = [np.zeros(3), np.zeros((40000,))]
     x[1][31234] = bad
     with pytest.raises(regrad.NonFiniteError, match="datum 1, token 31234") as info:
         kernels.regularizer(kind, x)
     assert info.value.datum == 1 and info.value.position == 31234
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_entropy_takes_minus_inf_as_probability_zero(rng, dtype):
+    """0 log 0 = 0 (scipy.special.entr, torch Categorical.entropy): -inf adds 0 and gets gradient 0."""
+    from scipy.special import entr
+
+    rows = rng.normal(size=(30000, 5))  # [T, K] distributions with masked-out vocabulary entries
+    rows[:, 1:][rng.random((30000, 4)) < 0.3] = -np.inf  # column 0 stays finite: every row is a distribution
+    logp = (rows - np.logaddexp.reduce(rows, axis=1, keepdims=True)).astype(dtype)
+    tokens = np.log(rng.random(70001)).astype(dtype)  # [T] over 64k elements: the parallel chunked pass
+    tokens[::7] = -np.inf
+    for x in ([logp], [tokens]):
+        res = kernels.entropy(x, reduction="sum")
+        p = np.exp(x[0].astype(np.float64))
+        assert res.value == pytest.approx(entr(p).sum(), rel=TOL[dtype]["rtol"])
+        expected = np.where(p > 0, -p * (1 + np.log(np.where(p > 0, p, 1.0))), 0.0)
+        np.testing.assert_allclose(res.grads[0], expected, **TOL[dtype])
+        assert np.all(res.grads[0][np.isneginf(x[0])] == 0)
+    bad = tokens.copy()
+    bad[40000] = np.nan  # after many -inf in its chunk: the NaN is the one named
+    with pytest.raises(regrad.NonFiniteError, match="datum 0, token 40000"):
+        kernels.entropy([bad])
+    bad[40000] = np.inf
+    with pytest.raises(regrad.NonFiniteError, match="datum 0, token 40000"):
+        kernels.entropy([bad])
 
 
 def test_non_finite_in_2d_names_token_and_column():
@@ -331,6 +358,10 @@ for dt in (np.float32, np.float64):
         r = regrad.kernels.regularizer(k, x, mask=[np.ones(1), np.arange(13) % 2, np.ones(5000)])
         out[f"{k}_{dt.__name__}_value"] = np.array(r.value)
         out[f"{k}_{dt.__name__}_grad"] = np.concatenate(r.grads)
+    x[2][::3] = -np.inf  # entropy: probability 0
+    r = regrad.kernels.entropy(x)
+    out[f"inf_{dt.__name__}_value"] = np.array(r.value)
+    out[f"inf_{dt.__name__}_grad"] = np.concatenate(r.grads)
 np.savez(sys.argv[1], **out)
 """
 
@@ -351,6 +382,12 @@ def test_baseline_loops_match_numpy(tmp_path):
             tol = TOL[dt]
             np.testing.assert_allclose(got[f"{k}_{dt.__name__}_value"], v, rtol=tol["rtol"] * 10)
             np.testing.assert_allclose(got[f"{k}_{dt.__name__}_grad"], np.concatenate(grads), **tol)
+        x[2][::3] = -60.0  # exp underflows far below float32 resolution: the -inf entries' value and gradient, ~0
+        v, _, grads = reference("entropy", x)
+        g = np.concatenate(grads)
+        g[1 + 13 :][::3] = 0.0
+        np.testing.assert_allclose(got[f"inf_{dt.__name__}_value"], v, rtol=TOL[dt]["rtol"] * 10)
+        np.testing.assert_allclose(got[f"inf_{dt.__name__}_grad"], g, **TOL[dt])
 
 
 def test_build_info():

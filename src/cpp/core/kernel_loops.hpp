@@ -119,6 +119,7 @@ double loop_chunk(const T* x, T* g, const uint8_t* mask, int64_t width, int64_t 
             }
             xv = keep != 0 ? xv : V{};  // masked tokens are ignored entirely
         }
+        xv = Op::prepare(xv);
         V v, d;
         Op::template eval<VecMath>(xv, v, d);
         acc += v;
@@ -135,7 +136,7 @@ double loop_chunk(const T* x, T* g, const uint8_t* mask, int64_t width, int64_t 
     T tail_chk = 0;
     for (; e < end; ++e) {  // the tail, one lane at a time
         const bool on = mask == nullptr || mask[e / width] != 0;
-        V xv = splat<V>(on ? x[e] : T(0));
+        V xv = Op::prepare(splat<V>(on ? x[e] : T(0)));
         V v, d;
         Op::template eval<VecMath>(xv, v, d);
         total += static_cast<double>(v[0]);

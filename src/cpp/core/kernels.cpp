@@ -53,11 +53,13 @@ double run_chunk(ChunkOp op, bool with_grad, const T* x, T* g, const uint8_t* ma
 }
 
 template <class T>
-[[noreturn]] void throw_non_finite(const RaggedBatch<T>& batch, const uint8_t* mask, const Chunk& c) {
+[[noreturn]] void throw_non_finite(ChunkOp op, const RaggedBatch<T>& batch, const uint8_t* mask, const Chunk& c) {
     const T* x = batch.data[c.datum];
     const int64_t token0 = batch.offsets[c.datum] / batch.width;
+    const bool takes_minus_inf = op == ChunkOp::Entropy;  // p = 0 (formulas::Entropy::prepare)
     for (int64_t e = c.begin; e < c.end; ++e) {
         if (mask != nullptr && mask[token0 + e / batch.width] == 0) continue;
+        if (takes_minus_inf && x[e] == -std::numeric_limits<T>::infinity()) continue;
         if (!std::isfinite(x[e])) {
             throw NonFiniteError("non-finite input " + std::to_string(x[e]) + " at " +
                                      describe_position(c.datum, e, batch.width),
@@ -89,7 +91,7 @@ void reduce_pass(ChunkOp op, bool with_grad, const RaggedBatch<T>& batch, const 
     }
     for (int64_t i = 0; i < batch.batch; ++i) per_datum[i] = 0.0;
     for (int64_t c = 0; c < nchunks; ++c) {
-        if (check[c] != T(0) || std::isnan(check[c])) throw_non_finite(batch, mask, chunks[c]);
+        if (check[c] != T(0) || std::isnan(check[c])) throw_non_finite(op, batch, mask, chunks[c]);
         per_datum[chunks[c].datum] += partial[c];
     }
 }

@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(kThreads)
             keep = m[width == 1 ? e : e / width] ? T(1) : T(0);  // skip the 64-bit division for [T] data
             xv = keep != T(0) ? xv : T(0);  // masked tokens are ignored entirely
         }
+        xv = Op::prepare(xv);  // entropy: -inf (p = 0) contributes 0, as on the CPU
         if (!isfinite(xv) && bad == kNone) bad = base + e;  // elements rise, so the first is the least
         T v, d;
         Op::template eval<DeviceMath>(xv, v, d);

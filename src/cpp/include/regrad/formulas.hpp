@@ -16,8 +16,15 @@ namespace regrad {
 namespace formulas {
 
 // Each op gives the per-element value v and the unscaled gradient g = dv/dx of x. Math supplies
-// exp for V (the CPU passes its vector exp, the GPU the CUDA math library's).
-struct L1 {  ///< v = |x|, g = sign(x) with sign(0) = 0
+// exp for V (the CPU passes its vector exp, the GPU the CUDA math library's). `prepare` maps the
+// input before eval and before the non-finite check: what remains non-finite is an input error.
+struct AsGiven {  ///< prepare of the ops for which every non-finite input is an error
+    template <class V>
+    REGRAD_HD static V prepare(V x) {
+        return x;
+    }
+};
+struct L1 : AsGiven {  ///< v = |x|, g = sign(x) with sign(0) = 0
     template <class Math, class V>
     REGRAD_HD static void eval(V x, V& v, V& g) {
         const V one = V{} + 1;  // broadcast to every lane of a vector
@@ -25,14 +32,14 @@ struct L1 {  ///< v = |x|, g = sign(x) with sign(0) = 0
         g = (x > 0 ? one : V{}) - (x < 0 ? one : V{});
     }
 };
-struct L2Squared {  ///< v = x^2, g = 2x
+struct L2Squared : AsGiven {  ///< v = x^2, g = 2x
     template <class Math, class V>
     REGRAD_HD static void eval(V x, V& v, V& g) {
         v = x * x;
         g = x + x;
     }
 };
-struct Identity {  ///< gradient pass of the L2 norm (g = x, later scaled by 1/||x||); no value
+struct Identity : AsGiven {  ///< gradient pass of the L2 norm (g = x, later scaled by 1/||x||); no value
     template <class Math, class V>
     REGRAD_HD static void eval(V x, V& v, V& g) {
         v = V{};
@@ -40,6 +47,13 @@ struct Identity {  ///< gradient pass of the L2 norm (g = x, later scaled by 1/|
     }
 };
 struct Entropy {  ///< v = -exp(x) x, g = -exp(x) (1 + x)
+    /// x = -inf is a token of probability 0: 0 log 0 = 0 and its gradient is 0, as at any x where exp
+    /// underflows to 0 (float32 and float64 alike below -1000), so -inf is moved there. NaN stays NaN.
+    template <class V>
+    REGRAD_HD static V prepare(V x) {
+        const V floor = V{} - 1000;
+        return x < floor ? floor : x;
+    }
     template <class Math, class V>
     REGRAD_HD static void eval(V x, V& v, V& g) {
         const V e = Math::exp(x);
