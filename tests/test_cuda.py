@@ -50,6 +50,19 @@ def test_cpu_inputs_stay_on_the_cpu_path(rng):
     assert res.grads[0].device.type == "cpu"
 
 
+def test_status_words_read_as_the_cpu_errors():
+    """The GPU kernels' status words (read on any device) raise what the CPU core raises."""
+    _gpu._raise_status(torch.tensor([0, -1, -1]), "l1")
+    for words, message, where in (([1, 2, 7], "non-finite input at datum 2, element 7", (2, 7)),
+                                  ([2, 3, -1], "the regularizer value of datum 3 is not finite", (3, -1)),
+                                  ([2, -1, -1], "the regularizer value of the batch .* is not finite", (-1, -1))):
+        with pytest.raises(NonFiniteError, match=message) as info:
+            _gpu._raise_status(torch.tensor(words), "regularizer 'l1'")
+        assert (info.value.datum, info.value.position) == where
+    with pytest.raises(ValueError, match="step overflow at datum 0, element 4"):
+        _gpu._raise_status(torch.tensor([5, 0, 4]), "difference points")
+
+
 def _host_compiler():
     return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
@@ -231,6 +244,19 @@ def test_gpu_entropy_takes_minus_inf_as_on_cpu(rng, dtype):
     with pytest.raises(NonFiniteError) as gpu_err:
         kernels.entropy(_cuda_list(arrays))
     assert (gpu_err.value.datum, gpu_err.value.position) == (1, 40001)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_float32_value_beyond_flt_max_is_named_as_on_cpu():
+    for kind, x in (("l1", np.full(2, -3e38, np.float32)), ("l2", np.full(8, -1e19, np.float32))):
+        with pytest.raises(NonFiniteError, match="datum 0 is not finite") as info:
+            kernels.regularizer(kind, _cuda_list([x]))
+        assert info.value.datum == 0
+    with pytest.raises(NonFiniteError, match="value of the batch") as info:  # each datum fits, the sum does not
+        kernels.l1(_cuda_list([np.full(1, -3e38, np.float32)] * 2), reduction="sum")
+    assert info.value.datum == -1
+    assert kernels.l1(_cuda_list([np.full(1, -3e38, np.float64)] * 2), reduction="sum").value.item() == 6e38
 
 
 @pytest.mark.gpu

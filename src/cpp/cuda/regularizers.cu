@@ -1,6 +1,7 @@
 // Fused regularizer kernels on the GPU: the CPU's chunking (kReductionChunk elements of whole rows
 // per chunk), one thread block per chunk, per-thread double sums combined by a fixed-order tree,
 // then per-datum sums in chunk order. No floating-point atomics: the same bits on every run.
+#include <cfloat>
 #include <climits>
 #include <cmath>
 
@@ -96,6 +97,8 @@ __global__ void __launch_bounds__(kThreads)
     __shared__ long long bad_sh[kThreads];
     __shared__ long long bad_value_sh[kThreads];
     const int64_t* chunk_first = meta.chunk_first();
+    // Values are summed in float64 but returned in T: as on the CPU, one beyond T's range is an error.
+    const double largest = sizeof(T) == sizeof(float) ? static_cast<double>(FLT_MAX) : DBL_MAX;
     double total = 0.0;
     long long bad_value = kNone;
     for (int64_t i = threadIdx.x; i < meta.batch; i += kThreads) {
@@ -107,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         per_datum[i] = v;
         total += v;
-        if (!isfinite(v) && bad_value == kNone) bad_value = i;
+        if (!(fabs(v) <= largest) && bad_value == kNone) bad_value = i;  // also NaN and inf
     }
     long long bad = kNone;
     for (int64_t c = threadIdx.x; c < nchunks; c += kThreads) bad = first_bad[c] < bad ? first_bad[c] : bad;
@@ -118,7 +121,8 @@ __global__ void __launch_bounds__(kThreads)
     tree_min(bad_sh);
     tree_min(bad_value_sh);
     if (threadIdx.x == 0) {
-        *value = mean ? sum_sh[0] / static_cast<double>(meta.batch) : sum_sh[0];
+        const double batch_value = mean ? sum_sh[0] / static_cast<double>(meta.batch) : sum_sh[0];
+        *value = batch_value;
         status[0] = kStatusOk;
         status[1] = -1;
         status[2] = -1;
@@ -130,6 +134,9 @@ __global__ void __launch_bounds__(kThreads)
         } else if (bad_value_sh[0] != kNone) {
             status[0] = kStatusNonFiniteValue;
             status[1] = bad_value_sh[0];
+        } else if (!(fabs(batch_value) <= largest)) {  // finite data whose sum overflows: datum -1, the batch
+            status[0] = kStatusNonFiniteValue;
+            status[1] = -1;
         }
     }
 }

@@ -150,9 +150,8 @@ def _raise_status(status: Any, what: str) -> None:
     if code == _NON_FINITE_INPUT:
         err = NonFiniteError(f"non-finite input at datum {datum}, element {position} ({what})")
     elif code == _NON_FINITE_VALUE:
-        err = NonFiniteError(
-            f"the regularizer value of datum {datum} is not finite (overflow of the input's dtype)"
-        )
+        of = f"datum {datum}" if datum >= 0 else "the batch (the sum over data)"  # as the CPU core names them
+        err = NonFiniteError(f"the regularizer value of {of} is not finite (overflow of the input's dtype)")
         position = -1
     elif code == _BAD_STEP:
         raise ValueError(f"step at datum {datum}, element {position} is not positive and finite")
