@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import threading
 import time
@@ -439,6 +440,11 @@ def test_cross_entropy_masks_weight_zero_tokens_and_reads_generators():
     assert gen_loss.item() == 1.5 and gen_loss.requires_grad
     with pytest.raises(regrad.InputError, match="data has 1 entries but logprobs_list has 2"):
         regrad.losses.cross_entropy(data, leaves(lps) * 2)
+    # every token masked: 0 and a zero gradient, +0.0 (no negative zeros in telemetry or grads)
+    masked = [regrad.Datum([0, 1, 2], {"target_tokens": np.array([0, 1, 2]), "weights": np.zeros(3)})]
+    value, grad, metrics = regrad.losses.cross_entropy.value_and_grad(masked, [lps[0].numpy()])
+    assert value == 0.0 and math.copysign(1.0, value) == 1.0 and metrics["perplexity"] == 1.0
+    assert grad.shape == (3,) and not np.signbit(grad).any() and not grad.any()
 
 
 def test_second_derivative_of_a_composed_loss_raises():

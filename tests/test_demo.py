@@ -31,6 +31,8 @@ def test_demo_runs_end_to_end_and_writes_its_files(tmp_path: Path, capsys: Any) 
     assert len(lines) == 4
     row = json.loads(lines[-1])
     assert row["step"] == 3
+    for r in map(json.loads, lines):  # the step includes the loss call, whose telemetry duration_ms is kept
+        assert r["step_ms"] >= r["duration_ms"] > 0
     assert set(row["regularizers"]) == {"l1", "entropy", "repeats", "remote_check"}
     reg = row["regularizers"]
     assert row["loss_total"] == pytest.approx(row["base_loss"]["value"] + sum(r["contribution"] for r in reg.values()))

@@ -22,7 +22,7 @@ from ._check import check
 from .compose import ComposedLoss, compose
 from .data import Datum, ModelInput, data_from_texts, datum_from_text
 from .errors import InputError, NonFiniteError, NumericalError, RegularizerError
-from .numerical import NumericalGrad, numerical, numerical_grad
+from .numerical import NumericalGrad, NumericalResult, numerical, numerical_grad
 from .specs import RegularizerSpec, entropy, l1, l2
 from .telemetry import CustomLossOutput, LossEvent, log_events
 
@@ -43,7 +43,7 @@ __all__ = [
     "Datum", "ModelInput", "datum_from_text", "data_from_texts",
     "RegularizerSpec", "compose", "ComposedLoss", "l1", "l2", "entropy",
     "CustomLossOutput", "LossEvent", "log_events",
-    "numerical_grad", "numerical", "check", "NumericalGrad",
+    "numerical_grad", "numerical", "check", "NumericalGrad", "NumericalResult",
     *(_NEEDS_TORCH if _HAS_TORCH else ()),
 ]
 

@@ -127,7 +127,7 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
             if a.dtype.kind == "f" and not a.dtype.isnative:  # big-endian float32 / float64: one native copy
                 a = a.astype(a.dtype.newbyteorder("="))
             if a.dtype not in _FLOAT_DTYPES:
-                raise InputError(f"{what}[{i}] has dtype {a.dtype}; expected float32 or float64")
+                raise InputError(f"{what}[{i}] has dtype {a.dtype}; expected float32 or float64 (cast it first)")
             if not a.flags.c_contiguous:
                 a = np.ascontiguousarray(a)
         elif is_torch_tensor(x) or isinstance(x, np.ndarray):

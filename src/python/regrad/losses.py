@@ -57,7 +57,9 @@ def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[floa
     packed_weights = np.concatenate(weights).astype(arrays[0].dtype, copy=False)  # dot in the batch dtype
     _check_weights(packed_weights, weights)
     total_weight = float(packed_weights.sum(dtype=np.float64))
-    scale = 1.0 / total_weight if total_weight != 0 else 0.0
+    if total_weight == 0:  # every token masked: 0 and 0 (+0.0, not the -0.0 that scaling by 0 gives)
+        return 0.0, np.zeros(packed_weights.size, packed_weights.dtype), {"perplexity": 1.0}
+    scale = 1.0 / total_weight
     logprobs = np.concatenate(arrays)
     with np.errstate(invalid="ignore"):
         nll = -float(np.dot(packed_weights, logprobs)) * scale
