@@ -77,6 +77,31 @@ def test_check_names_a_bad_grad_fn_and_the_datum(grad_fn: Any, message: str) -> 
         check(entropy_like, None, batch(4, 6), grad_fn=grad_fn)
 
 
+def test_check_grad_fn_gets_copies_and_nan_differences_are_named() -> None:
+    lps = batch(4, 3)
+    before = [lp.clone() for lp in lps]
+
+    def scribbling_grad(data: Any, lps: List[Any]) -> List[Any]:
+        grads = entropy_like_grad(data, lps)
+        for lp in lps:
+            lp.mul_(0.5)  # in place, on what check() handed over
+        return grads
+
+    assert check(entropy_like, None, lps, grad_fn=scribbling_grad).passed  # fn was differenced at the given point
+    assert all(torch.equal(a, b) for a, b in zip(lps, before))
+
+    def nan_at_1_2(data: Any, lps: List[Any]) -> List[Any]:
+        grads = entropy_like_grad(data, lps)
+        grads[1][2] = np.nan
+        return grads
+
+    bad = check(entropy_like, None, lps, grad_fn=nan_at_1_2)
+    assert not bad.passed and bad.worst == (1, 2) and np.isnan(bad.max_abs_error[1])
+    # a datum fn ignores: both gradients are 0, so its relative error is 0 even with atol=0 (not 0/0)
+    ignored = check(lambda d, l: entropy_like(d, l[:1]), None, lps, atol=0.0)
+    assert ignored.passed and ignored.max_rel_error[1] == 0.0 and ignored.max_abs_error[1] == 0.0
+
+
 def test_check_rejects_async_grad_fn_bad_tolerances_and_scalar_token_losses() -> None:
     async def later(data: Any, lps: List[Any]) -> List[Any]:
         return entropy_like_grad(data, lps)
@@ -87,6 +112,29 @@ def test_check_rejects_async_grad_fn_bad_tolerances_and_scalar_token_losses() ->
         check(entropy_like, None, batch(3), atol=-1.0)
     with pytest.raises(InputError, match="structure='token'.*must return per-token losses"):
         check(entropy_like, None, batch(3, 2), structure="token")
+    with pytest.raises(InputError, match="atol and rtol must be numbers"):
+        check(entropy_like, None, batch(3), atol="abc")
+    with pytest.raises(InputError, match=r"returned a loss of shape \(3,\); structure='batch' needs a scalar"):
+        check(lambda d, l: l[0] ** 2, None, batch(3))
+    with pytest.raises(InputError, match="structure='datum' needs one datum per log-prob array: got None"):
+        check(lambda d, lp: lp.sum(), None, batch(3), structure="datum")
+
+    async def later_loss(data: Any, lps: List[Any]) -> Any:
+        return entropy_like(data, lps)
+
+    with pytest.raises(InputError, match="returned an awaitable .*calls fn synchronously"):
+        check(later_loss, None, batch(3))
+    with pytest.raises(InputError, match="the gradient of datum 1 is None"):
+        check(entropy_like, None, batch(3, 2), grad_fn=lambda d, l: [np.zeros(3), None])
+    with pytest.raises(InputError, match="returned dict; expected a list"):
+        check(entropy_like, None, batch(3), grad_fn=lambda d, l: {"g": l})
+
+    def inplace(data: Any, lps: List[Any]) -> Any:  # torch code with an in-place op on a leaf: its own error
+        lps[0].mul_(1.0)
+        return entropy_like(data, lps)
+
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad .* in-place"):
+        check(inplace, None, batch(3))
 
 
 # ---- the `regrad check` command -----------------------------------------------------------------
@@ -117,6 +165,21 @@ def numpy_only(data, lps):
 
 def raises(data, lps):
     raise ZeroDivisionError("my bug")
+
+def nan_grad(data, lps):
+    grads = entropy_like_grad(data, lps)
+    grads[0][1] = float("nan")
+    return grads
+
+class AsyncPenalty:
+    async def __call__(self, data, lps):
+        return float("nan")
+
+async_object = AsyncPenalty()
+spsa_spec = regrad.RegularizerSpec.sync("noisy", 0.1, entropy_like, grad="spsa", num_samples=4)
+per_token_spec = regrad.RegularizerSpec.sync("tok", 0.1, lambda d, lps: [lp.exp() * lp for lp in lps],
+                                             grad="numerical", structure="per_token")
+print("printed at import")
 
 spec = regrad.RegularizerSpec.with_grad("entropy_like", 0.1, entropy_like, entropy_like_grad)
 seed_dict = {"fn": entropy_like, "weight": 0.1, "name": "entropy_like"}
@@ -155,6 +218,32 @@ def test_check_command_finds_the_reference_and_reports_true_errors(user_module: 
     assert code == 0 and out["against"] == "grad_fn 'remote_grad'"
 
 
+def test_check_command_json_is_strict_and_alone_on_stdout(user_module: Path, capsys: Any) -> None:
+    code = cli.main(["check", "my_regs:entropy_like", "--grad-fn", "my_regs:nan_grad", "--json", "--lengths", "4,3"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # the module's print went to stderr; NaN is null, not a bare NaN token
+    assert "printed at import" in captured.err and "NaN" not in captured.out
+    assert code == 1 and out["max_abs_error"][0] is None and out["worst"]["datum"] == 0 and out["worst"]["token"] == 1
+    assert out["worst"]["reference"] is None
+
+
+def test_check_command_takes_specs_as_grad_fn_files_of_any_name_and_canonical_structures(
+        user_module: Path, capsys: Any) -> None:
+    code, out = run_json(capsys, "my_regs:entropy_like", "--grad-fn", "my_regs:spec")
+    assert code == 0 and out["against"] == "grad_fn 'entropy_like_grad'"
+    code, out = run_json(capsys, "my_regs:entropy_like", "--grad-fn", "l2")  # a built-in's analytic gradient: wrong here
+    assert code == 1 and out["against"] == "the analytic gradient of l2"
+    copy = user_module.with_name("regs_without_suffix")
+    copy.write_text(MODULE)
+    code, out = run_json(capsys, f"./{copy.name}:entropy_like")
+    assert code == 0 and out["target"] == f"./{copy.name}:entropy_like"
+    code, out = run_json(capsys, "my_regs:per_token_spec")  # the spec's alias "per_token", reported by its name
+    assert code == 0 and out["structure"] == "token"
+    code = cli.main(["check", "my_regs:spsa_spec"])  # randomized route: checked by central differences, said so
+    err = capsys.readouterr().err
+    assert code == 0 and "takes a randomized gradient (spsa)" in err
+
+
 def test_check_command_fails_a_wrong_gradient_and_names_the_element(user_module: Path, capsys: Any) -> None:
     code = cli.main(["check", "my_regs:entropy_like", "--grad-fn", "my_regs:half_grad", "--lengths", "5"])
     text = capsys.readouterr().out
@@ -186,6 +275,11 @@ def test_check_command_checks_the_builtins_against_their_analytic_gradient(name:
         (["l1", "--top-k", "-1"], "--top-k must be >= 0"),
         (["l1", "--atol", "-1"], "atol and rtol must be finite"),
         (["my_regs:raises"], "could not be checked: ZeroDivisionError: my bug"),
+        (["my_regs:async_object"], "fn 'AsyncPenalty' does not return a torch loss"),  # named by its class
+        (["l1", "--seed", "-1"], "--seed must be >= 0"),
+        (["l1", "--top-k", "100000", "--lengths", "2"], "would hold 200,000 log-probs"),
+        (["my_regs:entropy_like", "--grad-fn", "my_regs:np"], "--grad-fn my_regs:np is a module, not a gradient"),
+        (["my_regs:entropy_like", "--grad-fn", "my_regs:seed_dict"], "is a dict, not a gradient function"),
     ],
 )
 def test_check_command_bad_targets_and_options_exit_2_with_a_message(user_module: Path, capsys: Any, argv: List[str],

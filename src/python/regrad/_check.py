@@ -67,37 +67,61 @@ def check(
     the autograd route too; grad_fn always gives the gradient of the total)."""
     data = reusable(data)
     batch = _prepare_inputs(logprobs_list).batch
-    f64 = batch.dtype == np.float64
-    atol = (1e-5 if f64 else 1e-3) if atol is None else float(atol)
-    rtol = (1e-3 if f64 else 1e-2) if rtol is None else float(rtol)
-    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):
-        raise InputError(f"atol and rtol must be finite and >= 0, got atol={atol}, rtol={rtol}")
+    atol, rtol = _tolerances(atol, rtol, batch.dtype)
     structure = STRUCTURES.get(options.get("structure", "batch"))
     if structure is None:
         raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {options.get('structure')!r}")
+    if structure == "datum" and (data is None or len(data) != len(batch.shapes)):
+        got = "None" if data is None else f"{len(data)} data"
+        raise InputError(f"structure='datum' needs one datum per log-prob array: got {got} for {len(batch.shapes)} arrays")
     inputs = _inputs(batch, need_torch=grad_fn is None)
     if grad_fn is None:
         reference, against = _autograd_reference(fn, data, batch, structure), "autograd"
-    else:
-        reference, against = _user_reference(grad_fn, data, inputs, batch), _name(grad_fn)
+    else:  # grad_fn gets copies: an in-place change must not move the caller's point (or fn's)
+        copies = [x.clone() if hasattr(x, "clone") else x.copy() for x in inputs]
+        reference, against = _user_reference(grad_fn, data, copies, batch), _name(grad_fn)
     result = numerical_grad(fn, data, inputs, **options)
-    abs_err, rel_err, ok, worst, worst_val = [], [], True, None, -1.0
-    for j, (g, a) in enumerate(zip(result.grads, reference)):
-        with np.errstate(invalid="ignore"):  # inf - inf: a nan error, which fails below
-            diff = np.abs(_numpy(g).astype(np.float64) - a)
+    passed, abs_err, rel_err, worst = _compare(result.grads, reference, atol, rtol)
+    return CheckResult(passed, abs_err, rel_err, atol, rtol, worst, result, reference, against)
+
+
+def _tolerances(atol: Any, rtol: Any, dtype: np.dtype) -> Tuple[float, float]:
+    """The defaults for the dtype, or the given values checked: finite numbers >= 0."""
+    f64 = dtype == np.float64
+    try:
+        atol = (1e-5 if f64 else 1e-3) if atol is None else float(atol)
+        rtol = (1e-3 if f64 else 1e-2) if rtol is None else float(rtol)
+    except (TypeError, ValueError):
+        raise InputError(f"atol and rtol must be numbers, got atol={atol!r}, rtol={rtol!r}") from None
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):
+        raise InputError(f"atol and rtol must be finite and >= 0, got atol={atol}, rtol={rtol}")
+    return atol, rtol
+
+
+def _compare(grads: Sequence[Any], reference: List[np.ndarray], atol: float, rtol: float
+             ) -> Tuple[bool, List[float], List[float], Optional[Tuple[int, int]]]:
+    """passed, per-datum max abs / rel errors and the worst element; a NaN difference counts as the largest."""
+    abs_err: List[float] = []
+    rel_err: List[float] = []
+    passed, worst, worst_key = True, None, -1.0
+    for j, (g, a) in enumerate(zip(grads, reference)):
+        a = a.reshape(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):  # inf - inf and 0 / 0 are handled below
+            diff = np.abs(_numpy(g).astype(np.float64).reshape(-1) - a)
+            rel = np.where(diff == 0, 0.0, diff / np.maximum(np.abs(a), atol))
         if diff.size == 0:
             abs_err.append(0.0)
             rel_err.append(0.0)
             continue
-        with np.errstate(invalid="ignore"):
-            abs_err.append(float(diff.max()))
-            rel_err.append(float((diff / np.maximum(np.abs(a), atol)).max()))
-        # a non-finite reference fails (inf <= atol + rtol * inf would pass it), as in gradcheck
-        ok = ok and bool(np.all(np.isfinite(a))) and bool(np.all(diff <= atol + rtol * np.abs(a)))
-        i = int(np.argmax(diff))
-        if diff.reshape(-1)[i] > worst_val:
-            worst, worst_val = (j, i), float(diff.reshape(-1)[i])
-    return CheckResult(ok, abs_err, rel_err, atol, rtol, worst, result, reference, against)
+        abs_err.append(float(diff.max()))  # NaN when any difference is NaN
+        rel_err.append(float(rel.max()))
+        # a non-finite reference fails: inf <= atol + rtol * inf would pass it
+        passed = passed and bool(np.all(np.isfinite(a))) and bool(np.all(diff <= atol + rtol * np.abs(a)))
+        key = np.where(np.isnan(diff), np.inf, diff)
+        i = int(np.argmax(key))
+        if key[i] > worst_key:
+            worst, worst_key = (j, i), float(key[i])
+    return passed, abs_err, rel_err, worst
 
 
 def _name(grad_fn: Any) -> str:
@@ -121,18 +145,21 @@ def _autograd_reference(fn: Callable[..., Any], data: Any, batch: ArrayBatch, st
     import torch
 
     leaves = [torch.tensor(a).requires_grad_(True) for a in batch.arrays]
+    hint = "(or give grad_fn=, `regrad check --grad-fn`, to compare with your own gradient)"
     with torch.enable_grad():
         try:
             total = _autograd_total(fn, data, leaves, structure)
         except RuntimeError as err:
-            if not requires_grad_error(err):
+            if not (requires_grad_error(err) and "numpy" in str(err)):  # not the numpy-fn case: fn's own error
                 raise
             raise InputError(f"{fn_name(fn)} cannot take tensors that require grad ({err}); check() needs a torch fn "
-                             "for autograd (or pass grad_fn= to compare with your own gradient)") from err
+                             f"for autograd {hint}") from err
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
-            raise InputError(f"{fn_name(fn)} does not return a torch loss with a graph; check() needs autograd "
-                             "(or give grad_fn=, `regrad check --grad-fn`, to compare with your own gradient)")
-        auto = torch.autograd.grad(total, leaves, allow_unused=True)
+            raise InputError(f"{fn_name(fn)} does not return a torch loss with a graph; check() needs autograd {hint}")
+        if total.numel() != 1:
+            raise InputError(f"{fn_name(fn)} returned a loss of shape {tuple(total.shape)}; structure={structure!r} "
+                             "needs a scalar loss")
+        auto = torch.autograd.grad(total.reshape(()), leaves, allow_unused=True)
     return [np.zeros(a.shape) if g is None else g.detach().double().numpy() for g, a in zip(auto, batch.arrays)]
 
 
@@ -141,14 +168,24 @@ def _autograd_total(fn: Callable[..., Any], data: Any, tensors: List[Any], struc
     import torch
 
     if structure == "datum":
-        terms = [split_loss(fn(d, t)) for d, t in zip(data, tensors)]
-        return torch.stack([torch.as_tensor(v) for v in terms]).sum()
-    out = split_loss(fn(data, tensors))
+        terms = [split_loss(_call(fn, d, t)) for d, t in zip(data, tensors)]
+        return torch.stack([torch.as_tensor(v).reshape(()) for v in terms]).sum()
+    out = split_loss(_call(fn, data, tensors))
     if structure == "token":
         if isinstance(out, torch.Tensor) or not isinstance(out, (list, tuple)) or len(out) != len(tensors):
             raise InputError(f"structure='token': {fn_name(fn)} must return per-token losses, one per datum "
                              f"({len(tensors)}); it returned {type(out).__name__}")
         return torch.stack([torch.as_tensor(p).sum() for p in out]).sum()
+    return out
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), refusing an awaitable: check() calls fn synchronously (`regrad check` awaits async fns)."""
+    out = fn(*args)
+    if inspect.isawaitable(out):
+        getattr(out, "close", lambda: None)()  # no "never awaited" warning
+        raise InputError(f"{fn_name(fn)} returned an awaitable (an async fn); check() calls fn synchronously: "
+                         "wrap it, e.g. lambda d, l: asyncio.run(fn(d, l)), or use `regrad check`, which awaits it")
     return out
 
 
@@ -165,6 +202,8 @@ def _user_reference(grad_fn: Callable[..., Any], data: Any, inputs: List[Any], b
         bounds = np.cumsum(batch.sizes)[:-1]
         out = [p.reshape(s) for p, s in zip(np.split(out, bounds), batch.shapes)]
     try:
+        if out is None or isinstance(out, (dict, str, bytes)):
+            raise TypeError
         parts = list(out)
     except TypeError:
         raise InputError(f"{name} returned {type(out).__name__}; expected a list with one gradient per datum") from None
@@ -172,6 +211,8 @@ def _user_reference(grad_fn: Callable[..., Any], data: Any, inputs: List[Any], b
         raise InputError(f"{name} returned {len(parts)} gradients; expected one per datum ({len(batch.shapes)})")
     grads = []
     for j, (g, shape) in enumerate(zip(parts, batch.shapes)):
+        if g is None:
+            raise InputError(f"{name}: the gradient of datum {j} is None; give zeros for a datum the loss ignores")
         try:
             a = np.asarray(_numpy(g), dtype=np.float64)
         except (TypeError, ValueError) as err:

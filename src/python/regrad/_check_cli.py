@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
+import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import json
+import math
 import os
 import sys
 import traceback
@@ -24,10 +28,14 @@ import numpy as np
 from ._demo_corpus import TEXT
 from .data import Datum, datum_from_text
 from .errors import InputError, NonFiniteError, NumericalError
+from .numerical import STRUCTURES
 
 __all__ = ["add_arguments", "run_from_args", "load_target", "sample_batch"]
 
 BUILTINS = ("l1", "l2", "entropy", "cross_entropy")
+MAX_ELEMENTS = 100_000  # log-probs in the generated batch: central differences call fn twice per element
+RANDOMIZED = ("spsa", "gaussian")
+_RANDOMIZED_OPTIONS = ("method", "num_samples", "sigma", "antithetic", "seed")
 _STRUCTURES = ("batch", "datum", "token")
 _METHODS = ("central", "forward", "richardson")
 
@@ -54,22 +62,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Runs the check; prints a report (or JSON) and returns 0 pass, 1 fail, 2 usage error."""
+    # with --json, stdout carries the report alone: what the user's code prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        outcome = _run(args)
+    if isinstance(outcome, int):
+        return outcome
+    result, report = outcome
+    print(json.dumps(_json_safe(report), allow_nan=False) if args.json else _text(report))
+    return 0 if result.passed else 1
+
+
+def _run(args: argparse.Namespace) -> Any:
+    """(result, report), or the exit code of a usage error (its message printed)."""
     from ._check import check
 
     loop = asyncio.new_event_loop()  # for `async def` fns and grad_fns
     try:
-        lengths = _lengths(args.lengths)
-        if args.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+        lengths = _lengths(args.lengths, args.top_k)
+        if args.seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {args.seed}")
         fn, grad_fn, options = resolve(load_target(args.target), loop)
         against = f"the analytic gradient of {args.target}" if _is_analytic(grad_fn) else None
         if args.grad_fn is not None:
-            grad_fn, against = _sync(_callable(load_target(args.grad_fn), args.grad_fn), loop), None
+            grad_fn = _reference_fn(load_target(args.grad_fn), args.grad_fn, loop)
+            against = f"the analytic gradient of {args.grad_fn}" if _is_analytic(grad_fn) else None
         for key in ("structure", "method", "vectorized"):  # given on the command line: overrides the spec's
             if getattr(args, key) is not None:
                 options[key] = getattr(args, key)
         data, logprobs = sample_batch(lengths, args.top_k, args.dtype, args.seed)
-        result = check(fn, data, logprobs, grad_fn=grad_fn, atol=args.atol, rtol=args.rtol, progress=False, **options)
+        result = check(fn, data, logprobs, grad_fn=grad_fn, atol=args.atol, rtol=args.rtol, **options)
     except (UsageError, InputError, NumericalError, NonFiniteError) as err:
         print(f"regrad check: {err}", file=sys.stderr)
         return 2
@@ -81,8 +102,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         loop.close()
     report = _report(args.target, result, logprobs, options)
     report["against"] = against or report["against"]
-    print(json.dumps(report) if args.json else _text(report))
-    return 0 if result.passed else 1
+    return result, report
 
 
 def load_target(text: str) -> Any:
@@ -100,6 +120,9 @@ def load_target(text: str) -> Any:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
+            missing = err.name is not None and (module_name == err.name or module_name.startswith(err.name + "."))
+            if not missing:  # the module exists but its own imports fail: its traceback helps
+                raise
             raise UsageError(f"cannot import module {module_name!r}: {err}") from None
     obj: Any = module
     for part in attr.split("."):
@@ -110,15 +133,24 @@ def load_target(text: str) -> Any:
 
 
 def _module_from_file(path: str) -> Any:
+    """The file run once as a module (named after its absolute path, so target and --grad-fn share it)."""
     if not os.path.isfile(path):
         raise UsageError(f"no such file: {path!r}")
-    name = "_regrad_check_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
+    full = os.path.abspath(path)
+    name = "_regrad_check_" + hashlib.sha1(full.encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    loader = importlib.machinery.SourceFileLoader(name, full)  # any suffix: the file is Python source
+    spec = importlib.util.spec_from_loader(name, loader)
+    if spec is None:
         raise UsageError(f"cannot load {path!r} as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
-    spec.loader.exec_module(module)
+    try:
+        loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
@@ -143,12 +175,32 @@ def resolve(obj: Any, loop: asyncio.AbstractEventLoop) -> Tuple[Callable[..., An
             raise UsageError(f"the target's dict is not a regularizer spec: {err}") from None
     if isinstance(obj, RegularizerSpec):
         fn, grad_fn, options = obj.fn, obj.grad_fn, dict(obj.numerical_options)
+        if obj.grad in RANDOMIZED or options.get("method") in RANDOMIZED:
+            print(f"regrad check: note: {obj.name!r} takes a randomized gradient ({options.get('method', obj.grad)}); "
+                  "the check uses central differences, whose error is small enough to compare", file=sys.stderr)
+            options = {k: v for k, v in options.items() if k not in _RANDOMIZED_OPTIONS}
     else:
         fn, grad_fn, options = _callable(obj, "the target"), None, {}
     options = {k: v for k, v in options.items() if k not in ("executor", "progress")}  # the check runs in-process
     if grad_fn is None and has_analytic(fn):
         grad_fn = _analytic_grad(fn)
     return _sync(fn, loop), (_sync(grad_fn, loop) if grad_fn is not None else None), options
+
+
+def _reference_fn(obj: Any, label: str, loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
+    """What --grad-fn names: a gradient function, or a spec's grad_fn or analytic gradient."""
+    from .grad import has_analytic
+    from .specs import RegularizerSpec
+
+    if isinstance(obj, RegularizerSpec):
+        if obj.grad_fn is not None:
+            return _sync(obj.grad_fn, loop)
+        if has_analytic(obj.fn):
+            return _analytic_grad(obj.fn)
+        raise UsageError(f"--grad-fn {label}: the spec {obj.name!r} has no grad_fn and no analytic gradient")
+    if not callable(obj):
+        raise UsageError(f"--grad-fn {label} is a {type(obj).__name__}, not a gradient function")
+    return _sync(obj, loop)
 
 
 def _callable(obj: Any, label: str) -> Callable[..., Any]:
@@ -183,16 +235,25 @@ def _sync(fn: Callable[..., Any], loop: asyncio.AbstractEventLoop) -> Callable[.
     def run(*args: Any) -> Any:
         return loop.run_until_complete(fn(*args))
 
+    if not hasattr(fn, "__qualname__"):  # an object with `async def __call__`: named by its class
+        run.__qualname__ = run.__name__ = type(fn).__qualname__
     return run
 
 
-def _lengths(text: str) -> List[int]:
+def _lengths(text: str, top_k: int) -> List[int]:
+    """--lengths as integers, checked with --top-k against MAX_ELEMENTS (each log-prob costs 2+ calls of fn)."""
+    if top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {top_k}")
     try:
         lengths = [int(part) for part in text.split(",")]
     except ValueError:
         raise UsageError(f"--lengths must be comma-separated integers, got {text!r}") from None
     if not lengths or not all(1 <= n <= 4096 for n in lengths):
         raise UsageError(f"--lengths must list 1 to 4096 tokens per datum, got {text!r}")
+    elements = sum(lengths) * max(top_k, 1)
+    if elements > MAX_ELEMENTS:
+        raise UsageError(f"the batch would hold {elements:,} log-probs (--lengths x --top-k); the check perturbs each "
+                         f"one, so keep it <= {MAX_ELEMENTS:,}")
     return lengths
 
 
@@ -232,7 +293,7 @@ def _report(target: str, result: Any, logprobs: List[Any], options: Dict[str, An
         "target": target,
         "passed": result.passed,
         "against": result.against,
-        "structure": options.get("structure", "batch"),
+        "structure": STRUCTURES.get(options.get("structure", "batch"), options.get("structure")),
         "method": result.numerical.method,
         "dtype": str(np.asarray(logprobs[0]).dtype) if logprobs else None,
         "shapes": [list(lp.shape) for lp in logprobs],
@@ -244,6 +305,17 @@ def _report(target: str, result: Any, logprobs: List[Any], options: Dict[str, An
         "error_estimate": estimate,
         "nfev": result.numerical.nfev,
     }
+
+
+def _json_safe(value: Any) -> Any:
+    """The report with non-finite floats as null: NaN and Infinity are not JSON (the table shows them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _text(report: Dict[str, Any]) -> str:
