@@ -1,8 +1,8 @@
 """`regrad check TARGET`: a regularizer's numerical gradient against a reference, from the shell.
 
 TARGET is `module:name` or `path/to/file.py:name` (a fn, a RegularizerSpec or the seed's dict
-`{"fn", "weight", "name"}`), or a built-in: l1, l2, entropy, cross_entropy. The reference is the
-spec's grad_fn, else the fn's analytic gradient (built-ins), else torch autograd. The batch is
+`{"fn", "weight", "name"}`), or a built-in: l1, l2, entropy, cross_entropy. The reference is
+--grad-fn, else the spec's grad_fn, else the fn's analytic gradient (built-ins), else torch autograd. The batch is
 generated: windows of the demo text as Datums, random log-probs. Exit 0 pass, 1 fail, 2 usage.
 """
 
@@ -28,13 +28,12 @@ import numpy as np
 from ._demo_corpus import TEXT
 from .data import Datum, datum_from_text
 from .errors import InputError, NonFiniteError, NumericalError
-from .numerical import STRUCTURES
+from .numerical import RANDOMIZED, STRUCTURES
 
 __all__ = ["add_arguments", "run_from_args", "load_target", "sample_batch"]
 
 BUILTINS = ("l1", "l2", "entropy", "cross_entropy")
 MAX_ELEMENTS = 100_000  # log-probs in the generated batch: central differences call fn twice per element
-RANDOMIZED = ("spsa", "gaussian")
 _RANDOMIZED_OPTIONS = ("method", "num_samples", "sigma", "antithetic", "seed")
 _STRUCTURES = ("batch", "datum", "token")
 _METHODS = ("central", "forward", "richardson")
