@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -246,3 +247,68 @@ def test_logging_adapter(caplog):
         loss_fn(data, lps)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "my.training"]
     assert [w.getMessage().split(" failed")[0] for w in warnings] == ["regularizer 'topology'", "loss"]
+
+
+def test_events_carry_their_call_number_and_a_late_term_names_its_failed_call():
+    """A term still running when its call failed reports later; `call` ties its event to that call."""
+    data, lps = seed_batch()
+    events, release, late = [], threading.Event(), threading.Event()
+
+    def on_event(event):
+        events.append(event)
+        if (event.name, event.phase, event.call) == ("slow", "stop", 1):
+            late.set()
+
+    def slow(data, lps):  # blocks on the first call until the test lets it go
+        if not release.is_set():
+            release.wait(timeout=30)
+        return sum(lp.sum() for lp in lps)
+
+    def boom_once(data, lps, calls=[]):  # noqa: B006 - counts its calls
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("first call fails")
+        return sum(lp.sum() for lp in lps)
+
+    specs = [RegularizerSpec.sync("slow", 0.1, slow), RegularizerSpec.sync("boom", 0.1, boom_once)]
+    with regrad.compose(None, specs, on_event=on_event, parallel=True) as loss_fn:
+        with pytest.raises(RegularizerError, match="boom"):
+            loss_fn(data, lps)
+        release.set()
+        loss_fn(data, lps)
+        assert late.wait(timeout=30)
+    first = [e for e in events if e.call == 1]
+    assert [(e.phase, e.scope) for e in first if e.scope == "loss"] == [("start", "loss"), ("exception", "loss")]
+    assert {(e.name, e.phase) for e in first if e.scope == "regularizer"} >= {("boom", "exception"), ("slow", "stop")}
+    second = [(e.name, e.phase) for e in events if e.call == 2]
+    assert second[0] == ("loss", "start") and second[-1] == ("loss", "stop") and len(second) == 6
+
+
+def test_flat_keys_cannot_collide_and_metrics_are_one_number_each():
+    with pytest.raises(ValueError, match="contains '/'"):
+        RegularizerSpec.sync("a/custom", 0.1, topological_consistency)
+    data, lps = seed_batch()
+
+    def with_metrics(metrics):
+        return regrad.compose(None, [RegularizerSpec.sync("m", 0.1, lambda d, l: (sum(x.sum() for x in l), metrics))])
+
+    out = with_metrics({"arr": np.array([2.0]), "t": torch.tensor([[3.0]]), "flag": True}).evaluate(data, lps)[2]
+    assert out.regularizers["m"].custom == {"arr": 2.0, "t": 3.0, "flag": 1.0}
+    for metrics, match in (({1: 1.0, "1": 2.0}, "same key"), ({"s": "3.5"}, "is a str"),
+                           ({"v": np.array([1.0, 2.0])}, r"has shape \(2,\); expected one number")):
+        with pytest.raises(RegularizerError, match=match):
+            with_metrics(metrics).evaluate(data, lps)
+
+
+def test_a_weighted_grad_norm_beyond_float64_is_named_and_names_are_unique_with_the_base():
+    data, lps = seed_batch()
+
+    def big(sign):
+        return lambda d, l: sign * sum(((x - x.detach()) * 1e10).sum() for x in l)  # value 0, gradient ±1e10
+
+    specs = [RegularizerSpec.sync("a", 1e298, big(1)), RegularizerSpec.sync("b", 1e298, big(-1))]
+    with pytest.raises(regrad.NonFiniteError, match="regularizer 'a': weight 1e\\+298 times its grad norm"):
+        regrad.compose(None, specs).evaluate(data, lps)  # the summed gradient cancels to 0; a's weighted norm is inf
+    with pytest.raises(ValueError, match="the base loss and a regularizer are both named 'r'"):
+        regrad.compose(RegularizerSpec.sync("r", 1.0, topological_consistency),
+                       [RegularizerSpec.sync("r", 0.5, topological_consistency)])

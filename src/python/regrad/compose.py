@@ -8,6 +8,7 @@ same pass, and records telemetry. A failing term fails the whole call with `Regu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import threading
 import time
@@ -100,6 +101,10 @@ class ComposedLoss:
         self._needs_detached: Dict[str, bool] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_lock = threading.Lock()
+        self._calls = itertools.count(1)  # numbers the calls, for their events
+        if self.base_spec is not None and self.base_spec.name in {spec.name for spec in self.regularizers}:
+            raise ValueError(f"the base loss and a regularizer are both named {self.base_spec.name!r}; "
+                             "names key the telemetry and the errors")
 
     def __repr__(self) -> str:
         names = [spec.name for _, spec in self._terms]
@@ -145,30 +150,30 @@ class ComposedLoss:
     # -- one call --------------------------------------------------------------------------------
 
     def _evaluate(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
-        start = time.perf_counter()
-        emit(self.on_event, "start", "loss", "loss")
+        start, call = time.perf_counter(), next(self._calls)
+        emit(self.on_event, "start", "loss", "loss", call=call)
         try:
-            inputs = CallInputs.build(data, logprobs_list, self._needs_detached)
+            inputs = CallInputs.build(data, logprobs_list, self._needs_detached, call)
             results = self._run_async_from_sync(inputs) if self._has_async else self._run_threads(inputs)
             return self._finish(inputs, results, start)
         except BaseException as err:
-            self._fail(err, start)
+            self._fail(err, start, call)
             raise
 
     async def _aevaluate(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
-        start = time.perf_counter()
-        emit(self.on_event, "start", "loss", "loss")
+        start, call = time.perf_counter(), next(self._calls)
+        emit(self.on_event, "start", "loss", "loss", call=call)
         try:
-            inputs = CallInputs.build(data, logprobs_list, self._needs_detached)
+            inputs = CallInputs.build(data, logprobs_list, self._needs_detached, call)
             results = await self._run_on_loop(inputs)
             return self._finish(inputs, results, start)
         except BaseException as err:
-            self._fail(err, start)
+            self._fail(err, start, call)
             raise
 
-    def _fail(self, err: BaseException, start: float) -> None:
+    def _fail(self, err: BaseException, start: float, call: int) -> None:
         self.last_output = None
-        emit(self.on_event, "exception", "loss", "loss", duration_ms=_ms_since(start), error=err)
+        emit(self.on_event, "exception", "loss", "loss", duration_ms=_ms_since(start), error=err, call=call)
 
     # -- running the terms -----------------------------------------------------------------------
 
@@ -249,19 +254,19 @@ class ComposedLoss:
     def _run_sync_term(self, index: int, inputs: CallInputs, cancel: threading.Event) -> TermResult:
         scope, spec = self._terms[index]
         start = time.perf_counter()
-        emit(self.on_event, "start", scope, spec.name)
+        emit(self.on_event, "start", scope, spec.name, call=inputs.call)
         try:
             if cancel.is_set():
                 raise Cancelled("a sibling term failed before this one started")
             result = self._checked(compute_term(spec, inputs, cancel), inputs)
         except Exception as err:
-            raise self._term_error(scope, spec, err, start) from err
-        return self._term_done(scope, spec, result, start)
+            raise self._term_error(scope, spec, err, start, inputs.call) from err
+        return self._term_done(scope, spec, result, start, inputs.call)
 
     async def _run_async_term(self, index: int, inputs: CallInputs, cancel: threading.Event) -> TermResult:
         scope, spec = self._terms[index]
         start = time.perf_counter()
-        emit(self.on_event, "start", scope, spec.name)
+        emit(self.on_event, "start", scope, spec.name, call=inputs.call)
         task = asyncio.ensure_future(compute_term_async(spec, inputs, cancel))
         try:
             done, _ = await asyncio.wait({task}, timeout=spec.timeout)
@@ -269,23 +274,23 @@ class ComposedLoss:
                 raise TimeoutError(f"no result within the timeout of {spec.timeout} s")
             result = self._checked(task.result(), inputs)
         except asyncio.CancelledError as err:
-            emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err)
+            emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err, call=inputs.call)
             raise
         except Exception as err:
-            raise self._term_error(scope, spec, err, start) from err
+            raise self._term_error(scope, spec, err, start, inputs.call) from err
         finally:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        return self._term_done(scope, spec, result, start)
+        return self._term_done(scope, spec, result, start, inputs.call)
 
-    def _term_error(self, scope: str, spec: RegularizerSpec, err: Exception, start: float) -> RegularizerError:
-        emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err)
+    def _term_error(self, scope: str, spec: RegularizerSpec, err: Exception, start: float, call: int) -> RegularizerError:
+        emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err, call=call)
         return err if isinstance(err, RegularizerError) else RegularizerError(spec.name, err)
 
-    def _term_done(self, scope: str, spec: RegularizerSpec, result: TermResult, start: float) -> TermResult:
+    def _term_done(self, scope: str, spec: RegularizerSpec, result: TermResult, start: float, call: int) -> TermResult:
         result.duration_ms = _ms_since(start)
-        emit(self.on_event, "stop", scope, spec.name, duration_ms=result.duration_ms, value=result.value)
+        emit(self.on_event, "stop", scope, spec.name, duration_ms=result.duration_ms, value=result.value, call=call)
         return result
 
     def _checked(self, result: TermResult, inputs: CallInputs) -> TermResult:
@@ -328,7 +333,8 @@ class ComposedLoss:
         output = self._telemetry(results, total, start)
         self._check_total(output, total)
         self.last_output = output
-        emit(self.on_event, "stop", "loss", "loss", duration_ms=output.duration_ms, value=output.loss_total)
+        emit(self.on_event, "stop", "loss", "loss", duration_ms=output.duration_ms, value=output.loss_total,
+             call=inputs.call)
         return inputs, output.loss_total, total, output
 
     @staticmethod
@@ -342,6 +348,11 @@ class ComposedLoss:
                 f"the weighted sum of the terms has a non-finite {what} (loss_total={output.loss_total}); "
                 "check the weights: every term alone was finite"
             )
+        for name, reg in output.regularizers.items():  # weight · grad_norm may overflow where the sum does not
+            weighted = reg.grad_norm_weighted
+            if weighted is not None and not math.isfinite(weighted):
+                raise NonFiniteError(f"regularizer {name!r}: weight {reg.weight} times its grad norm {reg.grad_norm} "
+                                     "overflows float64; check the weight")
 
     def _telemetry(self, results: List[TermResult], total: np.ndarray, start: float) -> CustomLossOutput:
         base: Optional[BaseLossTelemetry] = None

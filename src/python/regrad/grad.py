@@ -81,10 +81,12 @@ class CallInputs:
     detached: List[Any] = field(default_factory=list)  # what fns see: detached tensors, or the arrays
     # names of auto terms found to need detached inputs (numpy-based fns); kept across calls
     needs_detached: Dict[str, bool] = field(default_factory=dict)
+    call: int = 0  # the call's number on its composed loss, for events
 
     @classmethod
     def build(
-        cls, data: Sequence[Any], logprobs_list: Sequence[Any], needs_detached: Optional[Dict[str, bool]] = None
+        cls, data: Sequence[Any], logprobs_list: Sequence[Any], needs_detached: Optional[Dict[str, bool]] = None,
+        call: int = 0,
     ) -> "CallInputs":
         logprobs = list(logprobs_list)
         data = list(data)
@@ -92,7 +94,7 @@ class CallInputs:
             raise InputError(f"data has {len(data)} entries but logprobs_list has {len(logprobs)}; one per datum")
         batch = as_array_batch(logprobs)
         detached = batch.tensors if batch.tensors is not None else batch.arrays  # detached once, in as_array_batch
-        return cls(data, logprobs, batch, detached, {} if needs_detached is None else needs_detached)
+        return cls(data, logprobs, batch, detached, {} if needs_detached is None else needs_detached, call)
 
     def __post_init__(self) -> None:
         self.sizes: List[int] = self.batch.sizes
@@ -200,16 +202,30 @@ def metrics_dict(metrics: Any) -> Dict[str, float]:
         raise TypeError(f"returned metrics of type {type(metrics).__name__}; expected a dict of floats")
     custom: Dict[str, float] = {}
     for key, value in metrics.items():
-        if hasattr(value, "detach"):  # a tensor metric: read it without touching its graph
-            value = value.detach()
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a float") from None
+        number = _metric_number(key, value)
         if not math.isfinite(number):  # telemetry is JSON: NaN / Infinity would make it invalid
             raise NonFiniteError(f"metric {key!r} is {number}")
+        if str(key) in custom:
+            raise TypeError(f"metric keys {key!r} and {str(key)!r} are the same key in telemetry (its keys are text)")
         custom[str(key)] = number
     return custom
+
+
+def _metric_number(key: Any, value: Any) -> float:
+    """A metric value as a float: a real number (bools give 1.0 / 0.0) or a tensor / array holding one."""
+    if hasattr(value, "detach"):  # a tensor metric: read it without touching its graph
+        value = value.detach()
+    if hasattr(value, "shape") and hasattr(value, "reshape"):  # tensors and arrays: one element, any shape
+        size = int(np.prod(value.shape))
+        if size != 1:
+            raise TypeError(f"metric {key!r} has shape {tuple(value.shape)}; expected one number")
+        value = value.reshape(-1)[0]
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a float")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a float") from None
 
 
 def scalar_value(loss: Any, *, batched: bool = False) -> float:

@@ -149,6 +149,8 @@ SpecLike = Union[RegularizerSpec, Mapping[str, Any]]
 def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"regularizer name must be a non-empty string, got {name!r}")
+    if "/" in name:  # flat() keys are reg/<name>/<field>: "a/custom" would collide with a's custom metrics
+        raise ValueError(f"regularizer name {name!r} contains '/', which separates the keys of flat() metrics")
 
 
 def _check_weight(name: Any, weight: Any) -> float:

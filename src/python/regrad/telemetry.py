@@ -146,7 +146,9 @@ class LossEvent:
     """One start / stop / exception event, for the whole call (scope "loss") or one term.
 
     scope: "loss", "base_loss" or "regularizer"; name: "loss", "base_loss" or the regularizer's name;
-    time: `time.time()` when emitted; duration_ms, value (stop) and error (exception) when known.
+    time: `time.time()` when emitted; duration_ms, value (stop) and error (exception) when known;
+    call: the call's number on its composed loss (1, 2, ...), which ties a late event of a term still
+    running after its call failed to that call.
     """
 
     phase: str
@@ -156,6 +158,7 @@ class LossEvent:
     duration_ms: Optional[float] = None
     value: Optional[float] = None
     error: Optional[BaseException] = None
+    call: int = 0
 
 
 EventCallback = Callable[[LossEvent], None]
