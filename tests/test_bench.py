@@ -103,6 +103,10 @@ def test_python_dash_m_runs() -> None:
         (["--repeats", "two"], "invalid int value"),
         (["--budget", "-1"], "--budget"),
         (["--json", "/no/such/folder/out.json"], "does not exist"),
+        (["--json", "/"], "is a folder"),
+        (["--json", ""], "needs a file path"),
+        (["--plot", "curves.xyz"], "must end in one of .png, .svg, .pdf"),
+        (["--plot", "curves"], "must end in one of"),
         (["--frobnicate"], "unrecognized arguments"),
     ],
 )
@@ -130,3 +134,47 @@ def test_missing_matplotlib_for_plot(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["bench", "--plot", str(tmp_path / "x.png")]) == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_predicted_skips_count_a_fixed_cost_and_never_skip_the_reference() -> None:
+    from regrad.bench import suite
+
+    assert suite._predict([(100, 1e-3)], 10**6) is None  # one size: measure rather than guess
+    # 0.1 ms fixed + 1 ns per log-prob, read from two sizes
+    assert suite._predict([(100, 1e-4 + 1e-7), (10_000, 1e-4 + 1e-5)], 10**6) == pytest.approx(1e-4 + 1e-3)
+    assert suite._predict([(100, 2e-3), (1000, 1e-3)], 10**6) == pytest.approx(1e-3)  # noisy: no negative slope
+
+
+def test_far_apart_sizes_measure_autograd_and_estimated_ratios_say_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--sizes", "10", "3e4", "--routes", "kernels,batch", "--peers", "none", "--repeats", "1",
+                 "--budget", "0.05", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    autograd_big = [line for line in out.splitlines() if line.startswith("torch autograd") and "30,000" in line]
+    assert autograd_big and "skipped" not in autograd_big[0]
+    batch_big = [line for line in out.splitlines() if line.startswith("regrad batch") and "30,000" in line]
+    assert batch_big and batch_big[0].count("est.") >= 2  # time and ratio (and nfev) are estimates
+    assert "30,000: est. " in out  # the crossover sentence marks the estimated ratio
+
+
+def test_an_output_that_cannot_be_written_or_a_failed_route_exits_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from regrad.bench import report, suite
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_json", disk_full)
+    args = ["bench", "--sizes", "20", "--routes", "kernels", "--peers", "none", "--repeats", "1", "--no-memory"]
+    assert main([*args, "--json", str(tmp_path / "b.json")]) == 1
+    captured = capsys.readouterr()
+    assert "could not write" in captured.err and "No space left" in captured.err and "regrad kernels" in captured.out
+    monkeypatch.undo()
+
+    def broken(problem: Any) -> Any:
+        def run(k: Any) -> Any:
+            raise RuntimeError("route broke")
+        return run
+
+    monkeypatch.setattr(suite, "_kernels_run", broken)
+    assert main(args) == 1
+    assert "1 cell(s) failed: regrad kernels" in capsys.readouterr().err

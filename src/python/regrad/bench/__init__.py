@@ -94,12 +94,24 @@ def _select(given: Optional[List[str]], known: Sequence[str], what: str) -> Opti
     return list(dict.fromkeys(names))
 
 
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
 def _check_output(path: Optional[str], flag: str) -> None:
+    """An output path that can be written once the run is over (checked first, so no run is lost)."""
     if path is None:
         return
+    if not path:
+        raise UsageError(f"{flag} needs a file path")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a folder; give a file path")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path!r} cannot be written (permissions)")
+    if flag == "--plot" and os.path.splitext(path)[1].lower() not in PLOT_FORMATS:
+        raise UsageError(f"--plot {path!r}: the file name must end in one of {', '.join(PLOT_FORMATS)}")
 
 
 def _settings(argv: Sequence[str]) -> Dict[str, Any]:
@@ -146,7 +158,8 @@ def _settings(argv: Sequence[str]) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the benchmark; returns the exit code (0 ok, 2 bad input)."""
+    """Runs the benchmark; returns the exit code (0 ok, 1 a route failed or an output could not be
+    written, 2 bad input)."""
     try:
         settings = _settings(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
@@ -179,13 +192,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"date": date, "profile": settings["profile"], "dtype": settings["dtype"], "sizes": settings["sizes"],
             "routes": settings["routes"], "peers": settings["peers"], "repeats": settings["repeats"],
             "budget_s": settings["budget"], "loss": LOSS_DESCRIPTION, "machine": info, "notes": settings["notes"]}
+    written = True
     if settings["json"]:
-        report.write_json(settings["json"], results, meta)
-        print(f"wrote {settings['json']}")
+        written = _write(lambda: report.write_json(settings["json"], results, meta), settings["json"]) and written
     if settings["plot"]:
         title = (f"regrad bench, {settings['profile']} profile, {settings['dtype']} · {info['cpu']}, "
                  f"{info.get('torch_threads', '?')} threads · {date}")
-        report.plot(settings["plot"], results, title)
-        print(f"wrote {settings['plot']}")
-    return 0
+        written = _write(lambda: report.plot(settings["plot"], results, title), settings["plot"]) and written
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        print(f"regrad bench: {len(failed)} cell(s) failed: " + "; ".join(f"{r.label} at N={r.n:,}" for r in failed),
+              file=sys.stderr)
+    return 0 if written and not failed else 1
+
+
+def _write(write: Any, path: str) -> bool:
+    """Writes one output file; a failure (disk full, a path that changed) is one line, not a lost table."""
+    try:
+        write()
+    except OSError as err:
+        print(f"regrad bench: could not write {path}: {err}", file=sys.stderr)
+        return False
+    print(f"wrote {path}")
+    return True
 

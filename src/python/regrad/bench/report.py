@@ -20,7 +20,7 @@ COLUMNS = ["route", "N", "time", "vs autograd", "max abs err", "max rel err", "p
 def _row(res: Result) -> List[str]:
     est = "est. " if res.status == "est" else ""
     time_text = (est + fmt_time(res.seconds)) if res.seconds is not None else "–"
-    ratio = "–" if res.ratio_to_autograd is None else f"{res.ratio_to_autograd:,.3g}x"
+    ratio = "–" if res.ratio_to_autograd is None else f"{est}{res.ratio_to_autograd:,.3g}x"
     abs_err = "–" if res.max_abs_error is None else f"{res.max_abs_error:.1e}"
     rel_err = "–" if res.max_rel_error is None else f"{res.max_rel_error:.1e}"
     nfev = "–" if res.nfev is None else f"{est}{res.nfev:,}"
@@ -55,13 +55,16 @@ def crossover_lines(results: Sequence[Result]) -> List[str]:
     """One sentence per route: where it becomes more expensive than autograd."""
     lines = []
     for name, entry in crossovers(results).items():
-        ratios = ", ".join(f"{int(n):,}: {r:.3g}x" for n, r in sorted(entry["ratios"].items(), key=lambda kv: int(kv[0])))
+        est = set(entry["estimated"])  # ratios from extrapolated times say so
+        ratios = ", ".join(f"{int(n):,}: {'est. ' if int(n) in est else ''}{r:.3g}x"
+                           for n, r in sorted(entry["ratios"].items(), key=lambda kv: int(kv[0])))
         if entry["faster_at_every_n"]:
             verdict = "cheaper than autograd at every N measured"
         elif entry["slower_at_every_n"]:
             verdict = "more expensive than autograd at every N measured"
         elif entry["slower_from_n"] is not None:
-            verdict = f"more expensive than autograd from N = {entry['slower_from_n']:,}"
+            n = entry["slower_from_n"]
+            verdict = f"more expensive than autograd from N = {n:,}{' (est.)' if n in est else ''}"
         else:
             verdict = "mixed (cheaper at the largest N)"
         lines.append(f"{entry['label']}: {verdict} (time / autograd by N: {ratios})")
