@@ -492,11 +492,18 @@ def test_input_errors_are_not_regularizer_errors():
 # Async regularizers: one event loop, concurrent, timeouts cancel siblings
 
 
-def _sleeper(stamps, name, seconds):
+def _sleeper(stamps, name, seconds, partners=1):
+    """An async term that sleeps; with partners > 1 it first waits (up to ~5 s of polls, no clock read)
+    until that many such terms have started, and records in stamps[name] whether they all had."""
+
     async def fn(data, lp):
-        stamps[name] = [time.perf_counter()]
+        stamps["started"] = stamps.get("started", 0) + 1
+        for _ in range(5000):  # sequential terms would never meet: the first gives up after its polls
+            if stamps["started"] >= partners:
+                break
+            await asyncio.sleep(0.001)
+        stamps[name] = stamps["started"] >= partners
         await asyncio.sleep(seconds)
-        stamps[name].append(time.perf_counter())
         return sum(x.sum() for x in lp) * 0.0 + 1.0, {"slept": seconds}
 
     return fn
@@ -507,12 +514,13 @@ def test_async_regularizers_overlap():
     stamps = {}
     loss_fn = regrad.compose(
         regrad.losses.cross_entropy,
-        [RegularizerSpec.async_("a", 0.1, _sleeper(stamps, "a", 0.1)), RegularizerSpec.async_("b", 0.1, _sleeper(stamps, "b", 0.1)), regrad.l1(0.1)],
+        [RegularizerSpec.async_("a", 0.1, _sleeper(stamps, "a", 0.1, partners=2)),
+         RegularizerSpec.async_("b", 0.1, _sleeper(stamps, "b", 0.1, partners=2)), regrad.l1(0.1)],
     )
     loss, metrics = loss_fn(data, leaves(lps))
     loss.backward()
-    # both started before either finished: they ran concurrently on one loop
-    assert max(stamps["a"][0], stamps["b"][0]) < min(stamps["a"][1], stamps["b"][1])
+    # each saw the other started before it went on: they ran concurrently on one loop
+    assert stamps["a"] is True and stamps["b"] is True
     assert metrics["reg/a/value"] == 1.0 and metrics["reg/b/custom/slept"] == 0.1
     assert loss_fn.last_output.regularizers["a"].grad_method == "autograd"
 
