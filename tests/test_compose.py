@@ -398,6 +398,32 @@ def test_a_regularizer_sorting_the_log_probs_in_place_fails_and_they_are_put_bac
         assert torch.equal(x.detach(), b)
 
 
+def test_the_in_place_guard_names_the_changed_datum_only_and_compares_bits():
+    """Only datum 2's memory is written: it alone is named and put back. A NaN log-prob that a term
+    leaves alone is not a change (NaN != NaN as a number, equal as bits)."""
+    data, lps = make_batch()
+    lps[1] = lps[1].clone()
+    lps[1][2] = float("nan")
+    before = [x.clone() for x in lps]
+
+    def scale_datum_2(d, lp):
+        lp[2].detach().numpy()[1:4] *= 2.0
+        return 0.0
+
+    zeros = lambda d, lp: [np.zeros(x.shape) for x in lp]  # noqa: E731
+    xs = leaves(lps)
+    with pytest.raises(RegularizerError, match="'s2'.*datum 2 changed in place.*put back"):
+        regrad.compose(None, [RegularizerSpec.with_grad("s2", 1.0, scale_datum_2, zeros)])(data, xs)
+    for x, b in zip(xs, before):
+        assert torch.equal(x.detach().view(torch.int64), b.view(torch.int64))  # NaN bits too
+
+    def nan_tolerant(d, lp):
+        return float(sum(np.nansum(x.detach().numpy()) for x in lp))
+
+    loss, _ = regrad.compose(None, [RegularizerSpec.with_grad("nt", 1.0, nan_tolerant, zeros)])(data, leaves(lps))
+    assert loss.item() == pytest.approx(sum(np.nansum(x.numpy()) for x in before))
+
+
 def test_non_finite_metrics_and_weighted_totals_are_named():
     data, lps = make_batch()
     nan_metric = {"fn": lambda d, lp: (sum(x.sum() for x in lp), {"m": float("nan")}), "weight": 1.0, "name": "nm"}

@@ -447,19 +447,35 @@ def _unchanged(inputs: CallInputs) -> Iterator[None]:
     """Around user code handed the caller's log-probs as they are (user and numerical routes): if
     they changed in place, puts them back and fails the term (every term shares them)."""
     arrays = inputs.batch.arrays
-    saved = [a.copy() for a in arrays]
+    saved = np.concatenate(arrays, axis=None) if arrays else None  # one packed snapshot, one C-level pass
     try:
         yield
     finally:  # (on an error too: the caller keeps its values)
-        changed = [j for j, (a, b) in enumerate(zip(arrays, saved)) if not np.array_equal(a, b)]
-        for j in changed:
-            np.copyto(arrays[j], saved[j])
+        changed = _restore_changed(arrays, saved)
     if changed:
         raise RuntimeError(
             f"the log-probs of datum {changed[0]} changed in place while this term ran (by its fn, or by a term "
             "running beside it); they were put back. Use out-of-place operations (np.sort(a), x.neg(); "
             "not a.sort(), x.neg_())"
         )
+
+
+def _restore_changed(arrays: List[np.ndarray], saved: Optional[np.ndarray]) -> List[int]:
+    """The data whose log-probs differ bit for bit from the packed snapshot (so NaN == NaN and
+    -0.0 != 0.0), each put back; one packed comparison in the usual case that nothing changed."""
+    if saved is None:
+        return []
+    bits = np.dtype(f"u{saved.itemsize}")
+    now = np.concatenate(arrays, axis=None)
+    differs = now.view(bits) != saved.view(bits)
+    if not differs.any():
+        return []
+    ends = np.cumsum([a.size for a in arrays])
+    changed = sorted(set(np.searchsorted(ends, np.flatnonzero(differs), side="right").tolist()))
+    for j in changed:
+        start = int(ends[j]) - arrays[j].size
+        np.copyto(arrays[j], saved[start:int(ends[j])].reshape(arrays[j].shape))
+    return changed
 
 
 def _skip_probe(spec: Any, inputs: CallInputs) -> bool:
