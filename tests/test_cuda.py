@@ -61,6 +61,8 @@ def test_status_words_read_as_the_cpu_errors():
         assert (info.value.datum, info.value.position) == where
     with pytest.raises(ValueError, match="step overflow at datum 0, element 4"):
         _gpu._raise_status(torch.tensor([5, 0, 4]), "difference points")
+    with pytest.raises(ValueError, match="step too small for richardson at datum 1, element 3: x \\+ h/2 rounds onto"):
+        _gpu._raise_status(torch.tensor([6, 1, 3]), "difference points")
 
 
 def _host_compiler():

@@ -777,6 +777,10 @@ def test_returns_without_numbers_are_named(kwargs, value, match):
     ({"vectorized": True, "max_batch_bytes": 240}, lambda t: t.neg_()),  # blocks after the first rewrite only diagonals
     ({"structure": "datum", "vectorized": True}, lambda t: t.neg_()),  # the lean one-block loop: the same rule
     ({"method": "forward", "structure": "token"}, lambda t: t.clamp_(min=-0.5)),  # the base call gets x itself
+    # the engine's points, from which the token structure recomputes its steps: was a silently wrong gradient
+    ({"structure": "token"}, lambda t: t.mul_(3.0)),
+    ({"structure": "token", "vectorized": True}, lambda t: t.mul_(3.0)),
+    ({"structure": "token", "method": "richardson"}, lambda t: t.mul_(3.0)),
     ({"method": "spsa", "antithetic": False}, lambda t: t.clamp_(min=-0.5)),
 ])
 def test_fn_modifying_its_inputs_in_place_is_named(kwargs, neg):
@@ -820,6 +824,21 @@ def test_step_underflow_and_bad_steps():
         numerical_grad(lambda d, lps: 0.0, None, ragged(), step=[np.ones(5), np.ones(2), np.ones(7)])
     with pytest.raises(NumericalError, match="step underflow"):
         numerical_grad(lambda d, lps: 0.0, None, [np.array([1e6])], method="spsa", sigma=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("structure", ["batch", "token"])
+def test_richardson_steps_that_round_onto_each_other_are_named(dtype, structure):
+    """An absolute step of 1.2 ulp: x + h/2 rounds onto x + h, one step is left and the extrapolation
+    was 0/0 (NaN gradient, no error). x + h != x, so it is not an underflow."""
+    x = np.array([1.5, 0.25], dtype)
+    h = 1.2 * float(np.spacing(dtype(1.5)))
+    fn = (lambda d, l: [np.asarray(a, np.float64) ** 2 for a in l]) if structure == "token" else \
+        (lambda d, l: float(np.sum(np.asarray(l[0], np.float64) ** 2)))
+    with pytest.raises(NumericalError, match=r"step too small for richardson at datum 0, token 0: x \+ h/2 rounds onto"):
+        numerical_grad(fn, None, [x], method="richardson", step=h, structure=structure)
+    wider = numerical_grad(fn, None, [x], method="richardson", step=1e4 * h, structure=structure)
+    np.testing.assert_allclose(wider.grads[0], 2 * x.astype(np.float64), rtol=1e-2)  # a step the dtype resolves works
 
 
 @pytest.mark.parametrize("kwargs,x", [

@@ -33,7 +33,7 @@ std::string number_text(double v) {
     return text;
 }
 
-enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3, Overflow = 4 };
+enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3, Overflow = 4, Coincide = 5 };
 
 }  // namespace
 
@@ -126,9 +126,12 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
                 underflow = underflow || p == xv;
                 overflow = overflow || !(std::fabs(static_cast<double>(p) - static_cast<double>(xv)) < kMaxSpacing);
             }
-            if (underflow || overflow) {
+            const bool coincide = np == 4 && (pj[i] == pj[2 * kstride + i] || pj[kstride + i] == pj[3 * kstride + i]);
+            if (underflow || overflow || coincide) {
                 bad_at[j] = i;
-                bad_kind[j] = static_cast<int>(underflow ? PointProblem::Underflow : PointProblem::Overflow);
+                bad_kind[j] = static_cast<int>(underflow  ? PointProblem::Underflow
+                                               : overflow ? PointProblem::Overflow
+                                                          : PointProblem::Coincide);
                 break;
             }
         }
@@ -151,6 +154,11 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
                 throw StepUnderflowError("step overflow at " + where + ": x + h is not finite (or h is over 1e300) for x = " +
                                              number_text(xv) + " and h = " + number_text(h) +
                                              " in the working dtype (use a smaller step)",
+                                         e);
+            case PointProblem::Coincide:
+                throw StepUnderflowError("step too small for richardson at " + where + ": x + h/2 rounds onto x + h for x = " +
+                                             number_text(xv) + " and h = " + number_text(h) +
+                                             " in the working dtype, so the two steps coincide (use a larger step)",
                                          e);
             default:
                 throw StepUnderflowError("step underflow at " + where + ": x + h == x for x = " + number_text(xv) +

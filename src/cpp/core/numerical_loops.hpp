@@ -52,14 +52,19 @@ bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t
             problems += static_cast<int64_t>((xd - xd) + (h - h) != 0.0);
             problems += static_cast<int64_t>(h <= 0.0);
         }
+        T p[NP];
         for (int k = 0; k < NP; ++k) {
-            const T p = static_cast<T>(xd + kFractions[k] * h);
-            const double d = static_cast<double>(p) - xd;
+            p[k] = static_cast<T>(xd + kFractions[k] * h);
+            const double d = static_cast<double>(p[k]) - xd;
             // d == 0: x + h rounds onto x; |d| not below kMaxSpacing (inf, NaN too): x + h overflows the
             // dtype, or the differences of two steps would (the quotients then read 0 or NaN)
             problems += static_cast<int64_t>(d == 0.0) + static_cast<int64_t>(!(std::fabs(d) < kMaxSpacing));
-            points[k * kstride + i] = p;
+            points[k * kstride + i] = p[k];
             if constexpr (WithSpacing) spacing[k * kstride + i] = d;
+        }
+        if constexpr (NP == 4) {
+            // Richardson: x ± h/2 rounding onto x ± h leaves one step, and the extrapolation reads 0/0
+            problems += static_cast<int64_t>(p[0] == p[2]) + static_cast<int64_t>(p[1] == p[3]);
         }
     }
     return problems != 0;

@@ -29,6 +29,7 @@ enum StatusCode : int64_t {
     kStatusBadStep = 3,         ///< datum, position (difference_points: step not positive and finite)
     kStatusStepUnderflow = 4,   ///< datum, position (difference_points: x + h == x)
     kStatusStepOverflow = 5,    ///< datum, position (difference_points: |x + h - x| >= 1e300, inf or NaN)
+    kStatusStepsCoincide = 6,   ///< datum, position (difference_points, richardson: x ± h/2 rounds onto x ± h)
 };
 
 /// Device count, the runtime and driver versions (0 devices is not an error).

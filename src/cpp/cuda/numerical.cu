@@ -74,7 +74,11 @@ __global__ void points_kernel(Ragged x, int64_t n, int np, double scale, const d
             points[k * n + e] = p;
             spacing[k * n + e] = d;
         }
-        if (underflow || overflow) report(first, e, underflow ? kStatusStepUnderflow : kStatusStepOverflow);
+        // Richardson: x ± h/2 rounding onto x ± h leaves one step (the extrapolation would read 0/0)
+        const bool coincide = np == 4 && (points[e] == points[2 * n + e] || points[n + e] == points[3 * n + e]);
+        if (underflow || overflow || coincide) {
+            report(first, e, underflow ? kStatusStepUnderflow : overflow ? kStatusStepOverflow : kStatusStepsCoincide);
+        }
     }
 }
 

@@ -240,6 +240,18 @@ class Problem:
             raise self.fn_error(err, where) from err
         return split_loss(out)
 
+    def invoke_unmodified(self, term: Term, inputs: Sequence[Any], where: Where) -> Any:
+        """invoke, for inputs whose values the engine reads again after the call (the token structure
+        recomputes its steps from the points): an in-place torch op on them raises modified_error.
+        numpy inputs are read-only views already."""
+        if not self.is_torch:
+            return self.invoke(term, inputs, where)
+        before = list(map(_VERSION, inputs))
+        out = self.invoke(term, inputs, where)
+        if list(map(_VERSION, inputs)) != before:
+            raise self.modified_error(where)
+        return out
+
     def not_numbers(self, out: Any, where: Where, expected: str) -> NumericalError:
         """The error for a return value that holds no numbers (None, a string, ...)."""
         return NumericalError(f"{self.name} returned {type(out).__name__} at {_text(where)}; expected {expected}")

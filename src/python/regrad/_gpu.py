@@ -39,7 +39,7 @@ BUILD_HINT = (
 )
 
 # Status codes written by the kernels (src/cpp/cuda/cuda_api.hpp).
-_OK, _NON_FINITE_INPUT, _NON_FINITE_VALUE, _BAD_STEP, _STEP_UNDERFLOW, _STEP_OVERFLOW = range(6)
+_OK, _NON_FINITE_INPUT, _NON_FINITE_VALUE, _BAD_STEP, _STEP_UNDERFLOW, _STEP_OVERFLOW, _STEPS_COINCIDE = range(7)
 
 
 def on_cuda(logprobs_list: Any) -> bool:
@@ -164,6 +164,11 @@ def _raise_status(status: Any, what: str) -> None:
         raise ValueError(
             f"step overflow at datum {datum}, element {position}: x + h is not finite (or h is over 1e300) "
             "in the working dtype (use a smaller step)"
+        )
+    elif code == _STEPS_COINCIDE:
+        raise ValueError(
+            f"step too small for richardson at datum {datum}, element {position}: x + h/2 rounds onto x + h in "
+            "the working dtype, so the two steps coincide (use a larger step)"
         )
     else:
         raise RuntimeError(f"unknown status {code} from regrad._cuda")
