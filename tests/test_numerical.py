@@ -654,6 +654,9 @@ def test_numerical_wrapper_mirrors_scalar_return_and_no_grad():
     np.testing.assert_allclose(packed([lp.grad for lp in leaves]), 2 * packed(lps), rtol=1e-7)
     # numpy inputs: fn's value passes through untouched
     assert numerical(lambda d, lps: 1.5)(None, ragged()) == 1.5
+    # a one-shot iterator of numpy arrays: fn gets them, not the exhausted iterator (it read 0.0)
+    squares = lambda d, lps: float(sum(np.sum(np.asarray(a) ** 2) for a in lps))  # noqa: E731
+    assert numerical(squares)(None, iter(ragged())) == squares(None, ragged())
 
 
 def test_check_passes_and_fails():
@@ -861,6 +864,12 @@ def test_max_batch_bytes_too_small():
     with pytest.raises(NumericalError, match="datum 2"):
         numerical_grad(lambda d, lp: square_sum_rows(lp), [0, 1, 2], ragged(), structure="datum", vectorized=True,
                        max_batch_bytes=48)
+    # token + vectorized hands fn every stacked row in one call (2 for central): the limit covers them all
+    token_fn = lambda d, l: [np.asarray(a) ** 2 for a in l]  # noqa: E731
+    with pytest.raises(NumericalError, match=r"max_batch_bytes=239 cannot hold the 2 stacked copies of the batch \(240"):
+        numerical_grad(token_fn, None, ragged(), structure="token", vectorized=True, max_batch_bytes=239)
+    fits = numerical_grad(token_fn, None, ragged(), structure="token", vectorized=True, max_batch_bytes=240)
+    np.testing.assert_array_equal(packed(fits.grads), packed(numerical_grad(token_fn, None, ragged(), structure="token").grads))
 
 
 @pytest.mark.parametrize(

@@ -325,7 +325,7 @@ def numerical_grad(
         step_values = _per_element(step, n, batch, "step")
         if structure_name == "token":
             if vectorized:
-                both, nfev = _token_gradient_stacked(problem, method, scale, step_values, loss_eps)
+                both, nfev = _token_gradient_stacked(problem, method, scale, step_values, loss_eps, max_batch_bytes)
             else:
                 points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False)
                 both, nfev = _token_gradient(problem, method, points, loss_eps, executor)
@@ -561,12 +561,19 @@ def _token_gradient(
 
 
 def _token_gradient_stacked(
-    problem: Problem, method: str, scale: float, step: Optional[np.ndarray], loss_eps: float
+    problem: Problem, method: str, scale: float, step: Optional[np.ndarray], loss_eps: float, max_batch_bytes: int
 ) -> Tuple[np.ndarray, int]:
     """Structure "token" with a vectorized fn: one call, datum j as a contiguous [R, *shape_j] array
     of its copies (rows: the points, plus x for forward), and the same C++ pass reading them. The
     copies live in this thread's StackedPoints, reused (with fn's views of them) across calls."""
     rows = len(POINT_LABELS[method]) + (method == "forward")
+    block_bytes = rows * int(problem.offsets[-1]) * problem.batch.dtype.itemsize
+    if block_bytes > max_batch_bytes:  # the one call needs every row at once: nothing to split into blocks
+        raise NumericalError(
+            f"max_batch_bytes={max_batch_bytes} cannot hold the {rows} stacked copies of the batch ({block_bytes} "
+            f"bytes) that structure='token' with vectorized=True hands fn in one call; raise max_batch_bytes or "
+            f"pass vectorized=False ({rows} calls of one copy each)"
+        )
     held = StackedPoints.acquire(problem, rows)
     try:
         points = _difference_points(problem, method, scale, step, False, True, held.points)[0]
@@ -681,7 +688,7 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
         data = reusable(data)  # forward and backward both call fn with it
         tensors = list(logprobs_list)
         if not tensors or not all(is_torch_tensor(t) for t in tensors):
-            return fn(data, logprobs_list)
+            return fn(data, tensors)  # (the list: logprobs_list may have been a one-shot iterator)
         import torch
 
         detached = [t.detach() for t in tensors]
