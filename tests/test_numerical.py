@@ -715,6 +715,35 @@ def test_progress_only_when_asked(capsys):
     assert "regrad numerical_grad" in capsys.readouterr().err
 
 
+def test_progress_auto_decides_after_the_first_call(monkeypatch, capsys):
+    """progress=None shows a bar for a run predicted past AUTO_SECONDS from its first call; the scalar
+    loop used to update only per ~256 calls, so a slow run of under 512 calls never showed one."""
+    import importlib
+    import types
+
+    import regrad._progress as progress_module
+
+    clock = [0.0]
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock[0])
+    monkeypatch.setattr(progress_module, "time", fake_time)
+    monkeypatch.setattr(importlib.import_module("regrad.numerical"), "time", fake_time)
+    monkeypatch.setattr(progress_module, "AUTO_SECONDS", 0.1)
+
+    def slow(d, lps):  # 0.02 s of fake time per call: 30 calls, 0.6 s predicted after the first
+        clock[0] += 0.02
+        return float(sum(np.sum(lp) for lp in lps))
+
+    spans = []
+    pace = importlib.import_module("regrad.numerical")._Pace()
+    for q0, q1 in pace.spans(30):
+        spans.append((q0, q1))
+        clock[0] += 0.02 * (q1 - q0)
+    assert spans[0] == (0, 1) and spans[1] == (1, 6)  # then 0.1 s worth at 0.02 s per call
+    assert spans[-1][1] == 30 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    numerical_grad(slow, None, ragged())
+    assert "regrad numerical_grad" in capsys.readouterr().err
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 

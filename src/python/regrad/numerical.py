@@ -24,9 +24,10 @@ import inspect
 import itertools
 import math
 import numbers
+import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -456,6 +457,28 @@ def _chunks(total: int, count: int) -> List[Tuple[int, int]]:
     return [(q, min(q + size, total)) for q in range(0, total, size)]
 
 
+class _Pace:
+    """Spans of consecutive scalar calls for one run: the first a single call (progress=None decides
+    after it), then as many as take about 0.1 s at the pace so far, at most 256 (per-span overhead
+    stays amortised and a progress bar still moves for a slow fn)."""
+
+    CAP, TARGET_S = 256, 0.1
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.start = time.perf_counter()
+
+    def spans(self, total: int) -> Iterator[Tuple[int, int]]:
+        q = 0
+        while q < total:
+            per_call = (time.perf_counter() - self.start) / self.calls if self.calls else math.inf
+            size = 1 if not self.calls else int(max(1, min(self.CAP, self.TARGET_S / max(per_call, 1e-9))))
+            q1 = min(total, q + size)
+            yield q, q1
+            self.calls += q1 - q
+            q = q1
+
+
 def _separable_gradient(
     problem: Problem, method: str, points: np.ndarray, spacing: np.ndarray, loss_eps: float, vectorized: bool,
     max_batch_bytes: int, executor: Any, progress: Optional[bool],
@@ -478,6 +501,7 @@ def _separable_gradient(
     bar = Progress(total_calls if executor is None else sum(len(_chunks(nq, EXECUTOR_CHUNKS)) for _, nq, _ in plan),
                    progress, f"regrad numerical_grad ({method}, {problem.structure})")
     pool = BufferPool.shared()
+    pace = _Pace()
     try:
         for term, nq, rows in plan:
             if f0 is not None:
@@ -496,7 +520,7 @@ def _separable_gradient(
                 ncalls += -(-nq // rows)
                 max_rows = max(max_rows, rows)
             elif executor is None:
-                for q0, q1 in _chunks(nq, max(1, nq // 256)):
+                for q0, q1 in pace.spans(nq):
                     out[q0:q1] = difference_scalar_chunk(problem, term, points, method, q0, q1)
                     bar.update(q1 - q0)
                 ncalls += nq
