@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -379,6 +380,7 @@ def test_token_vectorized_bad_outputs_are_named():
 
 _SIMD_SCRIPT = """
 import sys
+import warnings
 import numpy as np
 import regrad
 rng = np.random.default_rng(5)
@@ -977,6 +979,23 @@ def test_a_float32_loss_of_float64_log_probs_is_reported(kwargs):
     assert better_actual.max() < actual.max() / 10
 
 
+@pytest.mark.parametrize("structure", ["batch", "datum"])
+def test_a_remote_chunk_reports_float16_losses_as_float16(structure):
+    """A process-like executor's chunks carry the precision they saw: float16 losses (eps 9.8e-4) used
+    to come back as float32, and the error estimate shrank ~8000x below the real error."""
+    lps = [np.linspace(-1, 1, 4)]
+    fn = (lambda d, lp: np.float16(np.sum(np.sin(lp)))) if structure == "datum" else \
+        (lambda d, lps: np.float16(np.sum(np.sin(lps[0]))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the narrow-loss warning, tested above)
+        alone = numerical_grad(fn, [0], lps, structure=structure, step=1e-2)
+        remote = numerical_grad(fn, [0], lps, structure=structure, step=1e-2, executor=_CopyingExecutor())
+    assert alone.info["loss_eps"] == remote.info["loss_eps"] == np.finfo(np.float16).eps
+    np.testing.assert_array_equal(remote.grads[0], alone.grads[0])
+    np.testing.assert_array_equal(remote.error[0], alone.error[0])
+    assert np.all(np.abs(remote.grads[0] - np.cos(lps[0])) <= remote.error[0])
+
+
 def test_float64_losses_warn_nothing_and_float32_inputs_keep_their_eps(recwarn):
     lps = ragged(3)
     result = numerical_grad(lambda d, lps: float(sum(np.sin(lp).sum() for lp in lps)), None, lps)
@@ -997,7 +1016,7 @@ class _BrokenExecutor:
             "short": results[:-1],
             "long": results + results[:1],
             "none": [None] * len(results),
-            "cut": [r[:-1] for r in results],
+            "cut": [(r[0][:-1], r[1]) for r in results],  # (each result: the chunk's losses, the eps seen)
             "not iterable": None,
         }[self.mode]
 

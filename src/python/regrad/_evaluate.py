@@ -14,7 +14,7 @@ import math
 import operator
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -30,7 +30,6 @@ POINT_LABELS = {
 
 
 _SHAPE = operator.attrgetter("shape")
-_EPS64 = float(np.finfo(np.float64).eps)
 _VERSION = operator.attrgetter("_version")  # a torch tensor's in-place modification counter
 
 
@@ -168,11 +167,6 @@ class Problem:
         eps = narrow_eps(value)
         if eps > self.loss_eps:
             self.loss_eps = eps
-
-    def narrowed(self, losses: np.ndarray) -> np.ndarray:
-        """Losses a chunk hands back from an executor: float32 when fn's were narrower than float64
-        (exact), so the caller's Problem learns their precision from a remote chunk too."""
-        return losses.astype(np.float32) if self.loss_eps > _EPS64 else losses
 
     @property
     def arrays(self) -> List[np.ndarray]:
@@ -506,7 +500,7 @@ def difference_scalar_chunk(
             stop = min(q_end, (offsets[j + 1] - term.e0) * npoints)
             losses += _datum_losses(problem, term, inputs, j - term.datums[0], points, npoints, method, q, stop)
             q = stop
-    return problem.narrowed(np.array(losses, np.float64))
+    return np.array(losses, np.float64)
 
 
 def _datum_losses(
@@ -658,7 +652,7 @@ def block_chunk(
                     problem.see_loss(loss)
             if progress is not None:
                 progress.update(1)
-    return problem.narrowed(out)
+    return out
 
 
 def datum_blocks(
@@ -732,20 +726,30 @@ def base_loss(problem: Problem, term: Term, vectorized: bool) -> float:
         return problem.scalar_loss(loss, where)
 
 
+def _remote(func: Callable[..., Any], problem: "Problem", *args: Any) -> Tuple[Any, float]:
+    """One chunk on an executor: its losses and the precision of fn's losses seen there (a process
+    worker's Problem is a copy, so the caller's would not learn a float16 or bfloat16 fn otherwise)."""
+    return func(problem, *args), problem.loss_eps
+
+
 def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]]) -> Iterator[Any]:
     """executor.map(func, *calls) in order, each result checked as it arrives: with sizes, a numeric
     vector of sizes[k] losses; then one result per call. An executor that breaks this is named (a
     short or None result would otherwise be read as uninitialised memory or NaN)."""
     name = f"executor {type(executor).__name__}"
-    results = executor.map(func, *zip(*calls))
+    problem = calls[0][0] if calls else None
+    results = executor.map(_remote, [func] * len(calls), *zip(*calls))  # (sized: Dask refuses iterators)
     try:
         results = iter(results)
     except TypeError:
         raise InputError(f"{name}.map returned {type(results).__name__}, not an iterable of results") from None
     count = 0
-    for value in results:
+    for result in results:
         if count == len(calls):
             raise InputError(f"{name}.map returned more than the {len(calls)} results asked for")
+        value, eps = result if isinstance(result, tuple) and len(result) == 2 else (result, 0.0)
+        if isinstance(eps, float) and eps > problem.loss_eps:  # what a process worker's copy of problem saw
+            problem.loss_eps = eps
         if sizes is not None:
             value = None if value is None else np.asarray(value)
             numbers = value is not None and value.dtype.kind in "fiu"
