@@ -804,6 +804,50 @@ def test_returns_without_numbers_are_named(kwargs, value, match):
         numerical_grad(lambda d, lps: [["x"] * lp.size for lp in lps], None, ragged(), structure="token")
 
 
+_COMPLEX_T = lambda v: torch.as_tensor(v).to(torch.complex128) * (1 + 5j)  # noqa: E731
+_BOOL_T = lambda v: torch.as_tensor(v) > 0  # noqa: E731
+
+
+@pytest.mark.parametrize("structure,vectorized", [("batch", False), ("batch", True), ("token", False), ("token", True)])
+@pytest.mark.parametrize("kind,convert", [
+    ("complex", _COMPLEX_T), ("bool", _BOOL_T),
+    ("complex", lambda v: np.asarray(v, np.complex128) * (1 + 5j)), ("bool", lambda v: np.asarray(v) < 0),
+])
+def test_complex_and_bool_losses_are_named_in_every_mode(structure, vectorized, kind, convert):
+    """Only real numbers are losses: numpy and torch read True as 1.0 (a zero gradient) and dropped a
+    complex value's imaginary part with a warning; a 0-d complex tensor escaped as a raw TypeError."""
+    lps = ragged(kind="torch")
+    if structure == "token":
+        fn = lambda d, l: [convert(t ** 2) for t in l]  # noqa: E731
+    elif vectorized:
+        fn = lambda d, l: convert(sum((t ** 2).sum(-1) for t in l))  # noqa: E731
+    else:
+        fn = lambda d, l: convert(sum((t ** 2).sum() for t in l))  # noqa: E731
+    with pytest.raises(NumericalError, match=f"returned .*{kind}.* at .*expected"):
+        numerical_grad(fn, None, lps, structure=structure, vectorized=vectorized)
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(False), 1 + 0j])
+def test_python_and_numpy_bool_and_complex_scalars_are_named(value):
+    with pytest.raises(NumericalError, match=f"returned {type(value).__name__} at perturbation 0 of 30.*expected a scalar"):
+        numerical_grad(lambda d, lps: value, None, ragged())
+
+
+@pytest.mark.parametrize("bad", [[None], ["abc"], [[1.0, None, 2.0, 0.0, 0.0]]])
+def test_token_losses_without_numbers_are_named_before_their_shape(bad):
+    """[None] was reported as 'per-token losses of shape ()' and [1.0, None, ...] read as NaN."""
+    x = [np.linspace(-1.0, 1.0, 5)]
+    with pytest.raises(NumericalError, match=r"returned (NoneType|str|list) at .*\(datum 0\); expected per-token losses"):
+        numerical_grad(lambda d, lps: bad, None, x, structure="token")
+
+
+def test_integer_losses_are_real_numbers():
+    """A counting loss (ints) is a real number: read as float64, never refused."""
+    x = [np.array([0.25, 0.45, 1.5])]
+    res = numerical_grad(lambda d, lps: int(np.sum(lps[0] > 0.5)), None, x, step=0.1)
+    np.testing.assert_allclose(res.grads[0], [0.0, 5.0, 0.0])  # 0.45 ± 0.1 straddles 0.5: (2 - 1) / 0.2
+
+
 @pytest.mark.parametrize("kwargs,neg", [
     ({}, lambda t: t.neg_()),  # the unperturbed data are the caller's tensors
     ({}, lambda t: (t.numpy().sort(), t)[1]),  # a write through numpy: no version counter sees it

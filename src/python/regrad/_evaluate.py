@@ -69,7 +69,7 @@ def _plain_loss(out: Any, tensor: Any) -> Any:
         kind = type(out)
     if kind is float or kind is np.float64 or kind is np.float32:
         return float(out)
-    if kind is tensor and out.dim() == 0:
+    if kind is tensor and out.dim() == 0 and out.is_floating_point():
         return out.item()
     return None
 
@@ -86,21 +86,33 @@ def split_loss(out: Any) -> Any:
 
 
 class _NotNumbers(TypeError):
-    """fn returned something that is not a number or an array of numbers (None, a string, a dict)."""
+    """fn returned something that is not a real number or an array of them (None, a string, a dict,
+    a bool, a complex number)."""
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+    """fn's value as float64. Only real numbers (floats, ints) count: numpy would read None as NaN,
+    "1" as 1.0 and True as 1.0, and drop a complex value's imaginary part with a warning."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu()
-        if not value.is_floating_point():
-            value = value.double()
-        return value.double().numpy()
-    if value is None or isinstance(value, (str, bytes, Mapping)):  # numpy reads None as nan and "1" as 1.0
+        if value.is_complex() or value.dtype == _torch_bool():
+            raise _NotNumbers(f"{type(value).__name__} of {value.dtype}")
+        return value.detach().cpu().double().numpy()
+    if value is None or isinstance(value, (str, bytes, Mapping)):
         raise _NotNumbers(type(value).__name__)
     try:
-        return np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
+        a = np.asarray(value)
+    except (TypeError, ValueError) as err:  # (ragged lists)
         raise _NotNumbers(type(value).__name__) from err
+    if a.dtype.kind not in "fiu":
+        scalar_or_objects = a.ndim == 0 or a.dtype.kind == "O"
+        raise _NotNumbers(type(value).__name__ if scalar_or_objects else f"{type(value).__name__} of {a.dtype}")
+    return a.astype(np.float64, copy=False)
+
+
+def _torch_bool() -> Any:
+    import torch
+
+    return torch.bool
 
 
 def _float_view(value: Any) -> np.ndarray:
@@ -246,22 +258,23 @@ class Problem:
             raise self.modified_error(where)
         return out
 
-    def not_numbers(self, out: Any, where: Where, expected: str) -> NumericalError:
-        """The error for a return value that holds no numbers (None, a string, ...)."""
-        return NumericalError(f"{self.name} returned {type(out).__name__} at {_text(where)}; expected {expected}")
+    def not_numbers(self, out: Any, where: Where, expected: str, err: Optional[_NotNumbers] = None) -> NumericalError:
+        """The error for a return value that holds no real numbers (None, a string, a bool, a complex, ...)."""
+        what = str(err) if err is not None and str(err) else type(out).__name__
+        return NumericalError(f"{self.name} returned {what} at {_text(where)}; expected {expected}")
 
     def scalar_loss(self, out: Any, where: Where) -> float:
         kind = type(out)
         if kind is float or kind is np.float64 or kind is np.float32:
             value = float(out)
-        elif _is_torch_scalar(out):
+        elif _is_torch_scalar(out) and out.is_floating_point():
             value = out.item()
         else:
             try:
                 a = _to_numpy(out)
-            except _NotNumbers:
-                raise self.not_numbers(out, where, "a scalar loss (a float or a 0-d tensor)") from None
-            if a.ndim != 0 or isinstance(out, bool):
+            except _NotNumbers as err:
+                raise self.not_numbers(out, where, "a scalar loss (a float or a 0-d tensor)", err) from None
+            if a.ndim != 0:
                 raise NumericalError(
                     f"{self.name} returned shape {tuple(a.shape)} at {_text(where)}; structure={self.structure!r} "
                     "expects a scalar loss (for one loss per perturbed copy use vectorized=True, for "
@@ -276,8 +289,8 @@ class Problem:
         """One loss per perturbed copy, float32 or float64 (a view where fn's output allows)."""
         try:
             a = _float_view(out)
-        except _NotNumbers:
-            raise self.not_numbers(out, where, f"one loss per perturbed copy, shape ({count},)") from None
+        except _NotNumbers as err:
+            raise self.not_numbers(out, where, f"one loss per perturbed copy, shape ({count},)", err) from None
         if a.shape == (count,) and math.isfinite(np.add.reduce(a)):
             return a  # the common case: one reduction checks every value (an overflowing sum is re-checked below)
         where = _text(where) if a.shape != (count,) or not np.all(np.isfinite(a)) else ""
@@ -322,18 +335,24 @@ class Problem:
             if dtype is not None:
                 return list(map(torch.Tensor.data_ptr, out)), "float64" if dtype == np.float64 else "float32"
             try:
-                return list(map(torch.Tensor.numpy, out))
+                views = list(map(torch.Tensor.numpy, out))
             except (RuntimeError, TypeError):
-                pass
+                views = None
+            if views is not None and all(v.dtype.kind == "f" for v in views):
+                return views
+        return [self._token_floats(p, f"{where} (datum {j})") for j, p in enumerate(out)]
+
+    def _token_floats(self, p: Any, where: str) -> np.ndarray:
         try:
-            return [_float_view(p) for p in out]
-        except _NotNumbers:
-            bad = next(j for j, p in enumerate(out) if p is None or np.asarray(p).dtype.kind not in "biuf")
-            raise self.not_numbers(out[bad], f"{where} (datum {bad})", "per-token losses (an array of numbers)") from None
+            return _float_view(p)
+        except _NotNumbers as err:
+            raise self.not_numbers(p, where, "per-token losses (an array of real numbers)", err) from None
 
     def _check_token_shapes(self, out: Sequence[Any], shapes: List[tuple], where: str, stacked: bool) -> None:
         for j, (p, s) in enumerate(zip(out, shapes)):
-            if tuple(np.shape(p) if not hasattr(p, "shape") else p.shape) != s:
+            if not hasattr(p, "shape"):  # None, a string, a list: what it holds before what shape it has
+                p = self._token_floats(p, f"{where} (datum {j})")
+            if tuple(p.shape) != s:
                 what = "its stacked copies" if stacked else "its log-probs"
                 raise NumericalError(
                     f"{self.name} returned per-token losses of shape {tuple(np.shape(p))} for datum {j} at {where}; "
