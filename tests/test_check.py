@@ -116,7 +116,7 @@ def test_check_rejects_async_grad_fn_bad_tolerances_and_scalar_token_losses() ->
         check(entropy_like, None, batch(3), atol="abc")
     with pytest.raises(InputError, match=r"returned a loss of shape \(3,\); structure='batch' needs a scalar"):
         check(lambda d, l: l[0] ** 2, None, batch(3))
-    with pytest.raises(InputError, match="structure='datum' needs one datum per log-prob array: got None"):
+    with pytest.raises(InputError, match=r"structure='datum' needs one datum per log-prob array \(a list\): got None"):
         check(lambda d, lp: lp.sum(), None, batch(3), structure="datum")
 
     async def later_loss(data: Any, lps: List[Any]) -> Any:

@@ -841,6 +841,29 @@ def test_token_losses_without_numbers_are_named_before_their_shape(bad):
         numerical_grad(lambda d, lps: bad, None, x, structure="token")
 
 
+@pytest.mark.parametrize("vectorized", [False, True])
+@pytest.mark.parametrize("data,got", [(5, "a int"), ({0: "a", 1: "b", 2: "c"}, "a dict"), ({0, 1, 2}, "a set"),
+                                      (None, "None"), ([0, 1], "2 data")])
+def test_datum_structure_names_data_that_is_not_one_per_array(data, got, vectorized):
+    """A dict, a set or a number used to escape as a raw KeyError / TypeError, or as 'fn raised KeyError'
+    although fn never ran."""
+    calls = []
+    with pytest.raises(InputError, match=f"structure='datum' needs one datum per log-prob array .*got {got} for 3"):
+        numerical_grad(lambda d, lp: calls.append(1) or 0.0, data, ragged(), structure="datum", vectorized=vectorized)
+    with pytest.raises(InputError, match=f"got {got} for 3"):
+        check(lambda d, lp: (lp ** 2).sum(), data, ragged(kind="torch"), structure="datum")
+    assert calls == []
+
+
+def test_mixed_dtypes_are_named_as_given_not_as_widened():
+    x64, x16 = np.array([0.5, 1.0]), np.array([0.5], np.float16)
+    with pytest.raises(InputError, match=r"logprobs_list\[1\] has dtype float16 but logprobs_list\[0\] has float64"):
+        numerical_grad(lambda d, lps: 0.0, None, [x64, x16])
+    tb, t64 = torch.tensor([0.5], dtype=torch.bfloat16), torch.tensor([0.5], dtype=torch.float64)
+    with pytest.raises(InputError, match=r"logprobs_list\[1\] has dtype float64 but logprobs_list\[0\] has bfloat16"):
+        numerical_grad(lambda d, lps: 0.0, None, [tb, t64])
+
+
 def test_integer_losses_are_real_numbers():
     """A counting loss (ints) is a real number: read as float64, never refused."""
     x = [np.array([0.25, 0.45, 1.5])]
@@ -959,6 +982,13 @@ def test_max_batch_bytes_too_small():
         ({"num_samples": 0}, "num_samples"),
         ({"seed": -1}, "seed"),
         ({"structure": "datum"}, "structure='datum' needs one datum per log-prob array"),
+        ({"structure": ["batch"]}, r"structure must be one of .*got \['batch'\]"),  # was a raw "unhashable"
+        ({"step": 10**400}, "step must be positive and finite; got an integer beyond float64"),  # a raw OverflowError
+        ({"method": "spsa", "sigma": 10**400}, "sigma must be positive and finite; got an integer beyond"),
+        ({"step": True}, "step must be a positive number or an array of them; got bool"),  # was read as 1.0
+        ({"step": "0.001"}, "step must be a positive number .*got str"),  # was parsed
+        ({"method": "gaussian", "sigma": "0.1"}, "sigma must be a positive number .*got str"),
+        ({"step": [np.full(5, 1e-3), np.full(3, "x"), np.full(7, 1e-3)]}, r"step\[1\] must be a positive number"),
     ],
 )
 def test_bad_options(kwargs, match):

@@ -17,7 +17,9 @@ from ._arrays import ArrayBatch, reusable
 from ._evaluate import fn_name, split_loss
 from .errors import InputError
 from .grad import requires_grad_error
-from .numerical import STRUCTURES, NumericalGrad, _numpy, _prepare_inputs, numerical_grad
+from .numerical import (
+    STRUCTURES, NumericalGrad, _numpy, _prepare_inputs, canonical_structure, check_datum_data, numerical_grad,
+)
 
 __all__ = ["CheckResult", "check"]
 
@@ -68,12 +70,11 @@ def check(
     data = reusable(data)
     batch = _prepare_inputs(logprobs_list).batch
     atol, rtol = _tolerances(atol, rtol, batch.dtype)
-    structure = STRUCTURES.get(options.get("structure", "batch"))
+    structure = canonical_structure(options.get("structure", "batch"))
     if structure is None:
         raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {options.get('structure')!r}")
-    if structure == "datum" and (data is None or len(data) != len(batch.shapes)):
-        got = "None" if data is None else f"{len(data)} data"
-        raise InputError(f"structure='datum' needs one datum per log-prob array: got {got} for {len(batch.shapes)} arrays")
+    if structure == "datum":
+        check_datum_data(data, len(batch.shapes))
     inputs = _inputs(batch, need_torch=grad_fn is None)
     if grad_fn is None:
         reference, against = _autograd_reference(fn, data, batch, structure), "autograd"

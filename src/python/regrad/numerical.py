@@ -149,6 +149,10 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
         else:
             originals.append(None)
         widened.append(x)
+    names = [(i, str(d).replace("torch.", "")) for i, d in enumerate(originals) if d is not None]
+    if narrow and len({name for _, name in names}) > 1:  # named before widening: float16 beside float64 is not "float32"
+        (i0, first), (i, name) = names[0], next(item for item in names if item[1] != names[0][1])
+        raise InputError(f"logprobs_list[{i}] has dtype {name} but logprobs_list[{i0}] has {first}; use one dtype")
     batch = as_array_batch(widened, keep_tensors=False)
     note = None
     if narrow:
@@ -187,20 +191,23 @@ def _per_element(value: Any, n: int, batch: ArrayBatch, what: str) -> Optional[n
     """A scalar or per-element option (one array per datum, or packed [n]) as float64 [n] (or None)."""
     if value is None:
         return None
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        out = np.full(n, float(value))
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        try:
+            out = np.full(n, float(value))
+        except OverflowError:  # an int past float64 (10**400)
+            raise InputError(f"{what} must be positive and finite; got an integer beyond float64's range") from None
     elif isinstance(value, (list, tuple)):
         if len(value) != len(batch.shapes):
             raise InputError(f"{what} has {len(value)} entries but the batch has {len(batch.shapes)} data")
         parts = []
         for j, (v, shape) in enumerate(zip(value, batch.shapes)):
-            a = np.asarray(_numpy(v), dtype=np.float64)
+            a = _real_option(v, f"{what}[{j}]")
             if a.shape != tuple(shape):
                 raise InputError(f"{what}[{j}] has shape {a.shape}; datum {j} has {tuple(shape)}")
             parts.append(a.reshape(-1))
         out = np.concatenate(parts) if parts else np.zeros(0)
     else:
-        a = np.asarray(_numpy(value), dtype=np.float64)
+        a = _real_option(value, what)
         if a.ndim == 0:
             out = np.full(n, float(a))
         elif a.shape == (n,):
@@ -213,13 +220,37 @@ def _per_element(value: Any, n: int, batch: ArrayBatch, what: str) -> Optional[n
     return out
 
 
+def canonical_structure(name: Any) -> Optional[str]:
+    """"batch", "datum" or "token" for a structure name or alias; None for anything else (a list too)."""
+    return STRUCTURES.get(name) if isinstance(name, str) else None
+
+
+def check_datum_data(data: Any, count: int) -> None:
+    """structure='datum' calls fn(data[j], logprobs_list[j]): data must be a sequence (list, tuple,
+    array) of one datum per log-prob array; a dict, a set or a number is named here, not by fn's call."""
+    sequence = isinstance(data, (Sequence, np.ndarray)) and not isinstance(data, (str, bytes))
+    if not sequence or len(data) != count:
+        got = "None" if data is None else f"{len(data)} data" if sequence else f"a {type(data).__name__}"
+        raise InputError(f"structure='datum' needs one datum per log-prob array (a list): got {got} for {count} arrays")
+
+
+def _real_option(value: Any, what: str) -> np.ndarray:
+    """An option's array of real numbers as float64; a string, a bool or None is named, not parsed
+    (numpy would read "0.001" as 0.001 and True as 1.0)."""
+    a = np.asarray(_numpy(value))
+    if a.dtype.kind not in "fiu":
+        got = type(value).__name__ if a.ndim == 0 else f"{type(value).__name__} of {a.dtype}"
+        raise InputError(f"{what} must be a positive number or an array of them; got {got}")
+    return a.astype(np.float64, copy=False)
+
+
 def _check_options(method: str, structure: str, vectorized: bool, executor: Any, max_batch_bytes: Any,
                    num_samples: Any, seed: Any) -> str:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    if structure not in STRUCTURES:
+    canonical = canonical_structure(structure)
+    if canonical is None:
         raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {structure!r}")
-    canonical = STRUCTURES[structure]
     if canonical == "token" and method in RANDOMIZED:
         raise InputError(
             f"method {method!r} applies to structure 'batch' or 'datum'; with per-token losses "
@@ -293,9 +324,7 @@ def numerical_grad(
     n = int(offsets[-1])
     width = int(shapes[0][1]) if shapes and len(shapes[0]) == 2 else 1
     if structure_name == "datum":
-        if data is None or len(data) != len(shapes):
-            got = "None" if data is None else f"{len(data)} data"
-            raise InputError(f"structure='datum' needs one datum per log-prob array: got {got} for {len(shapes)} arrays")
+        check_datum_data(data, len(shapes))
     problem = Problem(fn, data, structure_name, batch, offsets, width)
     dtype_name, scale, loss_eps = _dtype_constants("central" if method in RANDOMIZED else method, batch.dtype)
     common = dict(method=method, structure=structure_name, dtype=dtype_name, dtype_note=inputs.dtype_note)
@@ -696,7 +725,7 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
     unknown = sorted(set(options) - _WRAPPER_OPTIONS)
     if unknown:
         raise InputError(f"unknown option(s) {unknown} for regrad.numerical; it takes {sorted(_WRAPPER_OPTIONS)}")
-    structure = STRUCTURES.get(options.get("structure", "batch"))
+    structure = canonical_structure(options.get("structure", "batch"))
     if structure is None:
         raise InputError(f"structure must be one of {tuple(STRUCTURES)}, got {options.get('structure')!r}")
     if structure != "batch" or options.get("vectorized"):
