@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Dict, List, Tuple
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
 import torch
 
 import regrad
+from regrad._futures import RequestFuture
 from regrad.clients import ForwardBackwardOutput, LocalTrainingClient
 from regrad.data import Datum, ModelInput, data_from_texts, datum_from_text
 from regrad.errors import InputError, NonFiniteError
@@ -232,6 +236,11 @@ def _bad_data() -> Dict[str, Tuple[List[Any], str]]:
         "not a list": (good, "must be a list of Datum"),  # type: ignore[dict-item]
         "float ids": ([Datum(ModelInput([104.9, 101.5]), {"target_tokens": np.array([3, 4])})], "datum 0: input token 104.9 is not an integer id"),  # type: ignore[list-item]
         "string input": ([good, Datum(ModelInput("hi"), {"target_tokens": np.array([3, 4])})], "datum 1: input token 'h' is not an integer id"),  # type: ignore[arg-type]
+        "ragged targets": ([Datum([1, 2], {"target_tokens": [[1, 2], [3]]})], "datum 0: loss_fn_inputs\\['target_tokens'\\] is not a rectangular array"),
+        "string targets": ([good, Datum([1, 2], {"target_tokens": ["a", "b"]})], "datum 1: loss_fn_inputs\\['target_tokens'\\] must hold numbers"),
+        "bool targets": ([Datum([1, 2], {"target_tokens": [True, False]})], "datum 0: target_tokens holds booleans"),
+        "string weights": ([Datum([1, 2], {"target_tokens": [2, 3], "weights": ["x", "y"]})], "datum 0: loss_fn_inputs\\['weights'\\] must hold numbers"),
+        "ragged weights": ([Datum([1, 2], {"target_tokens": [2, 3], "weights": [[1.0], 1.0]})], "datum 0: loss_fn_inputs\\['weights'\\] is not a rectangular array"),
     }
 
 
@@ -244,6 +253,22 @@ def test_bad_data_is_rejected_naming_the_datum(case: str) -> None:
             call(data)
     assert all(p.grad is None for p in client.model.parameters())
     assert client.forward(data_from_texts(TEXTS)).result().metrics["loss:sum"] > 0  # still usable
+
+
+@pytest.mark.parametrize(
+    "datum, message",
+    [
+        (Datum([1, 2, 3], {"target_tokens": [2, 3, -1]}), "datum 0: target_tokens has a negative id \\(-1\\)"),
+        (Datum([1, -2, 3], {"target_tokens": [2, 3, 4]}), "datum 0: input tokens has a negative id \\(-2\\)"),
+    ],
+)
+def test_negative_token_ids_are_rejected_at_submission_without_a_declared_vocabulary(datum: Datum, message: str) -> None:
+    torch.manual_seed(0)
+    client = LocalTrainingClient(torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)))
+    assert client.vocab_size is None  # nothing to check ids against but their sign
+    for call in (client.forward, lambda d: client.forward_backward_custom(d, nonlinear_loss)):
+        with pytest.raises(InputError, match=message):
+            call([datum])  # at the call, before anything is queued
 
 
 def _wrong_loss_fns() -> Dict[str, Tuple[Any, type, str]]:
@@ -319,6 +344,98 @@ def test_optim_step_takes_adam_params_only_and_eps_above_zero() -> None:
     with pytest.raises(ValueError, match="eps must be > 0"):  # eps = 0: 0 / 0 = NaN weights where grad is 0
         client.optim_step(regrad.AdamParams(eps=0.0))
     assert client.optim_step({"learning_rate": 1e-3}).result().metrics["optim/learning_rate"] == 1e-3
+
+
+def test_optim_step_copies_adam_params_at_the_call() -> None:
+    """Changing the caller's AdamParams after optim_step (a schedule loop) neither changes nor unvalidates the queued step."""
+    data = data_from_texts(TEXTS)
+    gate = threading.Event()
+
+    def held_loss(d: Any, lps: List[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        gate.wait(10)  # keeps the worker busy, so the step below stays queued
+        return nonlinear_loss(d, lps)
+
+    client, reference = small_client(), small_client()
+    adam = regrad.AdamParams(learning_rate=1e-3)
+    backward = client.forward_backward_custom(data, held_loss)
+    step = client.optim_step(adam)
+    adam.learning_rate, adam.eps = 0.5, 0.0  # eps = 0 is refused at a call: NaN weights where a grad is 0
+    gate.set()
+    backward.result()
+    assert step.result().metrics["optim/learning_rate"] == 1e-3
+    reference.forward_backward_custom(data, nonlinear_loss)
+    reference.optim_step(regrad.AdamParams(learning_rate=1e-3)).result()
+    assert all(torch.equal(a, b) for a, b in zip(client.model.parameters(), reference.model.parameters()))
+
+
+def test_adam_params_take_real_numbers_of_any_kind_but_not_bools() -> None:
+    client = small_client()
+    for value in (np.float32(1e-3), np.float64(1e-3), torch.tensor(1e-3, dtype=torch.float64), 1):
+        client.forward_backward(data_from_texts(TEXTS[:1]))
+        rate = client.optim_step(regrad.AdamParams(learning_rate=value)).result().metrics["optim/learning_rate"]
+        assert type(rate) is float and rate == float(value)
+    for wrong in (True, np.bool_(True), torch.tensor(True), torch.tensor([1e-3]), "1e-3"):
+        with pytest.raises(ValueError, match="AdamParams.learning_rate must be a finite number"):
+            client.optim_step(regrad.AdamParams(learning_rate=wrong))
+    with pytest.raises(TypeError, match="AdamParams has no field\\(s\\) \\['lr'\\]"):
+        client.optim_step({"lr": 1e-3})
+
+
+def test_grad_clip_of_large_float32_gradients_uses_the_float64_norm() -> None:
+    """1e19 × a loss has a float32 gradient norm of inf but a finite float64 one: clipped, the step equals
+    torch's own clip_grad_norm_ + AdamW on the unscaled gradient (clipping does not see the scale)."""
+    data = data_from_texts(TEXTS)
+    adam = dict(learning_rate=1e-2, eps=1e-3)  # eps >> rounding: the update is smooth in the gradient
+    plain_sum = lambda d, lps: (sum(lp.sum() for lp in lps), {})  # noqa: E731
+    scaled = small_client()
+    scaled.forward_backward_custom(data, lambda d, lps: (1e19 * plain_sum(d, lps)[0], {})).result()
+    assert math.isinf(float(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in scaled.model.parameters()]))))
+
+    reference = small_client()
+    reference.forward_backward_custom(data, plain_sum).result()
+    params = list(reference.model.parameters())
+    norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+    assert norm > 1.0  # clipping acts on both
+    torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.0).step()
+
+    metrics = scaled.optim_step(regrad.AdamParams(grad_clip_norm=1.0, **adam)).result().metrics
+    assert metrics["optim/grad_norm"] == pytest.approx(1e19 * norm, rel=1e-4)
+    for a, b in zip(scaled.model.parameters(), params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+class _TableLM(torch.nn.Module):
+    """logits[t] = table[id_t] (zeros at first): d log p(target) / d table[id, j] = onehot(target)_j - 1/vocab."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(vocab, vocab))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids]
+
+
+def test_gradient_accumulation_overflow_is_refused_and_leaves_the_gradients_usable() -> None:
+    """Each request's gradient is finite; their float32 sum is not: the request that would overflow is
+    refused, the accumulated gradient stays as it was, and optim_step still uses it."""
+    s = 0.8 * float(torch.finfo(torch.float32).max)
+    scaled = lambda d, lps: (s * (lps[0].sum() - lps[0].sum().detach()), {})  # noqa: E731  loss 0, d/d logprob = s
+    client = LocalTrainingClient(_TableLM(4))
+    data = [Datum([1], {"target_tokens": [2]})]
+    client.forward_backward_custom(data, scaled).result()
+    expected = torch.zeros(4, 4)
+    expected[1] = torch.tensor([-0.25, -0.25, 0.75, -0.25]) * s  # 0.6 × float32 max at [1, 2]: twice is inf
+    torch.testing.assert_close(client.model.table.grad, expected, rtol=1e-6, atol=0.0)
+    accumulated = client.model.table.grad.clone()
+
+    with pytest.raises(NonFiniteError, match="accumulated gradient of parameter 'table' overflows"):
+        client.forward_backward_custom(data, scaled).result()
+    assert torch.equal(client.model.table.grad, accumulated)
+    step = client.optim_step(regrad.AdamParams(learning_rate=1e-3, grad_clip_norm=1.0)).result()
+    assert step.metrics["optim/grad_norm"] == pytest.approx(s * math.sqrt(0.75), rel=1e-6)
+    assert client.model.table.grad is None and bool(torch.isfinite(client.model.table).all())
+    client.forward_backward(data).result()
+    client.optim_step(regrad.AdamParams(learning_rate=1e-3)).result()
 
 
 class _SqrtScale(torch.nn.Module):
@@ -554,3 +671,234 @@ def test_futures_have_tinkers_coroutine_and_future() -> None:
     failed.set_exception(ValueError("request failed"))
     with pytest.raises(ValueError, match="request failed"):
         MappedFuture(RequestFuture(failed), lambda v: v).future().result(timeout=5)
+
+
+@needs_compose
+@pytest.mark.parametrize("single", [{"fn": nonlinear_loss, "weight": 0.1, "name": "x"}, "l1 spec"])
+def test_a_single_regularizer_not_in_a_list_is_named(single: Any) -> None:
+    single = regrad.l1(0.1) if single == "l1 spec" else single
+    with pytest.raises(TypeError, match="regularizers must be a list .* got a single (dict|RegularizerSpec): wrap it in a list"):
+        regrad.forward_backward_custom(small_client(), data_from_texts(TEXTS), regularizers=single)
+
+
+# ----------------------------------------------- Tinker-shaped clients (duck typing)
+
+
+class _TinkerFuture:
+    """Tinker's AwaitableConcurrentFuture: result, result_async, future(), no done(); a cancelled wait
+    cancels the request (its asyncio.wrap_future cancels the concurrent future)."""
+
+    def __init__(self, request: Future) -> None:
+        self._request = request
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return self._request.result(timeout)
+
+    async def result_async(self, timeout: Optional[float] = None) -> Any:
+        return await asyncio.wait_for(asyncio.wrap_future(self._request), timeout)
+
+    def future(self) -> Future:
+        return self._request
+
+    def __await__(self) -> Any:
+        return self.result_async().__await__()
+
+
+class _CombinedTinkerFuture:
+    """Older Tinker's _CombinedAPIFuture: result, result_async and await only (no done(), no future())."""
+
+    def __init__(self, inner: _TinkerFuture) -> None:
+        self._inner = inner
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return self._inner.result(timeout)
+
+    async def result_async(self, timeout: Optional[float] = None) -> Any:
+        return await self._inner.result_async(timeout)
+
+    def __await__(self) -> Any:
+        return self.result_async().__await__()
+
+
+class _FakeTinkerClient:
+    """Tinker's client side of a custom loss (leaves, loss_fn, backward) over a local model; the 'server'
+    answers at once, or when the test calls `answer` (`hold=True`)."""
+
+    def __init__(self, *, combined: bool = False, hold: bool = False) -> None:
+        self.local = small_client()
+        self.combined, self.hold = combined, hold
+        self.requests: List[Tuple[Future, ForwardBackwardOutput]] = []
+
+    def forward_backward_custom(self, data: Any, loss_fn: Any) -> Any:
+        leaves = [o["logprobs"].clone().requires_grad_(True) for o in self.local.forward(data).result().loss_fn_outputs]
+        loss, metrics = loss_fn(data, leaves)
+        loss.backward()
+        output = ForwardBackwardOutput("ArrayRecord", [{"logprobs": lp.detach()} for lp in leaves],
+                                       {"loss:sum": float(loss.detach()), **metrics})
+        request: Future = Future()
+        self.requests.append((request, output))
+        if not self.hold:
+            self.answer()
+        future = _TinkerFuture(request)
+        return _CombinedTinkerFuture(future) if self.combined else future
+
+    def answer(self, error: Optional[Exception] = None) -> None:
+        request, output = self.requests[-1]
+        request.set_exception(error) if error else request.set_result(output)
+
+
+def _local_result(regularizers: List[Any]) -> regrad.CustomLossResult:
+    """The same request on the local client: the reference for a Tinker-shaped one."""
+    return regrad.forward_backward_custom(small_client(), data_from_texts(TEXTS), regularizers=regularizers).result()
+
+
+@needs_compose
+@pytest.mark.parametrize("combined", [False, True])
+def test_a_timed_out_wait_does_not_cancel_a_tinker_request(combined: bool) -> None:
+    client = _FakeTinkerClient(combined=combined, hold=True)
+    future = regrad.forward_backward_custom(client, data_from_texts(TEXTS), regularizers=composed_specs())
+
+    async def impatient() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(future, 0.01)
+
+    asyncio.run(impatient())
+    request, _ = client.requests[-1]
+    assert not request.cancelled()
+    client.answer()
+    assert future.result(timeout=10).loss == pytest.approx(_local_result(composed_specs()).loss, rel=1e-6)
+
+
+@needs_compose
+@pytest.mark.parametrize("combined", [False, True])
+def test_done_turns_true_on_tinker_futures_that_have_no_done(combined: bool) -> None:
+    client = _FakeTinkerClient(combined=combined, hold=True)
+    future = regrad.forward_backward_custom(client, data_from_texts(TEXTS), regularizers=composed_specs())
+    assert not future.done()
+    client.answer()
+    if not combined:
+        assert future.done()  # read from the inner future().done()
+    deadline = time.monotonic() + 10  # the combined future has neither: a helper thread started by done() watches it
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert future.done()
+
+
+@needs_compose
+def test_composed_loss_threads_stop_when_a_tinker_request_fails() -> None:
+    def square(d: Any, lps: List[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        return sum((lp**2).mean() for lp in lps), {}
+
+    def cube(d: Any, lps: List[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        return sum((lp**3).mean() for lp in lps), {}
+
+    before = set(threading.enumerate())
+    client = _FakeTinkerClient(combined=True, hold=True)
+    regs = [{"fn": square, "weight": 0.1, "name": "square"}, {"fn": cube, "weight": 0.1, "name": "cube"}]
+    future = regrad.forward_backward_custom(client, data_from_texts(TEXTS), base_loss=None, regularizers=regs)
+    client.answer(RuntimeError("server rejected the request"))
+    with pytest.raises(RuntimeError, match="server rejected"):
+        future.result()
+    pool = [t for t in threading.enumerate() if t not in before and t.name.startswith("regrad_")]
+    for thread in pool:
+        thread.join(timeout=5)
+    assert not [t.name for t in pool if t.is_alive()]
+
+
+class _EagerClient(_FakeTinkerClient):
+    """Returns the output itself, not a future."""
+
+    def forward_backward_custom(self, data: Any, loss_fn: Any) -> Any:
+        return super().forward_backward_custom(data, loss_fn).result()
+
+
+class _AsyncClient:
+    """`async def forward_backward_custom` (or only Tinker's `forward_backward_custom_async`), giving a future."""
+
+    def __init__(self) -> None:
+        self.inner = _FakeTinkerClient()
+
+    async def forward_backward_custom(self, data: Any, loss_fn: Any) -> Any:
+        return self.inner.forward_backward_custom(data, loss_fn)
+
+
+class _AsyncOnlyClient:
+    def __init__(self) -> None:
+        self.inner = _FakeTinkerClient()
+
+    async def forward_backward_custom_async(self, data: Any, loss_fn: Any) -> Any:
+        return self.inner.forward_backward_custom(data, loss_fn)
+
+
+@needs_compose
+def test_what_a_duck_typed_client_returns_is_checked() -> None:
+    data = data_from_texts(TEXTS)
+    with pytest.raises(TypeError, match="_EagerClient.forward_backward_custom returned ForwardBackwardOutput, not a future"):
+        regrad.forward_backward_custom(_EagerClient(), data, regularizers=composed_specs())
+    for client in (_AsyncClient(), _AsyncOnlyClient()):  # outside an event loop: a named error, no stray coroutine
+        with pytest.raises(TypeError, match="forward_backward_custom(_async)? is async"):
+            regrad.forward_backward_custom(client, data, regularizers=composed_specs())
+
+    async def in_async_code(client: Any) -> regrad.CustomLossResult:
+        return await regrad.forward_backward_custom(client, data, regularizers=composed_specs())
+
+    expected = _local_result(composed_specs())
+    for client in (_AsyncClient(), _AsyncOnlyClient()):
+        result = asyncio.run(in_async_code(client))
+        assert isinstance(result.output, ForwardBackwardOutput)
+        assert result.loss == pytest.approx(expected.loss, rel=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(result.grads, expected.grads))
+
+
+@needs_compose
+def test_in_async_code_a_client_with_both_methods_gets_the_request_at_the_call() -> None:
+    """The sync method submits at once, so a request made right after (an optim_step) is queued after it;
+    an `*_async` coroutine would only start when the loop next runs, after that request."""
+
+    class Both(_FakeTinkerClient):
+        async def forward_backward_custom_async(self, data: Any, loss_fn: Any) -> Any:
+            raise AssertionError("not used: it would reorder the requests")
+
+    client = Both()
+
+    async def run() -> float:
+        future = regrad.forward_backward_custom(client, data_from_texts(TEXTS), regularizers=composed_specs())
+        assert len(client.requests) == 1
+        return (await future).loss
+
+    assert asyncio.run(run()) == pytest.approx(_local_result(composed_specs()).loss, rel=1e-6)
+
+
+def test_async_twins_give_the_request_future_as_tinker_does(tmp_path: Any) -> None:
+    """`await client.X_async(...)` submits X and gives its future; the results match the sync calls'."""
+    data = data_from_texts(TEXTS)
+    adam = regrad.AdamParams(learning_rate=1e-2)
+    sync, twin = small_client(), small_client()
+    expected = [
+        sync.forward(data).result().metrics,
+        sync.forward_backward(data).result().metrics,
+        sync.forward_backward_custom(data, nonlinear_loss).result().metrics,
+        sync.optim_step(adam).result().metrics,
+    ]
+
+    async def run() -> List[Any]:
+        futures = [
+            await twin.forward_async(data),
+            await twin.forward_backward_async(data),
+            await twin.forward_backward_custom_async(data, nonlinear_loss),
+            await twin.optim_step_async(adam),
+        ]
+        assert all(isinstance(f, RequestFuture) for f in futures)
+        return [(await f).metrics for f in futures]
+
+    assert asyncio.run(run()) == expected
+    assert all(torch.equal(a, b) for a, b in zip(sync.model.parameters(), twin.model.parameters()))
+
+    async def round_trip() -> str:
+        saved = await (await twin.save_state_async(tmp_path / "state.pt"))
+        twin.optim_step(adam)  # no gradients: only the step count moves (to 2), and load_state restores 1
+        return await (await twin.load_state_async(saved))
+
+    assert asyncio.run(round_trip()) == str(tmp_path / "state.pt")
+    assert twin.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(sync.model.parameters(), twin.model.parameters()))

@@ -79,22 +79,12 @@ class MappedFuture(Generic[U]):
         return self._finish(lambda: None)
 
     async def result_async(self, timeout: Optional[float] = None) -> U:
-        """Awaits the inner future if it is awaitable, else waits for it on a worker thread."""
-        if self._state is None:
-            if hasattr(self._inner, "__await__"):
-                aw = _as_coroutine(self._inner)
-            else:
-                aw = asyncio.get_running_loop().run_in_executor(None, self._inner.result)
-            try:
-                inner_value = await asyncio.wait_for(aw, timeout)
-            except asyncio.TimeoutError:
-                raise
-            except BaseException as err:  # noqa: BLE001
-                if not self._request_failed(err):
-                    raise
-                return self._finish(lambda: _raise(err))
-            return self._finish(lambda: inner_value)
-        return self._finish(lambda: None)
+        """Waits without blocking the event loop; a timeout or a cancelled wait leaves the request running."""
+        if self._state is not None:
+            return self.result()
+        # shielded, and through future(): a cancelled wait (or its loop closing) would otherwise cancel
+        # the inner future, and a Tinker future passes that on to the request itself
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.future())), timeout)
 
     def _request_failed(self, err: BaseException) -> bool:
         """True when err is the request's own outcome, to keep for every caller; False when only the
@@ -102,14 +92,16 @@ class MappedFuture(Generic[U]):
         is still running), which must not become the result of a request that goes on and succeeds."""
         if not isinstance(err, Exception):
             return False
-        done = getattr(self._inner, "done", None)
-        return bool(done()) if callable(done) else True
+        done = _inner_done(self._inner)
+        return True if done is None else done
 
     def done(self) -> bool:
+        """True once the request finished. An inner future with neither done() nor future() is watched
+        by the helper thread of future(), so this turns True shortly after that thread sees it finish."""
         if self._state is not None:
             return True
-        done = getattr(self._inner, "done", None)
-        return bool(done()) if callable(done) else False
+        done = _inner_done(self._inner)
+        return self.future().done() if done is None else done
 
     async def coroutine(self) -> U:
         """A coroutine of the mapped value, for `asyncio.create_task(fut.coroutine())`."""
@@ -130,9 +122,11 @@ class MappedFuture(Generic[U]):
                 out.set_exception(err)
 
         inner_future = getattr(self._inner, "future", None)
-        if self._state is None and callable(inner_future):
+        if self._state is not None:
+            settle()
+        elif callable(inner_future):
             inner_future().add_done_callback(settle)
-        else:  # already settled, or an inner future without .future(): wait on a helper thread
+        else:  # an inner future without .future() (older Tinker's combined future): wait on a helper thread
             threading.Thread(target=settle, name="regrad-mapped-future", daemon=True).start()
         return out
 
@@ -140,8 +134,14 @@ class MappedFuture(Generic[U]):
         return self.result_async().__await__()
 
 
-async def _as_coroutine(awaitable: Any) -> Any:
-    return await awaitable
+def _inner_done(inner: Any) -> Optional[bool]:
+    """Whether a request's future finished: its done(), else its future().done() (Tinker's APIFutures
+    have no done()); None when it has neither."""
+    done = getattr(inner, "done", None)
+    if callable(done):
+        return bool(done())
+    future = getattr(inner, "future", None)
+    return bool(future().done()) if callable(future) else None
 
 
 def _raise(err: BaseException) -> Any:

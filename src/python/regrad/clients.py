@@ -1,17 +1,20 @@
 """Training clients: `LocalTrainingClient` (the embedded default) and `forward_backward_custom`.
 
-The local client has Tinker's TrainingClient methods and semantics, so a training loop written
-against it runs unchanged on the Tinker service. Requests run one at a time, in submission order,
-on one worker thread; each returns a future (`.result()` or `await`).
+The local client has Tinker's TrainingClient methods (and their `*_async` twins) and semantics, so a
+training loop written against it runs unchanged on the Tinker service. Requests run one at a time, in
+submission order, on one worker thread; each returns a future (`.result()` or `await`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import inspect
 import math
+import numbers
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -144,6 +147,39 @@ class LocalTrainingClient:
         source = os.fspath(path)
         return self._submit(lambda: self._run_load_state(source))
 
+    # ------------------------------------------------------- Tinker's *_async twins
+    # As on Tinker, awaiting one submits the request and gives its future (await that for the result).
+
+    async def forward_async(
+        self, data: Sequence[Any], loss_fn: str = "cross_entropy", loss_fn_config: Optional[Mapping[str, Any]] = None
+    ) -> RequestFuture[ForwardBackwardOutput]:
+        """`forward`, awaitable: gives the request's future."""
+        return self.forward(data, loss_fn, loss_fn_config)
+
+    async def forward_backward_async(
+        self, data: Sequence[Any], loss_fn: str = "cross_entropy", loss_fn_config: Optional[Mapping[str, Any]] = None
+    ) -> RequestFuture[ForwardBackwardOutput]:
+        """`forward_backward`, awaitable: gives the request's future."""
+        return self.forward_backward(data, loss_fn, loss_fn_config)
+
+    async def forward_backward_custom_async(
+        self, data: Sequence[Any], loss_fn: LossFn
+    ) -> RequestFuture[ForwardBackwardOutput]:
+        """`forward_backward_custom`, awaitable: gives the request's future."""
+        return self.forward_backward_custom(data, loss_fn)
+
+    async def optim_step_async(self, adam_params: Any = None) -> RequestFuture[OptimStepResult]:
+        """`optim_step`, awaitable: gives the request's future."""
+        return self.optim_step(adam_params)
+
+    async def save_state_async(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
+        """`save_state`, awaitable: gives the request's future."""
+        return self.save_state(path)
+
+    async def load_state_async(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
+        """`load_state`, awaitable: gives the request's future."""
+        return self.load_state(path)
+
     # ---------------------------------------------------------------- lifecycle
 
     @property
@@ -179,34 +215,9 @@ class LocalTrainingClient:
         targets: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
         for i, datum in enumerate(data):
-            tokens = input_tokens(datum, i)
-            n = len(tokens)
-            if n == 0:
-                raise InputError(f"datum {i} has no input tokens")
-            if self.context is not None and n > self.context:
-                raise InputError(f"datum {i} has {n} input tokens, longer than the model's context ({self.context})")
-            if self.vocab_size is not None and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
-                raise InputError(f"datum {i} has input token ids outside [0, {self.vocab_size})")
-            tgt = loss_input(datum, "target_tokens", i)
-            if tgt.ndim not in (1, 2) or tgt.shape[0] != n:
-                raise InputError(
-                    f"datum {i}: target_tokens has shape {tuple(tgt.shape)}; expected [{n}] or [{n}, K] "
-                    f"(one row per input token)"
-                )
-            if tgt.size and not np.issubdtype(tgt.dtype, np.integer):
-                if not np.all(np.equal(np.mod(tgt, 1), 0)):
-                    raise InputError(f"datum {i}: target_tokens has non-integer values (dtype {tgt.dtype})")
-            if tgt.ndim == 2 and tgt.shape[1] == 0:
-                raise InputError(f"datum {i}: target_tokens has shape {tuple(tgt.shape)}; K must be at least 1")
-            if self.vocab_size is not None and tgt.size and (tgt.min() < 0 or tgt.max() >= self.vocab_size):
-                raise InputError(f"datum {i}: target_tokens has ids outside [0, {self.vocab_size})")
-            w = loss_input(datum, "weights", i, required=False)
-            if w is None:
-                w = np.ones(tgt.shape)
-            elif w.shape != tgt.shape:
-                raise InputError(
-                    f"datum {i}: weights have shape {tuple(w.shape)} but target_tokens has {tuple(tgt.shape)}"
-                )
+            tokens = self._checked_tokens(datum, i)
+            tgt = self._checked_targets(datum, i, len(tokens))
+            w = _checked_weights(datum, i, tgt.shape)
             rows.append(tokens)
             targets.append(torch.as_tensor(np.asarray(tgt, dtype=np.int64), device=param.device))
             weights.append(torch.as_tensor(np.asarray(w, dtype=np.float64), device=param.device).to(dtype))
@@ -216,6 +227,35 @@ class LocalTrainingClient:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
         return _Batch(data, ids.to(param.device), [len(r) for r in rows], targets, weights)
+
+    def _checked_tokens(self, datum: Any, i: int) -> List[int]:
+        """Input ids of datum i: at least one, within the model's context, valid token ids."""
+        tokens = input_tokens(datum, i)
+        n = len(tokens)
+        if n == 0:
+            raise InputError(f"datum {i} has no input tokens")
+        if self.context is not None and n > self.context:
+            raise InputError(f"datum {i} has {n} input tokens, longer than the model's context ({self.context})")
+        _check_id_range(np.asarray(tokens), self.vocab_size, f"datum {i}: input tokens")
+        return tokens
+
+    def _checked_targets(self, datum: Any, i: int, n: int) -> np.ndarray:
+        """`target_tokens` of datum i: [n] or [n, K] integer token ids (integral floats accepted)."""
+        tgt = loss_input(datum, "target_tokens", i)
+        if tgt.ndim not in (1, 2) or tgt.shape[0] != n:
+            raise InputError(
+                f"datum {i}: target_tokens has shape {tuple(tgt.shape)}; expected [{n}] or [{n}, K] "
+                f"(one row per input token)"
+            )
+        if tgt.dtype == np.bool_:  # as ModelInput.from_ints refuses True for an id
+            raise InputError(f"datum {i}: target_tokens holds booleans; expected integer token ids")
+        if tgt.size and not np.issubdtype(tgt.dtype, np.integer):
+            if not np.all(np.equal(np.mod(tgt, 1), 0)):
+                raise InputError(f"datum {i}: target_tokens has non-integer values (dtype {tgt.dtype})")
+        if tgt.ndim == 2 and tgt.shape[1] == 0:
+            raise InputError(f"datum {i}: target_tokens has shape {tuple(tgt.shape)}; K must be at least 1")
+        _check_id_range(tgt, self.vocab_size, f"datum {i}: target_tokens")
+        return tgt
 
     def _logprobs(self, batch: _Batch) -> List[torch.Tensor]:
         """One model call; per-datum log-probs of the target tokens, [T_i] or [T_i, K_i] (graph kept if enabled)."""
@@ -235,19 +275,26 @@ class LocalTrainingClient:
         return out
 
     def _apply_grads(self, loss: torch.Tensor) -> None:
-        """Backward of `loss` into `.grad`, all or nothing: gradients are computed and checked first, then
-        added (a NaN in one parameter's gradient would otherwise stick in .grad and refuse every later step)."""
+        """Backward of `loss` into `.grad`, all or nothing: the gradients and their sums with the accumulated
+        ones are computed and checked first, then stored (a NaN or inf in .grad would refuse every later step)."""
         grads = torch.autograd.grad(loss, self._params, allow_unused=True)
-        for name, g in zip(self._names, grads):
-            if g is not None and not bool(torch.isfinite(g).all()):
-                raise _non_finite(f"the gradient of parameter {name!r} has non-finite values; no gradient applied")
-        for p, g in zip(self._params, grads):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g.detach().clone()
-            else:
-                p.grad.add_(g)
+        name = _first_non_finite(self._names, grads)
+        if name is not None:
+            raise _non_finite(f"the gradient of parameter {name!r} has non-finite values; no gradient applied")
+        totals = [
+            None if g is None else g.detach().clone() if p.grad is None else p.grad + g
+            for p, g in zip(self._params, grads)
+        ]
+        name = _first_non_finite(self._names, totals)
+        if name is not None:
+            raise _non_finite(
+                f"adding this request's gradient to the accumulated gradient of parameter {name!r} overflows "
+                f"to non-finite values; no gradient applied (the accumulated gradients are unchanged: "
+                f"optim_step can use them)"
+            )
+        for p, total in zip(self._params, totals):
+            if total is not None:
+                p.grad = total
 
     def _run_forward(self, batch: _Batch) -> ForwardBackwardOutput:
         with torch.no_grad():
@@ -286,12 +333,16 @@ class LocalTrainingClient:
                 weight_decay=params.weight_decay,
             )
         grads = [p.grad for p in self._params if p.grad is not None]
-        # in float64: float32 squares of large but finite gradients would overflow to inf
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]))) if grads else 0.0
+        norm = _global_norm(grads)
         if not math.isfinite(norm):
             raise _non_finite(f"accumulated gradient norm is {norm}; optimizer step not applied")
-        if params.grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grad_norm_(self._params, params.grad_clip_norm)
+        if params.grad_clip_norm > 0:
+            # torch's clip_grad_norm_ rule, with the float64 norm: it would recompute the norm in the
+            # gradients' dtype, where large float32 gradients overflow to inf and are all scaled by 0
+            scale = params.grad_clip_norm / (norm + 1e-6)
+            if scale < 1.0:
+                for g in grads:
+                    g.mul_(scale)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         self._step += 1
@@ -353,31 +404,85 @@ def _check_builtin_loss(loss_fn: str, config: Optional[Mapping[str, Any]]) -> No
         raise ValueError(f"cross_entropy takes no loss_fn_config (got {dict(config)})")
 
 
+def _check_id_range(ids: np.ndarray, vocab_size: Optional[int], where: str) -> None:
+    """Token ids are >= 0, and < vocab_size when the model declares one; `where` names the datum and field."""
+    if ids.size == 0:
+        return
+    low, high = ids.min(), ids.max()
+    if low < 0:
+        raise InputError(f"{where} has a negative id ({low:g}); token ids are >= 0")
+    if vocab_size is not None and high >= vocab_size:
+        raise InputError(f"{where} has ids outside [0, {vocab_size}) (largest {high:g})")
+
+
+def _checked_weights(datum: Any, i: int, shape: Tuple[int, ...]) -> np.ndarray:
+    """`weights` of datum i (ones if absent), shaped like its target_tokens."""
+    w = loss_input(datum, "weights", i, required=False)
+    if w is None:
+        return np.ones(shape)
+    if w.shape != shape:
+        raise InputError(f"datum {i}: weights have shape {tuple(w.shape)} but target_tokens has {tuple(shape)}")
+    return w
+
+
+def _first_non_finite(names: List[str], tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
+    """The name of the first tensor holding a NaN or inf (None entries skipped), or None."""
+    for name, t in zip(names, tensors):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _global_norm(grads: List[torch.Tensor]) -> float:
+    """L2 norm over all gradients, in float64: float32 squares of large but finite gradients overflow."""
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])))
+
+
+_ADAM_FIELDS = tuple(AdamParams.__dataclass_fields__)
+
+
 def _adam_params(params: Any) -> AdamParams:
-    """A regrad AdamParams from ours, tinker's (same field names), a dict, or None (defaults)."""
-    if params is None:
-        return AdamParams()
-    if isinstance(params, AdamParams):
-        out = params
-    elif isinstance(params, Mapping):
-        out = AdamParams(**params)
-    elif type(params).__name__ == "AdamParams":  # tinker.types.AdamParams: the same field names
-        names = AdamParams.__dataclass_fields__
-        out = AdamParams(**{k: getattr(params, k) for k in names if hasattr(params, k)})
-    else:  # a float, another optimizer's params: silently running AdamW defaults would be wrong
-        raise TypeError(
-            f"optim_step takes AdamParams (regrad's or tinker.types'), a dict of its fields, or None; "
-            f"got {type(params).__name__}"
-        )
-    for name in AdamParams.__dataclass_fields__:
-        value = getattr(out, name)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"AdamParams.{name} must be a finite number >= 0, got {value!r}")
+    """A new, validated AdamParams of floats from ours, tinker's (same field names), a dict, or None (defaults).
+
+    A copy taken at the call, so changing the caller's object afterwards cannot change a queued step.
+    """
+    values = {**asdict(AdamParams()), **_adam_fields(params)}
+    out = AdamParams(**{name: _adam_number(name, value) for name, value in values.items()})
     if not (out.beta1 < 1 and out.beta2 < 1):
         raise ValueError(f"AdamParams betas must be < 1, got ({out.beta1}, {out.beta2})")
     if not out.eps > 0:  # eps = 0 divides 0 by 0 for every parameter whose gradient is 0: NaN weights
         raise ValueError(f"AdamParams.eps must be > 0, got {out.eps!r}")
     return out
+
+
+def _adam_fields(params: Any) -> Dict[str, Any]:
+    """The AdamParams fields `params` sets: none for None, a dict's items, an AdamParams' attributes."""
+    if params is None:
+        return {}
+    if isinstance(params, Mapping):
+        unknown = sorted(set(map(str, params)) - set(_ADAM_FIELDS))
+        if unknown:
+            raise TypeError(f"AdamParams has no field(s) {unknown}; its fields are {list(_ADAM_FIELDS)}")
+        return dict(params)
+    if isinstance(params, AdamParams) or type(params).__name__ == "AdamParams":  # tinker.types: same names
+        return {k: getattr(params, k) for k in _ADAM_FIELDS if hasattr(params, k)}
+    # a float, another optimizer's params: silently running AdamW defaults would be wrong
+    raise TypeError(
+        f"optim_step takes AdamParams (regrad's or tinker.types'), a dict of its fields, or None; "
+        f"got {type(params).__name__}"
+    )
+
+
+def _adam_number(name: str, value: Any) -> float:
+    """value as a float if it is a finite real number >= 0 (Python, numpy or a 0-d tensor); a bool is refused."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        value = value.item()
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not is_real or not math.isfinite(value) or value < 0:
+        raise ValueError(f"AdamParams.{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def _non_finite(message: str, datum: int = -1) -> Exception:
@@ -459,7 +564,10 @@ class _Recorder:
 
     def __call__(self, data: Sequence[Any], logprobs_list: List[torch.Tensor]) -> Tuple[Any, Dict[str, float]]:
         self.logprobs = list(logprobs_list)
-        return self.loss_fn(data, logprobs_list)
+        try:
+            return self.loss_fn(data, logprobs_list)
+        finally:  # its worker threads serve this call only, whatever becomes of the request
+            _close(self.loss_fn)
 
     def finish(self, output: Any) -> CustomLossResult:
         if self.logprobs is None:
@@ -467,7 +575,6 @@ class _Recorder:
         grads = []
         for lp in self.logprobs:
             grads.append(torch.zeros_like(lp) if lp.grad is None else lp.grad.detach().clone())
-        _close(self.loss_fn)
         telemetry = getattr(self.loss_fn, "last_output", None)
         loss = float(getattr(telemetry, "loss_total", float("nan")))
         if not math.isfinite(loss):
@@ -496,27 +603,65 @@ def forward_backward_custom(
         from .compose import compose
     except ImportError as err:  # pragma: no cover - only while compose is missing
         raise ImportError(f"regrad.compose is not available: {err}") from err
-    method = getattr(client, "forward_backward_custom", None)
-    if not callable(method):
-        raise TypeError(
-            f"client {type(client).__name__} has no forward_backward_custom(data, loss_fn); "
-            "pass a regrad.LocalTrainingClient or a tinker TrainingClient"
-        )
+    method = _custom_loss_method(client)
     if base_loss is _DEFAULT_BASE_LOSS:
         from .losses import cross_entropy
 
         base_loss = cross_entropy
-    loss_fn = compose(base_loss, list(regularizers), **compose_options)
-    recorder = _Recorder(loss_fn)
+    recorder = _Recorder(compose(base_loss, _regularizer_list(regularizers), **compose_options))
+    returned = method(data, recorder)
+    name = f"{type(client).__name__}.{getattr(method, '__name__', 'forward_backward_custom')}"
+    return MappedFuture(_request_future(returned, name), recorder.finish)
+
+
+def _custom_loss_method(client: Any) -> Callable[..., Any]:
+    """`client.forward_backward_custom`, or `forward_backward_custom_async` for a client that has only that."""
+    for name in ("forward_backward_custom", "forward_backward_custom_async"):
+        method = getattr(client, name, None)
+        if callable(method):
+            return method
+    raise TypeError(
+        f"client {type(client).__name__} has no forward_backward_custom(data, loss_fn); "
+        "pass a regrad.LocalTrainingClient or a tinker TrainingClient"
+    )
+
+
+def _regularizer_list(regularizers: Any) -> List[Any]:
+    """regularizers as a list; a single spec or dict (which would be iterated as its keys) is refused by name."""
+    if isinstance(regularizers, (Mapping, str, bytes)) or not isinstance(regularizers, Iterable):
+        raise TypeError(
+            f"regularizers must be a list of RegularizerSpecs or dicts; got a single "
+            f"{type(regularizers).__name__}: wrap it in a list, regularizers=[...]"
+        )
+    return list(regularizers)
+
+
+def _request_future(returned: Any, method: str) -> Any:
+    """What the client's method returned, as a future with `.result()`: as is if it is one (Tinker's
+    APIFuture); an awaitable (an async client) is scheduled on the running event loop."""
+    if callable(getattr(returned, "result", None)):
+        return returned
+    if not inspect.isawaitable(returned):
+        raise TypeError(
+            f"{method} returned {type(returned).__name__}, not a future: regrad needs Tinker's shape, "
+            "an object with .result() (or an awaitable, in async code)"
+        )
     try:
-        inner = method(data, recorder)
-    except BaseException:
-        _close(loss_fn)
-        raise
-    done_future = getattr(inner, "future", None)  # a concurrent Future: close the worker threads once done
-    if callable(done_future) and isinstance(done_future(), concurrent.futures.Future):
-        done_future().add_done_callback(lambda _: _close(loss_fn))
-    return MappedFuture(inner, recorder.finish)
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        if inspect.iscoroutine(returned):
+            returned.close()  # never to be awaited
+        raise TypeError(
+            f"{method} is async (it returned a {type(returned).__name__}): call regrad.forward_backward_custom "
+            "from async code, where the request runs on the event loop"
+        ) from None
+    return RequestFuture(asyncio.run_coroutine_threadsafe(_awaited_output(returned), loop))
+
+
+async def _awaited_output(awaitable: Any) -> Any:
+    """An async client's output: awaited, and awaited again when that gives a future (as Tinker's *_async do)."""
+    out = await awaitable
+    return await out if inspect.isawaitable(out) else out
 
 
 def _close(loss_fn: Any) -> None:

@@ -57,7 +57,8 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def loss_input(datum: Any, key: str, index: int = 0, *, required: bool = True) -> Optional[np.ndarray]:
-    """`datum.loss_fn_inputs[key]` as a numpy array, for a regrad or tinker Datum (index names it in errors)."""
+    """`datum.loss_fn_inputs[key]` as a numeric numpy array (bool, int or float), for a regrad or tinker
+    Datum; a ragged or non-numeric value is an InputError naming the datum (index) and the key."""
     inputs = getattr(datum, "loss_fn_inputs", None)
     if inputs is None:
         raise InputError(f"datum {index} is a {type(datum).__name__}, not a Datum with loss_fn_inputs")
@@ -65,7 +66,15 @@ def loss_input(datum: Any, key: str, index: int = 0, *, required: bool = True) -
         if required:
             raise InputError(f"datum {index} has no loss_fn_inputs[{key!r}] (has {sorted(inputs)})")
         return None
-    return _to_numpy(inputs[key])
+    where = f"datum {index}: loss_fn_inputs[{key!r}]"
+    try:
+        array = _to_numpy(inputs[key])
+    except (ValueError, TypeError) as err:  # numpy refuses ragged nesting: "inhomogeneous shape"
+        raise InputError(f"{where} is not a rectangular array ({err})") from None
+    if array.dtype.kind not in "biuf":  # bool, int, unsigned int, float
+        sample = f" such as {array.flat[0]!r}" if array.size else ""
+        raise InputError(f"{where} must hold numbers; got dtype {array.dtype}{sample}")
+    return array
 
 
 def input_tokens(datum: Any, index: int = 0) -> List[int]:
