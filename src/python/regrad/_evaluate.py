@@ -246,15 +246,17 @@ class Problem:
             raise self.fn_error(err, where) from err
         return split_loss(out)
 
-    def invoke_unmodified(self, term: Term, inputs: Sequence[Any], where: Where) -> Any:
+    def invoke_unmodified(self, term: Term, inputs: Sequence[Any], where: Where, one_base: bool = False) -> Any:
         """invoke, for inputs whose values the engine reads again after the call (the token structure
         recomputes its steps from the points): an in-place torch op on them raises modified_error.
+        one_base: the inputs are views of one tensor, which share its version counter (one read).
         numpy inputs are read-only views already."""
-        if not self.is_torch:
+        if not self.is_torch or not inputs:
             return self.invoke(term, inputs, where)
-        before = list(map(_VERSION, inputs))
+        versions = (lambda: inputs[0]._version) if one_base else (lambda: list(map(_VERSION, inputs)))
+        before = versions()
         out = self.invoke(term, inputs, where)
-        if list(map(_VERSION, inputs)) != before:
+        if versions() != before:
             raise self.modified_error(where)
         return out
 

@@ -641,7 +641,7 @@ def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: Stack
     shapes = held.shapes
     rows = shapes[0][0]
     with problem.no_grad():
-        out = problem.invoke_unmodified(held.term, held.views, where)
+        out = problem.invoke_unmodified(held.term, held.views, where, one_base=True)  # views of one flat tensor
     values = problem.token_values(out, where, shapes)  # numpy views, or the tensors' addresses
     problem.see_loss(out[0])
     loss_eps = max(loss_eps, problem.loss_eps)
@@ -689,7 +689,7 @@ def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> Li
     term = Term(list(range(len(problem.sizes))), 0, int(problem.offsets[-1]))
     where = _token_where(method, k)
     with problem.no_grad():
-        out = problem.invoke_unmodified(term, source, where)
+        out = problem.invoke_unmodified(term, source, where, one_base=k >= 0)  # the points: views of one row
     values = problem.token_values(out, where)
     problem.see_loss(out[0])  # one look at the precision of fn's per-token losses
     return values
