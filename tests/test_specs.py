@@ -239,7 +239,7 @@ def test_from_dict_validation():
 def test_composition_validation():
     with pytest.raises(ValueError, match=r"'a' is used twice"):
         regrad.compose(None, [{"fn": reg, "weight": 0.1, "name": "a"}, regrad.l1(0.1, name="a")])
-    with pytest.raises(TypeError, match="a list of specs"):
+    with pytest.raises(TypeError, match="a list of RegularizerSpecs or dicts; got a single RegularizerSpec"):
         regrad.compose(None, regrad.l1(0.1))
     with pytest.raises(ValueError, match=r"'topo'.*finite"):
         regrad.compose(None, [{"fn": reg, "weight": math.nan, "name": "topo"}])
@@ -257,3 +257,10 @@ def test_specs_are_immutable():
     spec = regrad.l1(0.1)
     with pytest.raises(AttributeError):
         spec.weight = 2.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("single", [regrad.l1(0.1), {"fn": lambda d, lp: 0.0, "weight": 1.0, "name": "x"}, "l1", 3])
+def test_compose_names_a_single_regularizer_not_in_a_list(single):
+    """A dict would otherwise be iterated as its keys ("fn", "weight", "name") and a number not at all."""
+    with pytest.raises(TypeError, match=f"regularizers must be a list .* got a single {type(single).__name__}: wrap it"):
+        regrad.compose(None, single)

@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -608,7 +608,7 @@ def forward_backward_custom(
         from .losses import cross_entropy
 
         base_loss = cross_entropy
-    recorder = _Recorder(compose(base_loss, _regularizer_list(regularizers), **compose_options))
+    recorder = _Recorder(compose(base_loss, regularizers, **compose_options))  # (compose names a single spec or dict)
     returned = method(data, recorder)
     name = f"{type(client).__name__}.{getattr(method, '__name__', 'forward_backward_custom')}"
     return MappedFuture(_request_future(returned, name), recorder.finish)
@@ -624,16 +624,6 @@ def _custom_loss_method(client: Any) -> Callable[..., Any]:
         f"client {type(client).__name__} has no forward_backward_custom(data, loss_fn); "
         "pass a regrad.LocalTrainingClient or a tinker TrainingClient"
     )
-
-
-def _regularizer_list(regularizers: Any) -> List[Any]:
-    """regularizers as a list; a single spec or dict (which would be iterated as its keys) is refused by name."""
-    if isinstance(regularizers, (Mapping, str, bytes)) or not isinstance(regularizers, Iterable):
-        raise TypeError(
-            f"regularizers must be a list of RegularizerSpecs or dicts; got a single "
-            f"{type(regularizers).__name__}: wrap it in a list, regularizers=[...]"
-        )
-    return list(regularizers)
 
 
 def _request_future(returned: Any, method: str) -> Any:

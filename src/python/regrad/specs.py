@@ -194,8 +194,11 @@ def as_spec(spec: SpecLike) -> RegularizerSpec:
 
 def as_specs(specs: Iterable[SpecLike]) -> Tuple[RegularizerSpec, ...]:
     """Specs from specs or dicts, with unique names (the names key the telemetry)."""
-    if isinstance(specs, (RegularizerSpec, Mapping)):
-        raise TypeError("regularizers must be a list of specs, not a single spec")
+    if isinstance(specs, (RegularizerSpec, Mapping, str, bytes)) or not isinstance(specs, Iterable):
+        raise TypeError(
+            f"regularizers must be a list of RegularizerSpecs or dicts; got a single {type(specs).__name__}: "
+            "wrap it in a list, regularizers=[...]"
+        )
     out = tuple(as_spec(s) for s in specs)
     seen: Dict[str, int] = {}
     for i, spec in enumerate(out):
