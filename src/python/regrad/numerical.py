@@ -237,7 +237,9 @@ def check_datum_data(data: Any, count: int) -> None:
 def _real_option(value: Any, what: str) -> np.ndarray:
     """An option's array of real numbers as float64; a string, a bool or None is named, not parsed
     (numpy would read "0.001" as 0.001 and True as 1.0)."""
-    a = np.asarray(_numpy(value))
+    if is_torch_tensor(value) and (str(value.dtype) == "torch.bool" or value.is_complex()):
+        raise InputError(f"{what} must be a positive number or an array of them; got a tensor of {value.dtype}")
+    a = np.asarray(_numpy(value))  # (_numpy casts other torch dtypes to float64)
     if a.dtype.kind not in "fiu":
         got = type(value).__name__ if a.ndim == 0 else f"{type(value).__name__} of {a.dtype}"
         raise InputError(f"{what} must be a positive number or an array of them; got {got}")
