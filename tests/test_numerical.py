@@ -987,7 +987,7 @@ def test_max_batch_bytes_too_small():
         ({"method": "spsa", "sigma": 10**400}, "sigma must be positive and finite; got an integer beyond"),
         ({"step": True}, "step must be a positive number or an array of them; got bool"),  # was read as 1.0
         ({"step": "0.001"}, "step must be a positive number .*got str"),  # was parsed
-        ({"step": torch.ones(15, dtype=torch.bool)}, "step must be a positive number .*tensor of torch.bool"),
+        ({"step": torch.ones(15, dtype=torch.bool)}, "step must be a positive number .*got Tensor of torch.bool"),
         ({"method": "gaussian", "sigma": "0.1"}, "sigma must be a positive number .*got str"),
         ({"step": [np.full(5, 1e-3), np.full(3, "x"), np.full(7, 1e-3)]}, r"step\[1\] must be a positive number"),
     ],

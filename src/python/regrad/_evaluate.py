@@ -85,27 +85,27 @@ def split_loss(out: Any) -> Any:
     return out
 
 
-class _NotNumbers(TypeError):
+class NotRealNumbers(TypeError):
     """fn returned something that is not a real number or an array of them (None, a string, a dict,
     a bool, a complex number)."""
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def real_array(value: Any) -> np.ndarray:
     """fn's value as float64. Only real numbers (floats, ints) count: numpy would read None as NaN,
     "1" as 1.0 and True as 1.0, and drop a complex value's imaginary part with a warning."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         if value.is_complex() or value.dtype == _torch_bool():
-            raise _NotNumbers(f"{type(value).__name__} of {value.dtype}")
+            raise NotRealNumbers(f"{type(value).__name__} of {value.dtype}")
         return value.detach().cpu().double().numpy()
     if value is None or isinstance(value, (str, bytes, Mapping)):
-        raise _NotNumbers(type(value).__name__)
+        raise NotRealNumbers(type(value).__name__)
     try:
         a = np.asarray(value)
     except (TypeError, ValueError) as err:  # (ragged lists)
-        raise _NotNumbers(type(value).__name__) from err
+        raise NotRealNumbers(type(value).__name__) from err
     if a.dtype.kind not in "fiu":
         scalar_or_objects = a.ndim == 0 or a.dtype.kind == "O"
-        raise _NotNumbers(type(value).__name__ if scalar_or_objects else f"{type(value).__name__} of {a.dtype}")
+        raise NotRealNumbers(type(value).__name__ if scalar_or_objects else f"{type(value).__name__} of {a.dtype}")
     return a.astype(np.float64, copy=False)
 
 
@@ -121,7 +121,7 @@ def _float_view(value: Any) -> np.ndarray:
         return value.detach().cpu().resolve_neg().numpy()  # (a negative view has no numpy() of its own)
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
         return value
-    return _to_numpy(value)
+    return real_array(value)
 
 
 @dataclass
@@ -260,7 +260,7 @@ class Problem:
             raise self.modified_error(where)
         return out
 
-    def not_numbers(self, out: Any, where: Where, expected: str, err: Optional[_NotNumbers] = None) -> NumericalError:
+    def not_numbers(self, out: Any, where: Where, expected: str, err: Optional[NotRealNumbers] = None) -> NumericalError:
         """The error for a return value that holds no real numbers (None, a string, a bool, a complex, ...)."""
         what = str(err) if err is not None and str(err) else type(out).__name__
         return NumericalError(f"{self.name} returned {what} at {_text(where)}; expected {expected}")
@@ -273,8 +273,8 @@ class Problem:
             value = out.item()
         else:
             try:
-                a = _to_numpy(out)
-            except _NotNumbers as err:
+                a = real_array(out)
+            except NotRealNumbers as err:
                 raise self.not_numbers(out, where, "a scalar loss (a float or a 0-d tensor)", err) from None
             if a.ndim != 0:
                 raise NumericalError(
@@ -291,7 +291,7 @@ class Problem:
         """One loss per perturbed copy, float32 or float64 (a view where fn's output allows)."""
         try:
             a = _float_view(out)
-        except _NotNumbers as err:
+        except NotRealNumbers as err:
             raise self.not_numbers(out, where, f"one loss per perturbed copy, shape ({count},)", err) from None
         if a.shape == (count,) and math.isfinite(np.add.reduce(a)):
             return a  # the common case: one reduction checks every value (an overflowing sum is re-checked below)
@@ -347,7 +347,7 @@ class Problem:
     def _token_floats(self, p: Any, where: str) -> np.ndarray:
         try:
             return _float_view(p)
-        except _NotNumbers as err:
+        except NotRealNumbers as err:
             raise self.not_numbers(p, where, "per-token losses (an array of real numbers)", err) from None
 
     def _check_token_shapes(self, out: Sequence[Any], shapes: List[tuple], where: str, stacked: bool) -> None:

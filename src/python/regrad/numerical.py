@@ -38,6 +38,7 @@ from ._evaluate import (
     POINT_LABELS,
     BufferPool,
     DifferenceWriter,
+    NotRealNumbers,
     Problem,
     StackedPoints,
     Term,
@@ -47,6 +48,7 @@ from ._evaluate import (
     difference_scalar_chunk,
     fn_name,
     mapped,
+    real_array,
     split_loss,
 )
 from ._progress import Progress
@@ -235,15 +237,12 @@ def check_datum_data(data: Any, count: int) -> None:
 
 
 def _real_option(value: Any, what: str) -> np.ndarray:
-    """An option's array of real numbers as float64; a string, a bool or None is named, not parsed
-    (numpy would read "0.001" as 0.001 and True as 1.0)."""
-    if is_torch_tensor(value) and (str(value.dtype) == "torch.bool" or value.is_complex()):
-        raise InputError(f"{what} must be a positive number or an array of them; got a tensor of {value.dtype}")
-    a = np.asarray(_numpy(value))  # (_numpy casts other torch dtypes to float64)
-    if a.dtype.kind not in "fiu":
-        got = type(value).__name__ if a.ndim == 0 else f"{type(value).__name__} of {a.dtype}"
-        raise InputError(f"{what} must be a positive number or an array of them; got {got}")
-    return a.astype(np.float64, copy=False)
+    """An option's array of real numbers as float64, by the rule for fn's losses (real_array): a
+    string, a bool, a complex number or None is named, not parsed (numpy reads "0.001" and True)."""
+    try:
+        return real_array(value)
+    except NotRealNumbers as err:
+        raise InputError(f"{what} must be a positive number or an array of them; got {err}") from None
 
 
 def _check_options(method: str, structure: str, vectorized: bool, executor: Any, max_batch_bytes: Any,
