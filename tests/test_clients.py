@@ -493,6 +493,86 @@ def test_any_module_mapping_ids_to_logits_works() -> None:
         client.forward([Datum(ModelInput([1]), {"target_tokens": np.array([999])})]).result()
 
 
+class _NoVocabLM(torch.nn.Module):
+    """An embedding of 50 ids and no declared vocab_size: ids are only checked when the model runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(ids))
+
+
+def test_an_input_id_past_an_undeclared_vocabulary_is_named_at_run_time() -> None:
+    client = LocalTrainingClient(_NoVocabLM())
+    data = [Datum(ModelInput([1, 2, 3]), {"target_tokens": np.array([2, 3, 4])}),
+            Datum(ModelInput([7, 70]), {"target_tokens": np.array([1, 2])})]
+    for request in (client.forward, client.forward_backward, lambda d: client.forward_backward_custom(d, nonlinear_loss)):
+        with pytest.raises(InputError, match=r"largest is 70 \(datum 1\).*vocab_size"):
+            request(data).result()
+    assert all(p.grad is None for p in client.model.parameters())
+    client.forward(data[:1]).result()  # still usable
+
+
+def test_a_closed_client_refuses_requests_by_name(tmp_path: Any) -> None:
+    data = data_from_texts(TEXTS)
+    with small_client() as client:
+        pending = client.forward_backward(data)
+    assert pending.done()  # close() finished the queued request
+    client.close()  # twice is fine
+    requests = {
+        "forward": lambda: client.forward(data),
+        "forward_backward": lambda: client.forward_backward(data),
+        "forward_backward_custom": lambda: client.forward_backward_custom(data, nonlinear_loss),
+        "optim_step": lambda: client.optim_step(),
+        "save_state": lambda: client.save_state(tmp_path / "s.pt"),
+        "load_state": lambda: client.load_state(tmp_path / "s.pt"),
+        "forward_async": lambda: asyncio.run(client.forward_async(data)),
+        "bad data": lambda: client.forward([]),  # closed is said before the data are checked
+    }
+    for name, request in requests.items():
+        with pytest.raises(RuntimeError, match="this LocalTrainingClient is closed"):
+            request()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_stepped_through_float32_master_weights(dtype: torch.dtype, tmp_path: Any) -> None:
+    """float16 / bfloat16 weights follow torch's AdamW run in float32 (rounded after each step): eps=1e-12
+    underflows in float16 (NaN weights) and small updates round away in both."""
+    data = data_from_texts(TEXTS)
+    adam = regrad.AdamParams(learning_rate=1e-3, weight_decay=0.1)
+    client = small_client(dtype)
+    reference = [p.detach().float().clone().requires_grad_(True) for p in client.model.parameters()]
+    optimizer = torch.optim.AdamW(reference, lr=1e-3, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.1)
+
+    def step() -> None:
+        client.forward_backward(data).result()
+        for ref, p in zip(reference, client.model.parameters()):
+            ref.grad = p.grad.float()
+        optimizer.step()
+        client.optim_step(adam).result()
+
+    for _ in range(3):
+        step()
+        for ref, p in zip(reference, client.model.parameters()):
+            assert p.dtype == dtype and torch.equal(p, ref.detach().to(dtype))
+    saved = client.save_state(tmp_path / "half.pt").result()
+    step()
+    after = [p.detach().clone() for p in client.model.parameters()]
+    client.load_state(saved).result()  # the float32 masters come back too: the same step again, bit for bit
+    client.forward_backward(data).result()
+    client.optim_step(adam).result()
+    assert all(torch.equal(a, p) for a, p in zip(after, client.model.parameters()))
+
+    norm = dict(client.model.named_parameters())["norm.weight"]
+    with torch.no_grad():
+        norm.zero_()  # changed outside the client: the next step starts from it, not from a stale master
+    client.forward_backward(data).result()
+    client.optim_step(adam).result()
+    assert float(norm.detach().abs().max()) < 1e-2
+
+
 # ------------------------------------------------------ composed losses (regrad.compose)
 
 needs_compose = pytest.mark.skipif(not hasattr(regrad, "compose"), reason="regrad.compose is not available")
@@ -867,6 +947,19 @@ def test_in_async_code_a_client_with_both_methods_gets_the_request_at_the_call()
         return (await future).loss
 
     assert asyncio.run(run()) == pytest.approx(_local_result(composed_specs()).loss, rel=1e-6)
+
+
+@needs_compose
+def test_result_inside_the_event_loop_an_async_request_needs_is_refused_not_a_hang() -> None:
+    expected = _local_result(composed_specs())
+
+    async def run() -> regrad.CustomLossResult:
+        future = regrad.forward_backward_custom(_AsyncOnlyClient(), data_from_texts(TEXTS), regularizers=composed_specs())
+        with pytest.raises(RuntimeError, match="inside the event loop this request runs on.*await"):
+            future.result(timeout=5)  # it waits for this loop, which result() would block
+        return await future  # the request was left alone: awaiting it gives its result
+
+    assert asyncio.run(run()).loss == pytest.approx(expected.loss, rel=1e-6)
 
 
 def test_async_twins_give_the_request_future_as_tinker_does(tmp_path: Any) -> None:

@@ -16,11 +16,20 @@ U = TypeVar("U")
 class RequestFuture(Generic[T]):
     """A request's result: `.result(timeout)` in sync code, `await fut` or `fut.result_async()` in async code."""
 
-    def __init__(self, future: "concurrent.futures.Future[T]") -> None:
+    def __init__(
+        self, future: "concurrent.futures.Future[T]", loop: Optional[asyncio.AbstractEventLoop] = None
+    ) -> None:
         self._future = future
+        self._loop = loop  # the event loop the request runs on, if it runs on one
 
     def result(self, timeout: Optional[float] = None) -> T:
-        """Blocks until the request finished; re-raises its error."""
+        """Blocks until the request finished; re-raises its error. Refused (RuntimeError) inside the event
+        loop the request itself runs on: blocking that loop would wait forever."""
+        if self._loop is not None and not self._future.done() and _running_loop() is self._loop:
+            raise RuntimeError(
+                "result() called inside the event loop this request runs on: blocking the loop would never "
+                "let the request finish; use `await fut` (or `await fut.result_async()`) instead"
+            )
         return self._future.result(timeout)
 
     async def result_async(self, timeout: Optional[float] = None) -> T:
@@ -132,6 +141,14 @@ class MappedFuture(Generic[U]):
 
     def __await__(self) -> Generator[Any, None, U]:
         return self.result_async().__await__()
+
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    """The event loop running in this thread, or None."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _inner_done(inner: Any) -> Optional[bool]:

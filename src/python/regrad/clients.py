@@ -98,8 +98,12 @@ class LocalTrainingClient:
         self._params = [p for _, p in named]
         if not self._params:
             raise ValueError("model has no trainable parameters")
+        # what AdamW updates: float32 master copies of float16 / bfloat16 parameters (whose updates and
+        # eps would round away or underflow), the parameters themselves otherwise
+        self._masters = [_master_copy(p) for p in self._params]
         self._optimizer: Optional[torch.optim.AdamW] = None
         self._step = 0
+        self._closed = False
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="regrad-client")
 
     # ----------------------------------------------------------------- requests
@@ -188,7 +192,8 @@ class LocalTrainingClient:
         return self._step
 
     def close(self) -> None:
-        """Finishes queued requests and stops the worker thread."""
+        """Finishes queued requests and stops the worker thread; later requests raise (closing twice is fine)."""
+        self._closed = True
         self._worker.shutdown(wait=True)
 
     def __enter__(self) -> "LocalTrainingClient":
@@ -200,10 +205,23 @@ class LocalTrainingClient:
     # ----------------------------------------------------------------- internals
 
     def _submit(self, fn: Callable[[], Any]) -> RequestFuture[Any]:
-        return RequestFuture(self._worker.submit(fn))
+        self._check_open()
+        try:
+            return RequestFuture(self._worker.submit(fn))
+        except RuntimeError:  # closed by another thread since the check
+            self._check_open()
+            raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this LocalTrainingClient is closed (close() was called, or its with-block ended): "
+                "it takes no more requests; create a new client (load_state restores a saved one)"
+            )
 
     def _prepare(self, data: Sequence[Any]) -> _Batch:
         """Checks every datum (tokens, targets, weights, context) and pads the inputs into one id tensor."""
+        self._check_open()
         if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
             raise InputError(f"data must be a list of Datum, got {type(data).__name__}")
         data = list(data)
@@ -259,7 +277,10 @@ class LocalTrainingClient:
 
     def _logprobs(self, batch: _Batch) -> List[torch.Tensor]:
         """One model call; per-datum log-probs of the target tokens, [T_i] or [T_i, K_i] (graph kept if enabled)."""
-        logits = self.model(batch.ids)
+        try:
+            logits = self.model(batch.ids)
+        except IndexError as err:  # an embedding lookup past its table: name the id, not torch's "in self"
+            raise InputError(_index_error_message(batch, err)) from err
         b, t = batch.ids.shape
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != (b, t):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -324,7 +345,7 @@ class LocalTrainingClient:
 
     def _run_optim_step(self, params: AdamParams) -> OptimStepResult:
         if self._optimizer is None:
-            self._optimizer = torch.optim.AdamW(self._params, lr=params.learning_rate)
+            self._optimizer = torch.optim.AdamW(self._masters, lr=params.learning_rate)
         for group in self._optimizer.param_groups:
             group.update(
                 lr=params.learning_rate,
@@ -332,10 +353,11 @@ class LocalTrainingClient:
                 eps=params.eps,
                 weight_decay=params.weight_decay,
             )
-        grads = [p.grad for p in self._params if p.grad is not None]
-        norm = _global_norm(grads)
+        norm = _global_norm([p.grad for p in self._params if p.grad is not None])
         if not math.isfinite(norm):
             raise _non_finite(f"accumulated gradient norm is {norm}; optimizer step not applied")
+        self._load_masters()
+        grads = [m.grad for m in self._masters if m.grad is not None]
         if params.grad_clip_norm > 0:
             # torch's clip_grad_norm_ rule, with the float64 norm: it would recompute the norm in the
             # gradients' dtype, where large float32 gradients overflow to inf and are all scaled by 0
@@ -344,7 +366,11 @@ class LocalTrainingClient:
                 for g in grads:
                     g.mul_(scale)
         self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, master in zip(self._params, self._masters):
+                if master is not p:
+                    p.copy_(master)  # rounded to the parameter's dtype
+                p.grad = master.grad = None
         self._step += 1
         return OptimStepResult(
             {"optim/grad_norm": norm, "optim/step": float(self._step), "optim/learning_rate": params.learning_rate}
@@ -358,6 +384,7 @@ class LocalTrainingClient:
             "format": _STATE_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+            "master_weights": [None if m is p else m.detach().clone() for p, m in zip(self._params, self._masters)],
             "step": self._step,
             "model_config": config,
         }
@@ -374,15 +401,32 @@ class LocalTrainingClient:
                 f"{path} holds a model with config {state['model_config']}, this client has {self.model.config.to_dict()}"
             )
         self.model.load_state_dict(state["model"])
+        saved = state.get("master_weights") or [None] * len(self._params)
+        with torch.no_grad():
+            for p, master, kept in zip(self._params, self._masters, saved):
+                if master is not p:  # the saved float32 copy if it is one of this parameter, else its weights
+                    fits = isinstance(kept, torch.Tensor) and kept.shape == p.shape and torch.equal(kept.to(p.dtype), p)
+                    master.copy_(kept if fits else p)
         if state["optimizer"] is None:
             self._optimizer = None
         else:
-            self._optimizer = torch.optim.AdamW(self._params)
+            self._optimizer = torch.optim.AdamW(self._masters)
             self._optimizer.load_state_dict(state["optimizer"])
         self._step = int(state["step"])
-        for p in self._params:
-            p.grad = None
+        for p, master in zip(self._params, self._masters):
+            p.grad = master.grad = None
         return path
+
+    def _load_masters(self) -> None:
+        """Hands float16 / bfloat16 gradients to the float32 masters; a master whose parameter was changed
+        outside the client (load_state_dict, an edit) is first reset to the parameter's weights."""
+        with torch.no_grad():
+            for p, master in zip(self._params, self._masters):
+                if master is p:
+                    continue
+                if not torch.equal(master.to(p.dtype), p):
+                    master.copy_(p)
+                master.grad = None if p.grad is None else p.grad.to(torch.float32)
 
 
 def _model_attr(model: nn.Module, name: str) -> Optional[int]:
@@ -392,6 +436,24 @@ def _model_attr(model: nn.Module, name: str) -> Optional[int]:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def _master_copy(p: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of a float16 / bfloat16 parameter for the optimizer to update; other parameters as is."""
+    if p.dtype in (torch.float16, torch.bfloat16):
+        return p.detach().to(torch.float32).clone()
+    return p
+
+
+def _index_error_message(batch: _Batch, err: IndexError) -> str:
+    """What an IndexError inside the model most likely means: an input id outside its vocabulary."""
+    largest = [int(row[:n].max()) for row, n in zip(batch.ids, batch.lengths)]
+    i = int(np.argmax(largest))
+    return (
+        f"the model raised IndexError ({err}) on the input ids; the largest is {largest[i]} (datum {i}): "
+        "is it outside the model's vocabulary? Give the model a `vocab_size` attribute to have ids "
+        "checked when a request is submitted"
+    )
 
 
 def _check_builtin_loss(loss_fn: str, config: Optional[Mapping[str, Any]]) -> None:
@@ -645,7 +707,7 @@ def _request_future(returned: Any, method: str) -> Any:
             f"{method} is async (it returned a {type(returned).__name__}): call regrad.forward_backward_custom "
             "from async code, where the request runs on the event loop"
         ) from None
-    return RequestFuture(asyncio.run_coroutine_threadsafe(_awaited_output(returned), loop))
+    return RequestFuture(asyncio.run_coroutine_threadsafe(_awaited_output(returned), loop), loop)
 
 
 async def _awaited_output(awaitable: Any) -> Any:
