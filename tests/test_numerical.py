@@ -661,6 +661,45 @@ def test_numerical_wrapper_mirrors_scalar_return_and_no_grad():
     assert numerical(squares)(None, iter(ragged())) == squares(None, ragged())
 
 
+def test_numerical_wrapper_differentiates_only_the_log_probs_that_require_grad():
+    """Tensors that need no gradient are held fixed (no evaluations spent on them); the gradient of the
+    others is the same; errors count datums among the differentiated ones and say so."""
+    lps = ragged(16, kind="torch")
+    calls = []
+
+    def fn(data, lps):  # couples the data: the fixed ones still shape the loss
+        calls.append(1)
+        x = [lp.numpy() for lp in lps]
+        return float(sum(np.sum(np.sin(a)) * (j + 1) for j, a in enumerate(x)) * np.sum(x[0] ** 2))
+
+    leaves = [lp.clone().requires_grad_(j == 1) for j, lp in enumerate(lps)]
+    wrapped = numerical(fn, method="richardson")
+    wrapped(None, leaves).backward()
+    calls_before = len(calls)
+    full = [lp.clone().requires_grad_(True) for lp in lps]
+    reference = numerical(fn, method="richardson")
+    reference(None, full).backward()
+    np.testing.assert_array_equal(leaves[1].grad.numpy(), full[1].grad.numpy())
+    x0 = lps[0].numpy()
+    np.testing.assert_allclose(leaves[1].grad.numpy(), 2 * np.cos(lps[1].numpy()) * np.sum(x0**2), rtol=1e-8)
+    assert leaves[0].grad is None and leaves[2].grad is None
+    result = wrapped.last_result
+    assert result.grads[0] is None and result.error[2] is None and result.info["wrt"] == [1]
+    assert result.nfev == 4 * lps[1].numel() and calls_before == 1 + result.nfev
+    assert result.max_error == np.max(result.error[1].numpy())
+    assert result.nfev < reference.last_result.nfev / 3
+
+    def blows_up(data, lps):  # NaN once datum 2's first element moves up; datum 2 alone requires grad
+        x = lps[2].numpy()
+        return float("nan") if x[0] > -1.0 else float(np.sum(x))
+
+    leaves = [lp.clone().requires_grad_(j == 2) for j, lp in enumerate(ragged(17, kind="torch"))]
+    with torch.no_grad():
+        leaves[2][0] = -1.0
+    with pytest.raises((NumericalError, NonFiniteError), match=r"datum 0 is logprobs_list\[2\]"):
+        numerical(blows_up)(None, leaves).backward()
+
+
 def test_check_passes_and_fails():
     lps = ragged(15, k=2, kind="torch")
     result = check(smooth_torch, None, lps)

@@ -19,6 +19,7 @@ arrays) and must not modify them in place. See docs/numerical.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -73,7 +74,8 @@ class NumericalGrad:
     """A numerical gradient and how it was obtained.
 
     grads / error / variance: one entry per datum, the same type (numpy or torch), dtype and shape as
-    the log-probs. error is a per-element error estimate (finite differences: a rounding-error bound,
+    the log-probs (None for a log-prob that `regrad.numerical` left out: it needs no gradient). error is
+    a per-element error estimate (finite differences: a rounding-error bound,
     plus the truncation estimate |R - D(h/2)| for Richardson; randomized: the standard error of the
     mean). nfev counts loss evaluations (perturbed copies, plus unperturbed ones), ncalls calls to fn.
     """
@@ -96,8 +98,8 @@ class NumericalGrad:
 
     @property
     def max_error(self) -> float:
-        """The largest per-element error estimate (0.0 for an empty batch)."""
-        parts = [np.abs(_numpy(e)).reshape(-1) for e in self.error]
+        """The largest per-element error estimate (0.0 for an empty batch; None entries skipped)."""
+        parts = [np.abs(_numpy(e)).reshape(-1) for e in self.error if e is not None]
         return float(max((p.max() for p in parts if p.size), default=0.0))
 
 
@@ -781,13 +783,58 @@ def _numerical_function() -> Any:
         def backward(ctx: Any, grad_output: Any) -> Any:
             wrapped, fn, data, options = ctx.spec
             saved = ctx.saved_tensors
+            wrt = [i for i, needed in enumerate(ctx.needs_input_grad[2:]) if needed]
             with torch.no_grad():  # a numerical gradient has no graph of its own
-                result = numerical_grad(fn, data, [t.detach() for t in saved], **options)
-                grads = [grad_output.to(g.dtype) * g for g in result.grads]
+                result = _numerical_grad_wrt(fn, data, [t.detach() for t in saved], wrt, options)
+                grads = [None if g is None else grad_output.to(g.dtype) * g for g in result.grads]
             wrapped.last_result = result
             return (None, None, *first_order_only(grads, saved))
 
     return NumericalFunction
+
+
+def _numerical_grad_wrt(fn: Callable[..., Any], data: Any, tensors: List[Any], wrt: List[int],
+                        options: Dict[str, Any]) -> NumericalGrad:
+    """numerical_grad of fn w.r.t. the tensors listed in `wrt` only (the others held fixed, their entries
+    None in the result): a tensor that needs no gradient costs no evaluations."""
+    if len(wrt) == len(tensors):
+        return numerical_grad(fn, data, tensors, **options)
+
+    @functools.wraps(fn)
+    def some_of(data: Any, moving: Sequence[Any]) -> Any:
+        full = list(tensors)
+        for i, t in zip(wrt, moving):
+            full[i] = t
+        return fn(data, full)
+
+    try:
+        result = numerical_grad(some_of, data, [tensors[i] for i in wrt], **options)
+    except (InputError, NumericalError, NonFiniteError) as err:
+        raise _renumbered(err, wrt) from err
+
+    def spread(part: Optional[List[Any]]) -> Optional[List[Any]]:
+        if part is None:
+            return None
+        full: List[Any] = [None] * len(tensors)
+        for i, value in zip(wrt, part):
+            full[i] = value
+        return full
+
+    return dataclasses.replace(result, grads=spread(result.grads), error=spread(result.error),
+                               variance=spread(result.variance), info={**result.info, "wrt": list(wrt)})
+
+
+def _renumbered(err: Exception, wrt: List[int]) -> Exception:
+    """err, saying that its datum numbers count only the log-probs that require grad (and `.datum` remapped)."""
+    shown = ", ".join(f"{j} is logprobs_list[{i}]" for j, i in enumerate(wrt[:6])) + (", ..." if len(wrt) > 6 else "")
+    out = type(err)(f"{err} [only the log-prob tensors that require grad ({len(wrt)}) were differentiated, "
+                    f"so datum numbers here count those: datum {shown}]")
+    for name, value in vars(err).items():
+        setattr(out, name, value)
+    datum = getattr(err, "datum", None)
+    if isinstance(datum, int) and 0 <= datum < len(wrt):
+        out.datum = wrt[datum]  # type: ignore[attr-defined]
+    return out
 
 
 _NumericalFunction = LazyFunction(_numerical_function)
