@@ -861,3 +861,128 @@ def test_a_failure_stops_a_running_numerical_sibling():
         loss_fn(data, lps)
     time.sleep(full * 0.005)  # long enough for an uncancelled run to finish
     assert 1 < len(calls) < full
+
+
+def test_a_tensor_listed_twice_gets_its_gradient_once():
+    # autograd.grad w.r.t. [x, x] gives x's whole gradient at both places; backward then added it twice
+    x = torch.linspace(-2.0, -0.1, 6, dtype=torch.float64).requires_grad_(True)
+    loss, _ = regrad.compose(None, [RegularizerSpec.sync("sq", 1.0, lambda d, lp: sum((t**2).sum() for t in lp))])(
+        [None, None], [x, x]
+    )
+    loss.backward()
+    ref = x.detach().clone().requires_grad_(True)
+    ((ref**2).sum() * 2).backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+def test_inference_tensors_take_the_autograd_route():
+    _, lps = make_batch()
+    with torch.inference_mode():
+        frozen = [x.clone() for x in lps]
+    _, grads, out = regrad.compose(None, [RegularizerSpec.sync("s", 0.5, softplus_reg)]).evaluate([None] * len(frozen), frozen)
+    ref = leaves(lps)
+    (0.5 * softplus_reg(None, ref)[0]).backward()
+    for g, b in zip(grads, ref):
+        torch.testing.assert_close(g, b.grad)
+    assert out.regularizers["s"].grad_method == "autograd"
+
+
+def test_async_autograd_terms_record_under_a_callers_no_grad():
+    # grad mode is per thread: one term's enable_grad must not end while another term is suspended
+    data, lps = make_batch()
+
+    async def early(d, lp):
+        doubled = [2 * x for x in lp]
+        await asyncio.sleep(0.01)
+        return sum((x**2).sum() for x in doubled), {}
+
+    async def late(d, lp):
+        await asyncio.sleep(0.005)
+        tripled = [3 * x for x in lp]
+        await asyncio.sleep(0.02)
+        return sum((x**2).sum() for x in tripled), {}
+
+    loss_fn = regrad.compose(None, [RegularizerSpec.async_("a", 1.0, early, grad="autograd"),
+                                    RegularizerSpec.async_("b", 1.0, late, grad="autograd")])
+    with torch.no_grad():
+        _, grads, out = loss_fn.evaluate(data, lps)
+    for g, x in zip(grads, lps):
+        torch.testing.assert_close(g, 26 * x)  # d/dx (4x² + 9x²)
+    assert [r.grad_method for r in out.regularizers.values()] == ["autograd", "autograd"]
+
+
+def test_a_cancelled_error_raised_inside_an_async_term_names_it():
+    data, lps = make_batch()
+
+    async def awaits_a_cancelled_future(d, lp):
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+        return 0.0
+
+    loss_fn = regrad.compose(None, [RegularizerSpec.async_("kb", 0.1, awaits_a_cancelled_future)])
+    with pytest.raises(RegularizerError, match="'kb'.*CancelledError") as info:
+        loss_fn(data, lps)
+    assert info.value.name == "kb"
+
+    async def inside_a_loop():
+        with pytest.raises(RegularizerError, match="'kb'"):
+            await loss_fn.acall(data, lps)
+        await asyncio.sleep(0)  # this task was not cancelled
+
+    asyncio.run(inside_a_loop())
+
+
+@pytest.mark.parametrize(
+    "grads, match",
+    [
+        (lambda lp: [torch.ones_like(x, dtype=torch.bool) for x in lp], r"datum 0 has dtype torch.bool"),
+        (lambda lp: [x.to(torch.complex128) for x in lp], r"datum 0 has dtype torch.complex128"),
+        (lambda lp: [np.ones(x.shape, dtype=bool) for x in lp], r"datum 0 has dtype bool"),
+        (lambda lp: [np.full(x.shape, "1.5") for x in lp], r"datum 0 has dtype <U3"),
+        (lambda lp: np.ones(sum(LENGTHS), dtype=np.complex128), r"packed gradient has dtype complex128"),
+        (lambda lp: None, r"gradient has type NoneType"),
+        (lambda lp: {i: x for i, x in enumerate(lp)}, r"gradient has type dict"),
+        (lambda lp: [x for x in lp[:3]] + ["abc"], r"gradient of datum 3 has type str"),
+    ],
+)
+def test_user_gradients_must_hold_real_numbers(grads, match):
+    data, lps = make_batch()
+    spec = RegularizerSpec.with_grad("g", 0.1, cubic_value, lambda d, lp: grads(lp))
+    with pytest.raises(RegularizerError, match=r"'g'.*InputError: .*" + match):
+        regrad.compose(None, [spec]).evaluate(data, lps)
+
+
+def test_a_bfloat16_user_gradient_is_widened():
+    data, lps = make_batch()
+    spec = RegularizerSpec.with_grad("g", 0.5, cubic_value, lambda d, lp: [(3 * x**2).bfloat16() for x in lp])
+    _, grads, _ = regrad.compose(None, [spec]).evaluate(data, lps)
+    for g, x in zip(grads, lps):
+        torch.testing.assert_close(g, 0.5 * (3 * x**2).bfloat16().double())
+
+
+@pytest.mark.parametrize(
+    "loss, match",
+    [
+        (lambda: np.bool_(True), "dtype bool"),
+        (lambda: torch.tensor(True), "dtype torch.bool"),
+        (lambda: torch.tensor(1.0 + 2.0j), "dtype torch.complex64"),
+        (lambda: np.complex128(1.0 + 2.0j), "dtype complex128"),
+        (lambda: np.array("2.5"), "dtype <U3"),
+        (lambda: 10**400, r"NonFiniteError: loss \(int\) is beyond the range of float64"),
+    ],
+)
+def test_losses_that_are_not_real_numbers_are_named(loss, match):
+    # numpy / torch would read these as 1.0, 1.0, 2.5 or drop the imaginary part
+    data, lps = make_batch()
+    spec = RegularizerSpec.with_grad("odd", 0.1, lambda d, lp: (loss(), {}), cubic_grad)  # no engine to catch it
+    with pytest.raises(RegularizerError, match=r"'odd'.*" + match):
+        regrad.compose(None, [spec]).evaluate(data, lps)
+
+
+def test_numerical_route_on_a_batch_of_empty_data():
+    _needs_engine()
+    lps = [torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)]
+    value, grads, out = regrad.compose(None, [RegularizerSpec.sync("c", 0.5, cubic_value)]).evaluate([None, None], lps)
+    assert value == 0.0 and [tuple(g.shape) for g in grads] == [(0,), (0,)]
+    assert out.regularizers["c"].grad_method == "numerical" and out.regularizers["c"].grad_error == 0.0

@@ -138,7 +138,7 @@ def test_name_must_be_a_non_empty_string(name):
         RegularizerSpec.sync(name, 0.1, reg)
 
 
-@pytest.mark.parametrize("weight", [-0.1, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("weight", [-0.1, math.nan, math.inf, -math.inf, 10**400])
 def test_weight_must_be_finite_and_non_negative(weight):
     with pytest.raises(ValueError, match=r"'topo'.*finite and >= 0"):
         RegularizerSpec.sync("topo", weight, reg)
@@ -152,6 +152,7 @@ def test_weight_must_be_a_real_number(weight):
 
 def test_zero_weight_is_allowed():
     assert RegularizerSpec.sync("off", 0, reg).weight == 0.0
+    assert math.copysign(1.0, RegularizerSpec.sync("off", -0.0, reg).weight) == 1.0  # no "weight": -0.0 in telemetry
     assert RegularizerSpec.sync("np", np.float32(0.5), reg).weight == 0.5
 
 
@@ -247,8 +248,10 @@ def test_composition_validation():
         regrad.compose(RegularizerSpec.sync("ce", 0.5, regrad.losses.cross_entropy))
     with pytest.raises(TypeError, match="base_loss must be callable"):
         regrad.compose("cross_entropy")
-    with pytest.raises(ValueError, match="max_workers"):
-        regrad.compose(None, [], max_workers=0)
+    for workers in (0, "3", 2.5):  # a string passed here and failed with a raw TypeError at the first call
+        with pytest.raises(ValueError, match="max_workers must be a positive int"):
+            regrad.compose(None, [], max_workers=workers)
+    assert regrad.compose(None, [], max_workers=np.int64(2)).max_workers == 2
     with pytest.raises(TypeError, match="on_event"):
         regrad.compose(None, [], on_event="log")
 
@@ -264,3 +267,20 @@ def test_compose_names_a_single_regularizer_not_in_a_list(single):
     """A dict would otherwise be iterated as its keys ("fn", "weight", "name") and a number not at all."""
     with pytest.raises(TypeError, match=f"regularizers must be a list .* got a single {type(single).__name__}: wrap it"):
         regrad.compose(None, single)
+
+
+def test_auto_with_a_grad_fn_takes_the_user_route():
+    # DESIGN §5: "auto" picks a user grad_fn first; it was refused as "grad_fn is used by grad='user' only"
+    def cube(data, logprobs_list):
+        return float(sum(np.sum(x**3) for x in logprobs_list)), {}
+
+    def cube_grad(data, logprobs_list):
+        return [3 * x**2 for x in logprobs_list]
+
+    spec = RegularizerSpec.from_dict({"fn": cube, "weight": 0.5, "name": "c", "grad": "auto", "grad_fn": cube_grad})
+    assert spec.grad == "user" and RegularizerSpec("d", 0.5, cube, grad_fn=cube_grad).grad == "user"
+    xs = [np.linspace(-2.0, -0.5, 4), np.array([-1.0, -3.0])]
+    _, grads, out = regrad.compose(None, [spec]).evaluate([None, None], xs)
+    for g, x in zip(grads, xs):
+        np.testing.assert_allclose(g, 1.5 * x**2, rtol=0, atol=0)
+    assert out.regularizers["c"].grad_method == "user"

@@ -312,3 +312,19 @@ def test_a_weighted_grad_norm_beyond_float64_is_named_and_names_are_unique_with_
     with pytest.raises(ValueError, match="the base loss and a regularizer are both named 'r'"):
         regrad.compose(RegularizerSpec.sync("r", 1.0, topological_consistency),
                        [RegularizerSpec.sync("r", 0.5, topological_consistency)])
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        (np.complex128(1.0 + 2.0j), TypeError, "'c' is the complex number"),  # float() kept 1.0, with a warning
+        (torch.tensor(1.0 + 2.0j), TypeError, "'c' is the complex number"),  # a raw RuntimeError naming no metric
+        (10**400, regrad.NonFiniteError, r"'c' \(int\) is beyond the range of float64"),  # a raw OverflowError
+    ],
+)
+def test_complex_or_overflowing_metrics_are_named(value, error, match):
+    data, lps = seed_batch()
+    loss_fn = regrad.compose(None, [RegularizerSpec.sync("m", 0.1, lambda d, l: (sum(x.sum() for x in l), {"c": value}))])
+    with pytest.raises(RegularizerError, match="'m'.*" + match) as info:
+        loss_fn.evaluate(data, lps)
+    assert isinstance(info.value.cause, error)

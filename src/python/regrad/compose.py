@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import numbers
 import threading
 import time
 import weakref
@@ -84,7 +85,8 @@ class ComposedLoss:
         track_grad_norms: bool = True,
         on_event: Optional[EventCallback] = None,
     ) -> None:
-        if max_workers is not None and (isinstance(max_workers, bool) or int(max_workers) < 1):
+        if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, numbers.Integral)
+                                        or max_workers < 1):  # ("3" or 2.5 would fail only at the first call)
             raise ValueError(f"max_workers must be a positive int or None, got {max_workers!r}")
         if on_event is not None and not callable(on_event):
             raise TypeError(f"on_event must be callable, got {type(on_event).__name__}")
@@ -272,6 +274,8 @@ class ComposedLoss:
             done, _ = await asyncio.wait({task}, timeout=spec.timeout)
             if not done:
                 raise TimeoutError(f"no result within the timeout of {spec.timeout} s")
+            if task.cancelled():  # fn's own CancelledError (it awaited something cancelled), not this call's
+                raise RuntimeError("fn raised CancelledError (it awaited a task or future that was cancelled)")
             result = self._checked(task.result(), inputs)
         except asyncio.CancelledError as err:
             emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err, call=inputs.call)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from numbers import Real
 from operator import attrgetter, is_not
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -112,14 +112,19 @@ class CallInputs:
     def leaves(self) -> List[Any]:
         """Torch tensors requiring grad to differentiate a term with respect to (torch.autograd.grad).
 
-        The caller's own tensors when they all require grad (autograd.grad never touches their .grad),
-        else fresh leaves sharing their memory.
+        The caller's own tensors when they all require grad and are distinct (autograd.grad never
+        touches their .grad; one tensor listed twice would get its whole gradient at each place),
+        else fresh leaves sharing their memory (inference tensors: through numpy, as they cannot require grad).
         """
         import torch
 
         if self.batch.is_torch and all(map(_REQUIRES_GRAD, self.logprobs)):
-            return self.logprobs
-        source = self.detached if self.batch.is_torch else [torch.from_numpy(a) for a in self.batch.arrays]
+            if len(set(map(id, self.logprobs))) == len(self.logprobs):
+                return self.logprobs
+        if not self.batch.is_torch or any(map(torch.Tensor.is_inference, self.detached)):
+            source = [torch.from_numpy(a) for a in self.batch.arrays]
+        else:
+            source = self.detached
         return [t.detach().requires_grad_(True) for t in source]
 
     def pack_autograd(self, grads: List[Any]) -> np.ndarray:
@@ -131,17 +136,24 @@ class CallInputs:
         return _to_numpy(torch.cat(grads).reshape(-1)).astype(self.batch.dtype, copy=False)
 
     def flatten(self, grads: Any) -> np.ndarray:
-        """One term's gradient as a packed 1-D array in the batch dtype; checks count and shapes."""
+        """One term's gradient as a packed 1-D array in the batch dtype; checks count, shapes and real-number dtypes."""
         dtype = self.batch.dtype
         if isinstance(grads, np.ndarray) and grads.ndim == 1 and not _is_sequence_of_arrays(grads):
             if grads.size != self.size:
                 raise InputError(f"packed gradient has {grads.size} values; the batch has {self.size} log-probs")
+            _check_real(grads.dtype, "packed gradient")
             return grads.astype(dtype, copy=False)
+        if grads is None or isinstance(grads, (str, bytes, Mapping)) or not isinstance(grads, Iterable):
+            raise InputError(f"gradient has type {type(grads).__name__}; expected a list with one gradient per datum")
         parts = list(grads)
         if len(parts) != len(self.batch.shapes):
             raise InputError(f"gradient has {len(parts)} entries; expected one per datum ({len(self.batch.shapes)})")
         if not _same_shapes(parts, self.batch.shapes):
             for i, (g, shape) in enumerate(zip(parts, self.batch.shapes)):
+                if g is None or isinstance(g, (str, bytes, Mapping)):
+                    raise InputError(
+                        f"gradient of datum {i} has type {type(g).__name__}; expected an array of shape {tuple(shape)}"
+                    )
                 if tuple(np.shape(g) if not hasattr(g, "shape") else g.shape) != tuple(shape):
                     raise InputError(f"gradient of datum {i} has shape {tuple(np.shape(g))}; the log-probs have {tuple(shape)}")
         if not parts:
@@ -149,9 +161,22 @@ class CallInputs:
         if all(hasattr(g, "detach") for g in parts):  # torch: one cat instead of one conversion per datum
             import torch
 
+            if any(d.is_complex or d == torch.bool for d in set(map(_DTYPE, parts))):  # (one look per dtype)
+                i = next(i for i, g in enumerate(parts) if g.dtype.is_complex or g.dtype == torch.bool)
+                raise InputError(f"gradient of datum {i} has dtype {parts[i].dtype}; expected real numbers (float)")
             # the shapes match the batch's, one rank for all: row-major [ΣT_i(, K)] is the packed order
             return _to_numpy(torch.cat(parts).reshape(-1)).astype(dtype, copy=False)
-        return np.concatenate([_to_numpy(g).reshape(-1) for g in parts]).astype(dtype, copy=False)
+        arrays = [_to_numpy(g) for g in parts]
+        for i, a in enumerate(arrays):
+            _check_real(a.dtype, f"gradient of datum {i}")
+        return np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype, copy=False)
+
+
+def _check_real(dtype: np.dtype, what: str) -> None:
+    """A gradient holds real numbers: a bool, complex, string or object dtype would be cast silently (True
+    as 1.0, the imaginary part dropped, "2" parsed)."""
+    if dtype.kind not in "fiu":
+        raise InputError(f"{what} has dtype {dtype}; expected real numbers (float)")
 
 
 def _same_shapes(parts: List[Any], shapes: List[tuple]) -> bool:
@@ -168,11 +193,12 @@ def _is_sequence_of_arrays(a: np.ndarray) -> bool:
 
 def _to_numpy(g: Any) -> np.ndarray:
     if hasattr(g, "detach"):
-        return g.detach().cpu().numpy()
+        g = g.detach().cpu()
+        return (g.float() if str(g.dtype) == "torch.bfloat16" else g).numpy()  # numpy has no bfloat16
     return np.asarray(g)
 
 
-_SHAPE, _REQUIRES_GRAD = attrgetter("shape"), attrgetter("requires_grad")
+_SHAPE, _DTYPE, _REQUIRES_GRAD = attrgetter("shape"), attrgetter("dtype"), attrgetter("requires_grad")
 
 Known = Tuple[float, Dict[str, float]]  # a term's value and metrics, before its gradient
 
@@ -222,10 +248,15 @@ def _metric_number(key: Any, value: Any) -> float:
         value = value.reshape(-1)[0]
     if isinstance(value, (str, bytes)):
         raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a float")
+    if isinstance(value, (complex, np.complexfloating)) or getattr(getattr(value, "dtype", None), "is_complex", False):
+        # (float() would keep the real part)
+        raise TypeError(f"metric {key!r} is the complex number {value}; expected a real number")
     try:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a float") from None
+    except OverflowError:  # an int beyond float64
+        raise NonFiniteError(f"metric {key!r} ({type(value).__name__}) is beyond the range of float64") from None
 
 
 def scalar_value(loss: Any, *, batched: bool = False) -> float:
@@ -241,9 +272,21 @@ def scalar_value(loss: Any, *, batched: bool = False) -> float:
     if hasattr(loss, "shape") and shape != expected:
         raise TypeError(f"returned a loss of shape {shape}; expected a scalar (shape {expected})")
     if hasattr(loss, "detach"):
+        import torch
+
+        if loss.dtype.is_complex or loss.dtype == torch.bool:  # .item() would give True or a complex
+            raise TypeError(f"returned a loss of dtype {loss.dtype}; expected real numbers (a float tensor)")
         value = float(loss.detach().reshape(()).item())
-    elif isinstance(loss, (Real, np.ndarray, np.generic)):
-        value = float(np.asarray(loss).reshape(()))
+    elif isinstance(loss, Real) and not isinstance(loss, np.generic):  # int, float, Fraction
+        try:
+            value = float(loss)
+        except OverflowError:  # an int beyond float64
+            raise NonFiniteError(f"loss ({type(loss).__name__}) is beyond the range of float64") from None
+    elif isinstance(loss, (np.ndarray, np.generic)):
+        array = np.asarray(loss)
+        if array.dtype.kind not in "fiu":  # numpy would read True as 1.0, "2" as 2.0, drop an imaginary part
+            raise TypeError(f"returned a loss of dtype {array.dtype}; expected real numbers (a float)")
+        value = float(array.reshape(()))
     else:
         raise TypeError(f"returned a {type(loss).__name__} loss; expected a 0-d tensor or a float")
     if not math.isfinite(value):
@@ -336,7 +379,7 @@ def _max_abs(error: Any) -> Optional[float]:
         return None
     if isinstance(error, (list, tuple)):
         parts = [_to_numpy(e).reshape(-1) for e in error]
-        return float(np.max(np.abs(np.concatenate(parts)))) if parts else 0.0
+        return float(np.max(np.abs(np.concatenate(parts)), initial=0.0)) if parts else 0.0  # (every datum may be empty)
     try:
         return float(np.max(np.abs(_to_numpy(error))))
     except (TypeError, ValueError):
@@ -500,19 +543,44 @@ def _probe(spec: Any, inputs: CallInputs) -> Union[TermResult, Known, None]:
 
 
 async def _probe_async(spec: Any, inputs: CallInputs) -> Union[TermResult, Known, None]:
-    import torch
-
     if _skip_probe(spec, inputs):
         return None
     leaves = inputs.leaves()
     try:
-        with torch.enable_grad():
-            out = await spec.fn(inputs.data, leaves)
+        out = await _GradEnabledSteps(spec.fn(inputs.data, leaves))
     except RuntimeError as err:
         if not _retry_detached(spec, inputs, err):
             raise
         return None
     return _from_probe(spec, out, leaves, inputs)
+
+
+class _GradEnabledSteps:
+    """Awaits a coroutine with torch grad mode on during each of its steps only. Grad mode is per thread,
+    not per task: a `with torch.enable_grad()` held across an await would leak into the tasks running
+    meanwhile and, when they exit, turn recording off in the middle of this one."""
+
+    def __init__(self, coro: Any) -> None:
+        self._coro = coro
+
+    def __await__(self) -> Any:
+        import torch
+
+        step, message = self._coro.send, None
+        while True:
+            try:
+                with torch.enable_grad():
+                    yielded = step(message)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                message = yield yielded
+                step = self._coro.send
+            except GeneratorExit:
+                self._coro.close()
+                raise
+            except BaseException as err:  # (a cancellation included) is thrown into the coroutine
+                step, message = self._coro.throw, err
 
 
 def _retry_detached(spec: Any, inputs: CallInputs, err: RuntimeError) -> bool:

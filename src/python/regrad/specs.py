@@ -45,6 +45,8 @@ class RegularizerSpec:
         _check_name(self.name)
         object.__setattr__(self, "weight", _check_weight(self.name, self.weight))
         object.__setattr__(self, "numerical_options", dict(self.numerical_options))
+        if self.grad == "auto" and self.grad_fn is not None:  # auto's first choice is the user's grad_fn
+            object.__setattr__(self, "grad", "user")
         self.validate()
 
     @classmethod
@@ -156,7 +158,10 @@ def _check_name(name: Any) -> None:
 def _check_weight(name: Any, weight: Any) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (Real, np.floating, np.integer)):
         raise TypeError(f"regularizer {name!r}: weight must be a real number, got {type(weight).__name__}")
-    value = float(weight)
+    try:
+        value = float(weight) + 0.0  # (-0.0 becomes 0.0)
+    except OverflowError:  # an int beyond float64
+        value = math.inf
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"regularizer {name!r}: weight must be finite and >= 0, got {weight!r}")
     return value
