@@ -25,6 +25,7 @@ import inspect
 import itertools
 import math
 import numbers
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -287,6 +288,22 @@ def _dtype_constants(method: str, dtype: np.dtype) -> Tuple[str, float, float]:
 # ---- the engine ---------------------------------------------------------------------------------
 
 
+def _outside_inference_mode(engine: Callable[..., NumericalGrad]) -> Callable[..., NumericalGrad]:
+    """Runs the engine with torch's inference mode off: tensors made there (the perturbed copies) have
+    no version counter, which the in-place checks read. The caller's tensors are only read."""
+
+    @functools.wraps(engine)
+    def run(*args: Any, **kwargs: Any) -> NumericalGrad:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return engine(*args, **kwargs)
+        return engine(*args, **kwargs)
+
+    return run
+
+
+@_outside_inference_mode
 def numerical_grad(
     fn: Callable[..., Any],
     data: Any,
