@@ -875,6 +875,20 @@ def test_a_tensor_listed_twice_gets_its_gradient_once():
     torch.testing.assert_close(x.grad, ref.grad)
 
 
+@pytest.mark.parametrize("second", [lambda a: 2 * a, lambda a: a[1:]])
+def test_an_entry_computed_from_another_gets_the_chain_rule_once(second):
+    """[a, f(a)]: each entry's gradient is partial; autograd then adds f's path once (was twice)."""
+    def reg(d, lp):
+        return sum((t**3).sum() for t in lp)
+
+    a = torch.linspace(-2.0, -0.1, 6, dtype=torch.float64).requires_grad_(True)
+    loss, _ = regrad.compose(None, [RegularizerSpec.sync("cube", 0.5, reg)])([None, None], [a, second(a)])
+    loss.backward()
+    ref = a.detach().clone().requires_grad_(True)
+    (0.5 * reg(None, [ref, second(ref)])).backward()
+    torch.testing.assert_close(a.grad, ref.grad)
+
+
 def test_inference_tensors_take_the_autograd_route():
     _, lps = make_batch()
     with torch.inference_mode():

@@ -112,13 +112,14 @@ class CallInputs:
     def leaves(self) -> List[Any]:
         """Torch tensors requiring grad to differentiate a term with respect to (torch.autograd.grad).
 
-        The caller's own tensors when they all require grad and are distinct (autograd.grad never
-        touches their .grad; one tensor listed twice would get its whole gradient at each place),
-        else fresh leaves sharing their memory (inference tensors: through numpy, as they cannot require grad).
+        The caller's own tensors when they are distinct leaves that require grad (autograd.grad never
+        touches their .grad; one tensor listed twice would get its whole gradient at each place, and
+        the gradient for `a` in [a, 2 * a] would also count the path through 2 * a), else fresh leaves
+        sharing their memory (inference tensors: through numpy, as they cannot require grad).
         """
         import torch
 
-        if self.batch.is_torch and all(map(_REQUIRES_GRAD, self.logprobs)):
+        if self.batch.is_torch and all(map(_REQUIRES_GRAD, self.logprobs)) and all(map(_IS_LEAF, self.logprobs)):
             if len(set(map(id, self.logprobs))) == len(self.logprobs):
                 return self.logprobs
         if not self.batch.is_torch or any(map(torch.Tensor.is_inference, self.detached)):
@@ -198,7 +199,8 @@ def _to_numpy(g: Any) -> np.ndarray:
     return np.asarray(g)
 
 
-_SHAPE, _DTYPE, _REQUIRES_GRAD = attrgetter("shape"), attrgetter("dtype"), attrgetter("requires_grad")
+_SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
+_REQUIRES_GRAD, _IS_LEAF = attrgetter("requires_grad"), attrgetter("is_leaf")
 
 Known = Tuple[float, Dict[str, float]]  # a term's value and metrics, before its gradient
 
