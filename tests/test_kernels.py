@@ -395,3 +395,118 @@ def test_build_info():
     assert set(info) >= {"version", "openmp", "max_threads", "cuda", "compiler", "simd"}
     assert info["version"] == regrad.__version__
     assert info["max_threads"] >= 1
+
+
+def _hypot(values):
+    """The exact-ish L2 norm of float64 values (math.hypot scales internally: no overflow or underflow)."""
+    import math
+
+    return math.hypot(*values)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("magnitude", ["huge", "tiny", "denormal", "largest"])
+def test_l2_norm_of_values_whose_squares_overflow_or_underflow(rng, dtype, magnitude):
+    """The norm fits the dtype even where x² does not: it is computed as BLAS nrm2 would (was inf -> NonFiniteError,
+    or 0 with a zero gradient)."""
+    info = np.finfo(dtype)
+    scale = {"huge": np.sqrt(info.max) * 4, "tiny": np.sqrt(info.tiny) / 64, "denormal": info.tiny * 2**-10,
+             "largest": info.max / 16}[magnitude]
+    arrays = [(rng.uniform(-1, 1, size=n) * scale).astype(dtype) for n in (5, 13, 40)]
+    arrays[2][::4] = 0.0
+    arrays.append(np.zeros(3, dtype))
+    mask = [np.ones(5), np.arange(13) % 3 != 1, np.ones(40), np.ones(3)]
+    res = kernels.l2(arrays, squared=False, mask=mask)
+    keeps = [np.asarray(m) > 0 for m in mask]
+    per = [_hypot(a.astype(np.float64)[k]) for a, k in zip(arrays, keeps)]
+    np.testing.assert_allclose(res.per_datum.astype(np.float64), per, rtol=TOL[dtype]["rtol"])
+    assert res.value == pytest.approx(sum(per) / len(per), rel=TOL[dtype]["rtol"])
+    for g, a, k, v in zip(res.grads, arrays, keeps, per):
+        expected = np.where(k, a.astype(np.float64) / v, 0.0) / len(arrays) if v > 0 else np.zeros(a.shape)
+        np.testing.assert_allclose(g, expected, rtol=TOL[dtype]["rtol"], atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, x", [(np.float32, 84.2773), (np.float64, 703.226)])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_entropy_gradient_that_overflows_is_named(dtype, x, reduction):
+    """-exp(x)(1 + x) beyond the dtype while the value -exp(x)·x still fits: named, not returned as -inf."""
+    xl = np.longdouble(dtype(x))
+    assert np.exp(xl) * xl < np.finfo(dtype).max < np.exp(xl) * (1 + xl)  # the reference: value fits, gradient not
+    arrays = [np.full(3, -1.0, dtype), np.array([-2.0, -3.0, x, -4.0, -1.0], dtype)]
+    with pytest.raises(regrad.NonFiniteError, match=r"gradient at datum 1, token 2 .* not finite") as info:
+        kernels.entropy(arrays, reduction=reduction)
+    assert (info.value.datum, info.value.position) == (1, 2)
+    res = kernels.entropy(arrays, reduction=reduction, mask=[np.ones(3), [1, 1, 0, 0, 1]])  # masked: fine
+    assert np.all(np.isfinite(np.concatenate(res.grads)))
+
+
+def test_mean_of_float64_values_whose_sum_overflows():
+    """Each datum and the mean fit float64 though their sum does not (was NonFiniteError 'value of the batch')."""
+    arrays = [np.full(1, 1e308), np.full(1, 1.5e308), np.full(2, -2e307)]
+    expected = float(np.mean([np.abs(a.astype(np.longdouble)).sum() for a in arrays]))
+    assert kernels.l1(arrays).value == pytest.approx(expected, rel=1e-15)
+    with pytest.raises(regrad.NonFiniteError, match="value of the batch .the sum over data"):
+        kernels.l1(arrays, reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_unaligned_buffers_are_copied_not_misread(rng, dtype, kind):
+    """np.frombuffer / torch.frombuffer at an odd offset give memory not aligned to the dtype: the Python layer copies
+    it and the core refuses it by name (it read whole floats from it: undefined behaviour, flagged by UBSan)."""
+    values = (rng.normal(size=13) * 2).astype(dtype)
+    raw = bytearray(b"\0" + values.tobytes())
+    a = np.frombuffer(raw, dtype=dtype, count=13, offset=1)
+    t = torch.frombuffer(raw, dtype=torch.float32 if dtype == np.float32 else torch.float64, count=13, offset=1)
+    assert not a.flags.aligned and t.data_ptr() % values.itemsize != 0
+    v, _, (g,) = reference(kind, [values], reduction="sum")
+    for x in (a, t):
+        from regrad._arrays import as_array_batch
+
+        assert as_array_batch([x]).arrays[0].flags.aligned
+        res = kernels.regularizer(kind, [x], reduction="sum")
+        assert float(res.value) == pytest.approx(v, rel=TOL[dtype]["rtol"] * 10)
+        np.testing.assert_allclose(np.asarray(res.grads[0]), g, **TOL[dtype])
+    from regrad import _core
+
+    with pytest.raises(ValueError, match=r"logprobs_list\[0\] is not aligned to its dtype"):
+        _core.regularizer(kind, [a], None, "sum", True)
+
+
+def test_nan_and_complex_masks_are_named():
+    """A NaN weight is neither kept (> 0) nor dropped (<= 0); a complex torch mask lost its imaginary part."""
+    x = [np.array([1.0, -2.0, 3.0]), np.array([4.0, 5.0])]
+    with pytest.raises(regrad.InputError, match=r"mask\[1\] is NaN at token 1"):
+        kernels.l1(x, mask=[[1, 1, 1], [1.0, np.nan]])
+    with pytest.raises(regrad.InputError, match=r"mask\[1\] is NaN at token 0"):
+        kernels.l1(x, mask=[torch.ones(3), torch.tensor([np.nan, 1.0])])
+    with pytest.raises(regrad.InputError, match=r"mask\[0\] has dtype torch.complex64"):
+        kernels.l1(x, mask=[torch.tensor([1, 0, 1], dtype=torch.complex64), torch.ones(2)])
+    inf_mask = [np.array([np.inf, -np.inf, 1.0]), np.ones(2)]  # +inf keeps, -inf drops: both well defined
+    assert kernels.l1(x, mask=inf_mask, reduction="sum").value == 1.0 + 3.0 + 4.0 + 5.0
+
+
+def test_threads_calling_at_once_get_the_serial_bits(rng):
+    """The kernels release the GIL and share nothing between calls: concurrent calls match a serial run."""
+    import threading
+
+    batches = [ragged(rng, [0, 70001, 13, 5000], dt, scale=2.0) for dt in (np.float32, np.float64)]
+    calls = [(k, b) for k in KINDS for b in range(2)]
+    expected = [kernels.regularizer(k, batches[b]) for k, b in calls]
+    wrong = []
+
+    def work(offset):
+        for j in range(len(calls)):
+            c = (j + offset) % len(calls)
+            res = kernels.regularizer(calls[c][0], batches[calls[c][1]])
+            if res.value != expected[c].value or not all(
+                np.array_equal(p, q) for p, q in zip(res.grads, expected[c].grads)
+            ):
+                wrong.append(calls[c])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert wrong == []

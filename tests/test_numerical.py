@@ -968,6 +968,30 @@ def test_inference_mode_gives_the_same_gradient(kwargs):
                 numerical_grad(lambda d, l: [t.mul_(3.0) ** 2 for t in l], None, inference_lps, **kwargs)
 
 
+def _unaligned(a):
+    """a's values in memory one byte off the dtype's alignment (np.frombuffer at an odd offset)."""
+    raw = np.frombuffer(b"\0" + np.ascontiguousarray(a).tobytes(), dtype=a.dtype, count=a.size, offset=1)
+    assert not raw.flags.aligned
+    return raw.reshape(a.shape)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_token_losses_in_unaligned_memory_are_copied_not_misread(kind, vectorized):
+    """The core reads whole floats; fn's per-token losses at an odd address are copied first."""
+    lps = ragged(23, kind=kind)
+
+    def fn(d, l):
+        outs = [np.asarray(t) ** 3 for t in l]
+        outs = [_unaligned(o) for o in outs]
+        return [torch.frombuffer(bytearray(b"\0" + o.tobytes()), dtype=torch.float64, offset=1).reshape(o.shape)
+                if kind == "torch" else o for o in outs]
+
+    result = numerical_grad(fn, None, lps, structure="token", vectorized=vectorized)
+    for g, x in zip(result.grads, lps):
+        np.testing.assert_allclose(np.asarray(g), 3 * np.asarray(x) ** 2, rtol=1e-6)
+
+
 def test_non_finite_losses_and_inputs():
     with pytest.raises(NonFiniteError, match="non-finite loss nan at perturbation 0"):
         numerical_grad(lambda d, lps: float("nan"), None, ragged())

@@ -53,6 +53,10 @@ RaggedArrays ragged_from_list(const py::sequence& arrays, const char* what) {
         if (!(a.flags() & py::array::c_style)) {
             throw py::value_error(std::string(what) + "[" + std::to_string(i) + "] is not C-contiguous");
         }
+        if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {  // the core reads whole T, never bytes
+            throw py::value_error(std::string(what) + "[" + std::to_string(i) +
+                                  "] is not aligned to its dtype (copy it: np.require(a, requirements='CA'))");
+        }
         out.data.push_back(a.size() > 0 ? a.data() : nullptr);
         out.offsets.push_back(out.offsets.back() + static_cast<int64_t>(a.size()));
         out.keep_alive.push_back(std::move(a));
@@ -82,6 +86,9 @@ RaggedArrays ragged_from_addresses(const py::tuple& spec, const char* what) {
                                   " is not a multiple of the width " + std::to_string(width));
         }
         if (sizes[i] > 0 && addresses[i] == 0) throw py::value_error(std::string(what) + "[" + std::to_string(i) + "] has no data");
+        if (sizes[i] > 0 && addresses[i] % (out.is_double ? sizeof(double) : sizeof(float)) != 0) {
+            throw py::value_error(std::string(what) + "[" + std::to_string(i) + "] is not aligned to its dtype");
+        }
         out.data.push_back(sizes[i] > 0 ? reinterpret_cast<const void*>(addresses[i]) : nullptr);
         out.offsets.push_back(out.offsets.back() + sizes[i]);
     }

@@ -28,7 +28,7 @@ struct RaggedArrays {
     std::vector<py::array> keep_alive;
 };
 
-/// Checks every array (float32/float64, one dtype, C-contiguous, all 1-D or all [T, K] with one K)
+/// Checks every array (float32/float64, one dtype, C-contiguous, aligned, all 1-D or all [T, K] with one K)
 /// and names the first datum that breaks a rule.
 RaggedArrays ragged_from_list(const py::sequence& arrays, const char* what);
 

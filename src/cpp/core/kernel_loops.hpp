@@ -97,7 +97,8 @@ using EntropyOp = formulas::Entropy;
 
 /// Sums op values over elements [begin, end) of one datum and writes scale * keep * gradient.
 /// Lane sums are flushed to double every kFlush elements in a fixed order, so the result depends
-/// only on the data (never on threads). `check` stays 0 unless a non-finite input is met.
+/// only on the data (never on threads). `check` stays 0 unless a non-finite input is met or a
+/// written gradient is not finite (it overflowed T, e.g. entropy's -exp(x)(1 + x) near x = 84 in float32).
 template <class Op, bool WithGrad, class T>
 double loop_chunk(const T* x, T* g, const uint8_t* mask, int64_t width, int64_t begin, int64_t end, T scale,
                   T& check) {
@@ -124,7 +125,11 @@ double loop_chunk(const T* x, T* g, const uint8_t* mask, int64_t width, int64_t 
         Op::template eval<VecMath>(xv, v, d);
         acc += v;
         chk += xv - xv;
-        if (WithGrad) store(g + e, d * (scale * keep));
+        if (WithGrad) {
+            const V gv = d * (scale * keep);
+            store(g + e, gv);
+            chk += gv - gv;
+        }
         since_flush += W;
         if (since_flush >= kFlush) {
             for (int j = 0; j < W; ++j) total += static_cast<double>(acc[j]);
@@ -141,7 +146,10 @@ double loop_chunk(const T* x, T* g, const uint8_t* mask, int64_t width, int64_t 
         Op::template eval<VecMath>(xv, v, d);
         total += static_cast<double>(v[0]);
         tail_chk += xv[0] - xv[0];
-        if (WithGrad) g[e] = d[0] * scale * (on ? T(1) : T(0));
+        if (WithGrad) {
+            g[e] = d[0] * scale * (on ? T(1) : T(0));
+            tail_chk += g[e] - g[e];
+        }
     }
     T c = tail_chk;
     for (int j = 0; j < W; ++j) c += chk[j];

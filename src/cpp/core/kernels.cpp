@@ -52,8 +52,10 @@ double run_chunk(ChunkOp op, bool with_grad, const T* x, T* g, const uint8_t* ma
     return loop_chunk_any<T>(op, with_grad, x, g, mask, width, begin, end, scale, check);
 }
 
+/// Throws NonFiniteError naming the first non-finite (unmasked) input of chunk c; returns if there is none
+/// (then the chunk was flagged by a gradient that overflowed T).
 template <class T>
-[[noreturn]] void throw_non_finite(ChunkOp op, const RaggedBatch<T>& batch, const uint8_t* mask, const Chunk& c) {
+void throw_non_finite_input(ChunkOp op, const RaggedBatch<T>& batch, const uint8_t* mask, const Chunk& c) {
     const T* x = batch.data[c.datum];
     const int64_t token0 = batch.offsets[c.datum] / batch.width;
     const bool takes_minus_inf = op == ChunkOp::Entropy;  // p = 0 (formulas::Entropy::prepare)
@@ -66,12 +68,28 @@ template <class T>
                                  c.datum, e);
         }
     }
-    throw NonFiniteError("non-finite input in datum " + std::to_string(c.datum), c.datum, c.begin);
 }
 
-// One parallel pass over all chunks; per-datum sums are then added in chunk order.
+/// Names the first gradient element that is not finite although its input is: the derivative overflows T.
 template <class T>
-void reduce_pass(ChunkOp op, bool with_grad, const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks,
+[[noreturn]] void throw_gradient_overflow(const RaggedBatch<T>& batch, const T* grad) {
+    for (int64_t i = 0; i < batch.batch; ++i) {
+        for (int64_t e = 0; e < batch.length(i); ++e) {
+            if (!std::isfinite(grad[batch.offsets[i] + e])) {
+                throw NonFiniteError("the gradient at " + describe_position(i, e, batch.width) + " (input " +
+                                         std::to_string(batch.data[i][e]) +
+                                         ") is not finite (overflow of the input's dtype)",
+                                     i, e);
+            }
+        }
+    }
+    throw NonFiniteError("the gradient is not finite (overflow of the input's dtype)", -1, -1);
+}
+
+// One parallel pass over all chunks; per-datum sums are then added in chunk order. Returns true when
+// the inputs are finite but a gradient element overflowed (named by the caller after the value checks).
+template <class T>
+bool reduce_pass(ChunkOp op, bool with_grad, const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks,
                  const uint8_t* mask,
                  const T* datum_scale, double* per_datum, T* grad) {
     const int64_t nchunks = static_cast<int64_t>(chunks.size());
@@ -89,18 +107,105 @@ void reduce_pass(ChunkOp op, bool with_grad, const RaggedBatch<T>& batch, const 
         partial[c] = run_chunk<T>(op, with_grad, batch.data[ch.datum], g, m, batch.width, ch.begin, ch.end,
                                   datum_scale[ch.datum], check[c]);
     }
+    bool gradient_overflow = false;
     for (int64_t i = 0; i < batch.batch; ++i) per_datum[i] = 0.0;
     for (int64_t c = 0; c < nchunks; ++c) {
-        if (check[c] != T(0) || std::isnan(check[c])) throw_non_finite(op, batch, mask, chunks[c]);
+        if (check[c] != T(0) || std::isnan(check[c])) {
+            throw_non_finite_input(op, batch, mask, chunks[c]);
+            if (!with_grad) {
+                throw NonFiniteError("non-finite input in datum " + std::to_string(chunks[c].datum), chunks[c].datum,
+                                     chunks[c].begin);
+            }
+            gradient_overflow = true;
+        }
         per_datum[chunks[c].datum] += partial[c];
     }
+    return gradient_overflow;
 }
 
 template <class T>
-void fused(ChunkOp op, const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, const uint8_t* mask, T scale,
+bool fused(ChunkOp op, const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, const uint8_t* mask, T scale,
            double* per_datum, T* grad) {
     std::vector<T> scales(static_cast<size_t>(batch.batch), scale);
-    reduce_pass<T>(op, grad != nullptr, batch, chunks, mask, scales.data(), per_datum, grad);
+    return reduce_pass<T>(op, grad != nullptr, batch, chunks, mask, scales.data(), per_datum, grad);
+}
+
+/// True when a datum's sum of squares, summed in T's lanes, cannot give its L2 norm and gradient: the
+/// squares overflowed T, or were so small that those lost to underflow may matter (below n tiny / eps),
+/// or scale / norm falls outside T's normal range (the gradient x * (scale / norm) would lose bits or
+/// overflow). Such data are redone by l2_norm_rescaled.
+template <class T>
+bool l2_norm_needs_rescale(double sum_squares, int64_t n, double scale) {
+    using limits = std::numeric_limits<T>;
+    const double lower = static_cast<double>(n) * (static_cast<double>(limits::min()) / limits::epsilon());
+    if (!(sum_squares >= lower && sum_squares <= std::numeric_limits<double>::max())) return true;
+    if (sum_squares == 0.0) return false;  // n == 0 (a zero datum has sum_squares 0 < lower)
+    const double s = scale / std::sqrt(sum_squares);
+    return !(s >= static_cast<double>(limits::min()) && s <= static_cast<double>(limits::max()));
+}
+
+/// The L2 norm of datum i from its values divided by their largest magnitude (as BLAS nrm2 does), in
+/// double, and with grad its gradient (x / norm) * scale: no overflow or underflow on the way. One
+/// serial pass per datum, so the bits do not depend on threads.
+template <class T>
+double l2_norm_rescaled(const RaggedBatch<T>& batch, const uint8_t* mask, int64_t i, double scale, T* grad) {
+    const T* x = batch.data[i];
+    const int64_t n = batch.length(i);
+    const uint8_t* m = mask == nullptr ? nullptr : mask + batch.offsets[i] / batch.width;
+    auto kept = [&](int64_t e) { return m == nullptr || m[e / batch.width] != 0; };
+    double largest = 0.0;
+    for (int64_t e = 0; e < n; ++e) {
+        if (kept(e)) largest = std::fmax(largest, std::fabs(static_cast<double>(x[e])));
+    }
+    double norm = 0.0;
+    if (largest > 0.0) {
+        double sum = 0.0;
+        for (int64_t e = 0; e < n; ++e) {
+            if (!kept(e)) continue;
+            const double r = static_cast<double>(x[e]) / largest;
+            sum += r * r;
+        }
+        norm = largest * std::sqrt(sum);
+    }
+    if (grad != nullptr) {
+        T* g = grad + batch.offsets[i];
+        for (int64_t e = 0; e < n; ++e) {
+            g[e] = norm > 0.0 && kept(e) ? static_cast<T>(static_cast<double>(x[e]) / norm * scale) : T(0);
+        }
+    }
+    return norm;
+}
+
+/// L2 norm per datum: the squares summed in T's SIMD lanes, then (rarely) rescaled data redone in double.
+template <class T>
+void l2_norm(const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, const uint8_t* mask, T scale,
+             double* per_datum, T* grad) {
+    fused(ChunkOp::L2Squared, batch, chunks, mask, scale, per_datum, static_cast<T*>(nullptr));
+    std::vector<T> scales(static_cast<size_t>(batch.batch));
+    std::vector<int64_t> rescaled;
+    int64_t rescaled_elements = 0;
+    for (int64_t i = 0; i < batch.batch; ++i) {
+        if (l2_norm_needs_rescale<T>(per_datum[i], batch.length(i), scale)) {
+            rescaled.push_back(i);
+            rescaled_elements += batch.length(i);
+            scales[i] = T(0);  // the gradient pass writes zeros, l2_norm_rescaled the gradient
+        } else {
+            per_datum[i] = std::sqrt(per_datum[i]);
+            scales[i] = per_datum[i] > 0 ? static_cast<T>(scale / per_datum[i]) : T(0);
+        }
+    }
+    if (grad != nullptr) {
+        std::vector<double> unused(static_cast<size_t>(batch.batch));
+        reduce_pass<T>(ChunkOp::Identity, true, batch, chunks, mask, scales.data(), unused.data(), grad);
+    }
+    const int64_t count = static_cast<int64_t>(rescaled.size());
+    const bool parallel = rescaled_elements >= 4 * kReductionChunk;
+    (void)parallel;
+#pragma omp parallel for schedule(dynamic) if (parallel)
+    for (int64_t k = 0; k < count; ++k) {
+        const int64_t i = rescaled[k];
+        per_datum[i] = l2_norm_rescaled(batch, mask, i, static_cast<double>(scale), grad);
+    }
 }
 
 }  // namespace
@@ -115,23 +220,18 @@ double regularizer_value_and_grad(Regularizer kind, const RaggedBatch<T>& batch,
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(batch.batch) : T(1);
     const std::vector<Chunk> chunks = make_chunks(batch.offsets, batch.batch, batch.width);
 
+    bool gradient_overflow = false;
     switch (kind) {
-        case Regularizer::L1: fused(ChunkOp::L1, batch, chunks, token_mask, scale, per_datum, grad); break;
-        case Regularizer::L2Squared: fused(ChunkOp::L2Squared, batch, chunks, token_mask, scale, per_datum, grad); break;
-        case Regularizer::Entropy: fused(ChunkOp::Entropy, batch, chunks, token_mask, scale, per_datum, grad); break;
-        case Regularizer::L2Norm: {
-            fused(ChunkOp::L2Squared, batch, chunks, token_mask, scale, per_datum, static_cast<T*>(nullptr));
-            std::vector<T> scales(static_cast<size_t>(batch.batch));
-            for (int64_t i = 0; i < batch.batch; ++i) {
-                per_datum[i] = std::sqrt(per_datum[i]);
-                scales[i] = per_datum[i] > 0 ? static_cast<T>(scale / per_datum[i]) : T(0);
-            }
-            if (grad != nullptr) {
-                std::vector<double> unused(static_cast<size_t>(batch.batch));
-                reduce_pass<T>(ChunkOp::Identity, true, batch, chunks, token_mask, scales.data(), unused.data(), grad);
-            }
+        case Regularizer::L1:
+            gradient_overflow = fused(ChunkOp::L1, batch, chunks, token_mask, scale, per_datum, grad);
             break;
-        }
+        case Regularizer::L2Squared:
+            gradient_overflow = fused(ChunkOp::L2Squared, batch, chunks, token_mask, scale, per_datum, grad);
+            break;
+        case Regularizer::Entropy:
+            gradient_overflow = fused(ChunkOp::Entropy, batch, chunks, token_mask, scale, per_datum, grad);
+            break;
+        case Regularizer::L2Norm: l2_norm(batch, chunks, token_mask, scale, per_datum, grad); break;
     }
     // Values are summed in float64 but returned in T: a float32 value above FLT_MAX would come back inf.
     const double largest = static_cast<double>(std::numeric_limits<T>::max());
@@ -144,12 +244,18 @@ double regularizer_value_and_grad(Regularizer kind, const RaggedBatch<T>& batch,
         }
         total += per_datum[i];
     }
-    const double value = reduction == Reduction::Mean ? total / static_cast<double>(batch.batch) : total;
+    double value = reduction == Reduction::Mean ? total / static_cast<double>(batch.batch) : total;
+    if (reduction == Reduction::Mean && std::isinf(total)) {  // float64 values whose sum overflows: their mean may not
+        value = 0.0;
+        for (int64_t i = 0; i < batch.batch; ++i) value += per_datum[i] / static_cast<double>(batch.batch);
+    }
     if (!(std::fabs(value) <= largest)) {
-        throw NonFiniteError("the regularizer value of the batch (the sum over data) is not finite (overflow of the "
-                                 "input's dtype)",
+        throw NonFiniteError("the regularizer value of the batch (the " +
+                                 std::string(reduction == Reduction::Mean ? "mean" : "sum") +
+                                 " over data) is not finite (overflow of the input's dtype)",
                              -1, -1);
     }
+    if (gradient_overflow) throw_gradient_overflow(batch, grad);
     return value;
 }
 

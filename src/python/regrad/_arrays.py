@@ -14,6 +14,7 @@ from .errors import InputError
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPE, _SHAPE, _SIZE = attrgetter("dtype"), attrgetter("shape"), attrgetter("size")
 _IS_CPU = attrgetter("is_cpu")
+_ALIGNED = attrgetter("flags.aligned")
 _NUMEL = methodcaller("numel")
 
 
@@ -117,6 +118,8 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
             t = x.detach().resolve_neg()  # a negative view (torch._neg_view) has no numpy() of its own
             tensors.append(t)
             a = (t if t.is_contiguous() else t.contiguous()).numpy()
+            if not a.flags.aligned:  # torch.frombuffer at an odd offset: the core reads whole elements
+                a = a.copy()
         elif not first_torch and isinstance(x, np.ndarray):
             a = x
             if isinstance(a, np.ma.MaskedArray):  # its mask would be ignored: masked values summed
@@ -128,8 +131,8 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
                 a = a.astype(a.dtype.newbyteorder("="))
             if a.dtype not in _FLOAT_DTYPES:
                 raise InputError(f"{what}[{i}] has dtype {a.dtype}; expected float32 or float64 (cast it first)")
-            if not a.flags.c_contiguous:
-                a = np.ascontiguousarray(a)
+            if not (a.flags.c_contiguous and a.flags.aligned):  # np.frombuffer at an odd offset is unaligned
+                a = np.array(a, order="C")
         elif is_torch_tensor(x) or isinstance(x, np.ndarray):
             raise InputError(f"{what} mixes numpy arrays and torch tensors; use one kind")
         else:
@@ -172,7 +175,7 @@ def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[
     except (RuntimeError, TypeError):
         return None
     dtypes = set(map(_DTYPE, arrays))
-    if len(dtypes) != 1 or dtypes.pop() not in _FLOAT_DTYPES:
+    if len(dtypes) != 1 or dtypes.pop() not in _FLOAT_DTYPES or not all(map(_ALIGNED, arrays)):
         return None
     return _checked_ranks(arrays, tensors, list(map(_SHAPE, arrays)), arrays[0].dtype)
 
@@ -180,7 +183,8 @@ def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[
 def plain_cpu_dtype(items: Sequence[Any]) -> Optional[np.dtype]:
     """The numpy dtype of plain contiguous CPU torch tensors of one float dtype (float32 / float64),
     checked in C-level passes, whose memory can be read by address; else None. A negative view
-    (torch._neg_view) is refused: its memory holds the un-negated values."""
+    (torch._neg_view) is refused: its memory holds the un-negated values; so is memory not aligned to
+    the dtype (torch.frombuffer at an odd offset), which the core must not read by address."""
     import torch
 
     if not items or set(map(type, items)) != {torch.Tensor} or not all(map(torch.Tensor.is_contiguous, items)):
@@ -188,7 +192,10 @@ def plain_cpu_dtype(items: Sequence[Any]) -> Optional[np.dtype]:
     dtypes = set(map(_DTYPE, items))
     if len(dtypes) != 1 or not all(map(_IS_CPU, items)) or any(map(torch.Tensor.is_neg, items)):
         return None
-    return _TORCH_TO_NUMPY.get(dtypes.pop())
+    dtype = _TORCH_TO_NUMPY.get(dtypes.pop())
+    if dtype is None or any(address % dtype.itemsize for address in map(torch.Tensor.data_ptr, items)):
+        return None
+    return dtype
 
 
 def _checked_ranks(arrays: Optional[List[np.ndarray]], tensors: List[Any], shapes: List[tuple],
@@ -248,6 +255,8 @@ def token_mask(mask: Optional[Sequence[Any]], batch: ArrayBatch) -> Optional[np.
         raise InputError(f"mask has {len(masks)} entries but the batch has {len(batch.arrays)} data")
     parts = []
     for i, (m, shape) in enumerate(zip(masks, batch.shapes)):
+        if is_torch_tensor(m) and m.is_complex():  # .float() would drop the imaginary part
+            raise InputError(f"mask[{i}] has dtype {m.dtype}; expected booleans or numbers (> 0 keeps a token)")
         try:
             m = np.asarray(m.detach().cpu().float().numpy() if is_torch_tensor(m) else m)
         except (TypeError, ValueError, RuntimeError) as err:
@@ -256,6 +265,9 @@ def token_mask(mask: Optional[Sequence[Any]], batch: ArrayBatch) -> Optional[np.
             raise InputError(f"mask[{i}] has shape {m.shape}; datum {i} has {shape[0]} tokens")
         if m.dtype.kind not in "biuf":  # strings, None entries (object): > 0 would raise a raw TypeError
             raise InputError(f"mask[{i}] has dtype {m.dtype}; expected booleans or numbers (> 0 keeps a token)")
+        if m.dtype.kind == "f" and np.isnan(m).any():  # neither kept (> 0) nor dropped (<= 0): a corrupt weight
+            token = int(np.flatnonzero(np.isnan(m))[0])
+            raise InputError(f"mask[{i}] is NaN at token {token}; a mask keeps tokens > 0 and drops tokens <= 0")
         parts.append((m > 0).astype(np.uint8))
     return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 

@@ -615,11 +615,11 @@ def _token_gradient(
     try:
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     except (TypeError, ValueError):
-        # fn's outputs mix dtypes or are not contiguous: one float64 copy of each, then the same pass.
+        # fn's outputs mix dtypes or are not contiguous or aligned: one float64 copy of each, then the same pass.
         for v in itertools.chain.from_iterable(values):
             problem.see_loss(v)
         loss_eps = max(loss_eps, problem.loss_eps)
-        values = [[np.ascontiguousarray(v, dtype=np.float64) for v in call] for call in values]
+        values = [[np.require(v, np.float64, "CA") for v in call] for call in values]
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     if bad >= 0:
         n = int(problem.offsets[-1])
@@ -671,7 +671,7 @@ def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: Stack
         for v in out:
             problem.see_loss(v)
         loss_eps = max(loss_eps, problem.loss_eps)
-        values = [np.ascontiguousarray(_numpy(v), dtype=np.float64) for v in out]
+        values = [np.require(_numpy(v), np.float64, "CA") for v in out]
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps, True)
     if bad >= 0:
         n = int(problem.offsets[-1])
