@@ -42,12 +42,6 @@ py::tuple regularizer(const std::string& kind, const py::sequence& arrays,
     const Regularizer k = parse_kind(kind);
     const Reduction r = parse_reduction(reduction);
     RaggedArrays ragged = ragged_from_list(arrays, "logprobs_list");
-    for (size_t i = 0; i < ragged.keep_alive.size(); ++i) {  // the loops read whole floats, never bytes
-        if (!(ragged.keep_alive[i].flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
-            throw py::value_error("logprobs_list[" + std::to_string(i) +
-                                  "] is not aligned to its dtype (copy it: np.require(a, requirements='CA'))");
-        }
-    }
     const uint8_t* m = nullptr;
     if (mask) {
         const int64_t tokens = ragged.offsets.back() / ragged.width;
