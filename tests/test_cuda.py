@@ -65,6 +65,24 @@ def test_status_words_read_as_the_cpu_errors():
         _gpu._raise_status(torch.tensor([6, 1, 3]), "difference points")
 
 
+def test_host_masks_for_the_gpu_are_checked_as_on_the_cpu():
+    """_device_mask (read on any device): NaN, complex and text masks named, as kernels' CPU path does."""
+    tensors = [torch.zeros(3), torch.zeros(2)]
+    batch = _gpu.CudaBatch(tensors, [(3,), (2,)], [0, 3, 5], 1, torch.float32, torch.device("cpu"))
+    packed = _gpu._device_mask([np.array([1.0, 0.0, -np.inf]), [True, True]], batch)
+    assert packed.dtype == torch.uint8 and packed.tolist() == [1, 0, 0, 1, 1]
+    for bad, message in (([np.array([1.0, np.nan, 0.0]), [1, 1]], r"mask\[0\] is NaN at token 1"),
+                         ([[1, 1, 1], torch.tensor([1 + 1j, 0j])], r"mask\[1\] has dtype torch.complex64"),
+                         ([["a", "b", "c"], [1, 1]], r"mask\[0\] has dtype <U1"),
+                         ([[1, 1], [1, 1]], r"mask\[0\] has shape \(2,\); datum 0 has 3 tokens")):
+        with pytest.raises(InputError, match=message):
+            _gpu._device_mask(bad, batch)
+        with pytest.raises(InputError, match=message):  # the same words as the CPU path
+            kernels.l1(tensors, mask=bad)
+    with pytest.raises(NonFiniteError, match=r"the batch \(the mean over data\)"):
+        _gpu._raise_status(torch.tensor([2, -1, -1]), "regularizer 'l1'", "mean")
+
+
 def _host_compiler():
     return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 

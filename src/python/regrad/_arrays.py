@@ -253,23 +253,29 @@ def token_mask(mask: Optional[Sequence[Any]], batch: ArrayBatch) -> Optional[np.
         raise InputError(f"mask must be a list with one [T_i] mask per datum, got {type(mask).__name__}") from None
     if len(masks) != len(batch.arrays):
         raise InputError(f"mask has {len(masks)} entries but the batch has {len(batch.arrays)} data")
-    parts = []
-    for i, (m, shape) in enumerate(zip(masks, batch.shapes)):
-        if is_torch_tensor(m) and m.is_complex():  # .float() would drop the imaginary part
-            raise InputError(f"mask[{i}] has dtype {m.dtype}; expected booleans or numbers (> 0 keeps a token)")
-        try:
-            m = np.asarray(m.detach().cpu().float().numpy() if is_torch_tensor(m) else m)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise InputError(f"mask[{i}] cannot be read as numbers ({type(m).__name__}: {err})") from None
-        if m.shape != (shape[0],):
-            raise InputError(f"mask[{i}] has shape {m.shape}; datum {i} has {shape[0]} tokens")
-        if m.dtype.kind not in "biuf":  # strings, None entries (object): > 0 would raise a raw TypeError
-            raise InputError(f"mask[{i}] has dtype {m.dtype}; expected booleans or numbers (> 0 keeps a token)")
-        if m.dtype.kind == "f" and np.isnan(m).any():  # neither kept (> 0) nor dropped (<= 0): a corrupt weight
-            token = int(np.flatnonzero(np.isnan(m))[0])
-            raise InputError(f"mask[{i}] is NaN at token {token}; a mask keeps tokens > 0 and drops tokens <= 0")
-        parts.append((m > 0).astype(np.uint8))
+    parts = [mask_keeps(m, i, shape[0]) for i, (m, shape) in enumerate(zip(masks, batch.shapes))]
     return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def mask_keeps(m: Any, i: int, tokens: int) -> np.ndarray:
+    """Datum i's mask ([tokens] booleans or real numbers, > 0 keeps a token) as uint8 0 / 1, checked."""
+    if is_torch_tensor(m) and m.is_complex():  # .float() would drop the imaginary part
+        raise InputError(f"mask[{i}] has dtype {m.dtype}; expected booleans or numbers (> 0 keeps a token)")
+    try:
+        m = np.asarray(m.detach().cpu().float().numpy() if is_torch_tensor(m) else m)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputError(f"mask[{i}] cannot be read as numbers ({type(m).__name__}: {err})") from None
+    if m.shape != (tokens,):
+        raise InputError(f"mask[{i}] has shape {m.shape}; datum {i} has {tokens} tokens")
+    if m.dtype.kind not in "biuf":  # strings, None entries (object): > 0 would raise a raw TypeError
+        raise InputError(f"mask[{i}] has dtype {m.dtype}; expected booleans or numbers (> 0 keeps a token)")
+    if m.dtype.kind == "f" and np.isnan(m).any():  # neither kept (> 0) nor dropped (<= 0): a corrupt weight
+        raise nan_mask_error(i, int(np.flatnonzero(np.isnan(m))[0]))
+    return (m > 0).astype(np.uint8)
+
+
+def nan_mask_error(i: int, token: int) -> InputError:
+    return InputError(f"mask[{i}] is NaN at token {token}; a mask keeps tokens > 0 and drops tokens <= 0")
 
 
 def split_packed(packed: np.ndarray, batch: ArrayBatch) -> List[Any]:

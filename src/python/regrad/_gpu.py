@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
-from ._arrays import is_torch_tensor
+from ._arrays import is_torch_tensor, mask_keeps, nan_mask_error
 from .errors import InputError, NonFiniteError
 
 __all__ = [
@@ -135,14 +135,21 @@ def _device_mask(mask: Optional[Sequence[Any]], batch: CudaBatch) -> Optional[An
         raise InputError(f"mask has {len(masks)} entries but the batch has {len(batch.tensors)} data")
     parts = []
     for i, (m, shape) in enumerate(zip(masks, batch.shapes)):
-        m = m.detach() if is_torch_tensor(m) else torch.as_tensor(m)
-        if tuple(m.shape) != (shape[0],):
-            raise InputError(f"mask[{i}] has shape {tuple(m.shape)}; datum {i} has {shape[0]} tokens")
-        parts.append((m.to(batch.device, non_blocking=True) > 0).to(torch.uint8))
+        if is_torch_tensor(m) and m.is_cuda and not m.is_complex():  # read on the device (a NaN check syncs)
+            m = m.detach()
+            if tuple(m.shape) != (shape[0],):
+                raise InputError(f"mask[{i}] has shape {tuple(m.shape)}; datum {i} has {shape[0]} tokens")
+            if m.is_floating_point():
+                nan = torch.isnan(m)
+                if bool(nan.any()):
+                    raise nan_mask_error(i, int(nan.nonzero()[0, 0]))
+            parts.append((m.to(batch.device, non_blocking=True) > 0).to(torch.uint8))
+        else:  # host masks (lists, numpy, CPU tensors): the CPU path's checks
+            parts.append(torch.from_numpy(mask_keeps(m, i, shape[0])).to(batch.device, non_blocking=True))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=batch.device)
 
 
-def _raise_status(status: Any, what: str) -> None:
+def _raise_status(status: Any, what: str, reduction: str = "sum") -> None:
     """Reads the kernels' status words (waits for the stream) and raises as the CPU core would."""
     code, datum, position = (int(v) for v in status.tolist())
     if code == _OK:
@@ -150,7 +157,7 @@ def _raise_status(status: Any, what: str) -> None:
     if code == _NON_FINITE_INPUT:
         err = NonFiniteError(f"non-finite input at datum {datum}, element {position} ({what})")
     elif code == _NON_FINITE_VALUE:
-        of = f"datum {datum}" if datum >= 0 else "the batch (the sum over data)"  # as the CPU core names them
+        of = f"datum {datum}" if datum >= 0 else f"the batch (the {reduction} over data)"  # as the CPU core says
         err = NonFiniteError(f"the regularizer value of {of} is not finite (overflow of the input's dtype)")
         position = -1
     elif code == _BAD_STEP:
@@ -197,7 +204,7 @@ def regularizer(
             0 if packed_mask is None else packed_mask.data_ptr(), reduction,
             per_datum.data_ptr(), grad.data_ptr(), value.data_ptr(), status.data_ptr(), batch.stream(),
         )
-        _raise_status(status, f"regularizer {kind!r}")
+        _raise_status(status, f"regularizer {kind!r}", reduction)
     return value.to(batch.dtype), per_datum.to(batch.dtype), _split(grad, batch)
 
 
