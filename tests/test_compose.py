@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 import regrad  # noqa: E402
 from regrad import RegularizerError, RegularizerSpec  # noqa: E402
-from regrad.errors import NonFiniteError  # noqa: E402
+from regrad.errors import InputError, NonFiniteError  # noqa: E402
 
 LENGTHS = (7, 3, 12, 5)
 
@@ -887,6 +887,23 @@ def test_an_entry_computed_from_another_gets_the_chain_rule_once(second):
     ref = a.detach().clone().requires_grad_(True)
     (0.5 * reg(None, [ref, second(ref)])).backward()
     torch.testing.assert_close(a.grad, ref.grad)
+
+
+@pytest.mark.parametrize("route", ["kernels", "numerical_grad", "compose logprobs", "compose data"])
+@pytest.mark.parametrize("unordered", [{"a": np.zeros(3)}, {b"\0" * 24}, None, "abc"])
+def test_a_batch_that_is_not_a_list_is_named(route, unordered):
+    """A dict listed gives its keys ("logprobs_list[0] is a str"), a set no datum order, None a raw TypeError."""
+    x = [np.zeros(3)]
+    calls = {
+        "kernels": lambda: regrad.kernels.l1(unordered),
+        "numerical_grad": lambda: regrad.numerical_grad(lambda d, lps: 0.0, None, unordered),
+        "compose logprobs": lambda: regrad.compose(None, [regrad.l1(0.1)])([None], unordered),
+        "compose data": lambda: regrad.compose(None, [regrad.l1(0.1)])(unordered, x),
+    }
+    what = "data" if route == "compose data" else "logprobs_list"
+    kind = type(unordered).__name__
+    with pytest.raises(InputError, match=f"^{what} must be a list of .*, one per datum, got (a )?{kind}$"):
+        calls[route]()
 
 
 def test_inference_tensors_take_the_autograd_route():

@@ -82,6 +82,17 @@ def reusable(items: Any) -> Any:
     return list(items) if isinstance(items, collections.abc.Iterator) else items
 
 
+def listed(value: Any, what: str, of: str) -> List[Any]:
+    """value (a list, tuple or other ordered iterable, one entry per datum) as a list; a dict, set or
+    string is named (listing it would give its keys, in no datum order, or its characters)."""
+    if isinstance(value, (collections.abc.Mapping, collections.abc.Set, str, bytes)):
+        raise InputError(f"{what} must be a list of {of}, one per datum, got a {type(value).__name__}")
+    try:
+        return list(value)
+    except TypeError:
+        raise InputError(f"{what} must be a list of {of}, one per datum, got {type(value).__name__}") from None
+
+
 def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", keep_tensors: bool = True) -> ArrayBatch:
     """Checks a ragged batch ([T_i] or [T_i, K] each, one float dtype) and returns numpy views of it.
 
@@ -90,10 +101,7 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
     """
     if isinstance(logprobs_list, (np.ndarray,)) or is_torch_tensor(logprobs_list):
         raise InputError(f"{what} must be a list with one array per datum, not a single array")
-    try:
-        items = list(logprobs_list)
-    except TypeError:
-        raise InputError(f"{what} must be a list of arrays, got {type(logprobs_list).__name__}") from None
+    items = listed(logprobs_list, what, "arrays")
     first_torch = is_torch_tensor(items[0]) if items else False
     if first_torch:
         fast = _plain_torch_batch(items, keep_tensors)

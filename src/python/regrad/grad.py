@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import numpy as np
 
-from ._arrays import ArrayBatch, as_array_batch
+from ._arrays import ArrayBatch, as_array_batch, listed
 from .errors import InputError, NonFiniteError
 
 __all__ = ["ROUTES", "NUMERICAL_ROUTES", "NUMERICAL_OPTIONS", "TermResult", "analytic", "has_analytic"]
@@ -88,8 +88,8 @@ class CallInputs:
         cls, data: Sequence[Any], logprobs_list: Sequence[Any], needs_detached: Optional[Dict[str, bool]] = None,
         call: int = 0,
     ) -> "CallInputs":
-        logprobs = list(logprobs_list)
-        data = list(data)
+        logprobs = listed(logprobs_list, "logprobs_list", "arrays")
+        data = listed(data, "data", "data (any objects)")
         if len(data) != len(logprobs):
             raise InputError(f"data has {len(data)} entries but logprobs_list has {len(logprobs)}; one per datum")
         batch = as_array_batch(logprobs)

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import _core
 from ._autograd import LazyFunction, first_order_only
-from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, reusable, split_packed
+from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, listed, reusable, split_packed
 from ._evaluate import (
     POINT_LABELS,
     BufferPool,
@@ -130,9 +130,7 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
     """Widens float16 / bfloat16 to float32 (the working dtype) and checks the ragged batch."""
     if isinstance(logprobs_list, np.ndarray) or is_torch_tensor(logprobs_list):
         raise InputError("logprobs_list must be a list with one array per datum, not a single array")
-    items = list(logprobs_list) if logprobs_list is not None else None
-    if items is None:
-        raise InputError("logprobs_list is None; expected a list of arrays (one per datum)")
+    items = listed(logprobs_list, "logprobs_list", "arrays")
     try:  # float32 / float64 throughout, the common case: nothing to widen
         return _Inputs(as_array_batch(items, keep_tensors=False), [], None)
     except InputError:
