@@ -73,6 +73,21 @@ def test_demo_rejects_bad_options(tmp_path: Path, capsys: Any) -> None:
         assert "--lr must be in (0, 1]" in capsys.readouterr().err
 
 
+def test_demo_rejects_an_unusable_out_folder_and_seed(tmp_path: Path, capsys: Any) -> None:
+    # these raised FileExistsError / NotADirectoryError / numpy's ValueError with a traceback (exit 1)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        assert cli.main(["demo", "--steps", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("regrad demo: cannot write to --out") and "Traceback" not in err
+    assert afile.read_text() == "x"
+    for seed in ("-1", str(2**64)):
+        assert cli.main(["demo", "--steps", "1", "--seed", seed, "--out", str(tmp_path / "d")]) == 2
+        assert "--seed must be in [0, 2**64)" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 def test_python_dash_m_regrad_runs_the_console_script() -> None:
     proc = subprocess.run([sys.executable, "-m", "regrad", "demo", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

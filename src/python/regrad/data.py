@@ -35,6 +35,23 @@ class ModelInput:
     def length(self) -> int:
         return len(self.tokens)
 
+    @property
+    def chunks(self) -> List["EncodedTextChunk"]:
+        """Tinker's view of the tokens: one text chunk (a copy; edit `tokens` to change the input)."""
+        return [EncodedTextChunk(list(self.tokens))]
+
+
+@dataclass(frozen=True)
+class EncodedTextChunk:
+    """A chunk of token ids, as in Tinker's `ModelInput.chunks`."""
+
+    tokens: List[int]
+    type: str = "encoded_text"
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
 
 @dataclass
 class Datum:
@@ -44,7 +61,7 @@ class Datum:
     loss_fn_inputs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.model_input, (list, tuple, np.ndarray)):
+        if isinstance(self.model_input, (list, tuple, np.ndarray)) or hasattr(self.model_input, "detach"):
             self.model_input = ModelInput.from_ints(self.model_input)
 
 
@@ -87,8 +104,10 @@ def input_tokens(datum: Any, index: int = 0) -> List[int]:
 
 def _token_ids(tokens: Any, where: str) -> List[int]:
     """Token ids as Python ints; a float, string or bool is an InputError (int() would truncate 104.9
-    to 104 or fail with a bare ValueError), as tinker's ModelInput.from_ints refuses them."""
-    if isinstance(tokens, (str, bytes)):
+    to 104 or fail with a bare ValueError; tinker's from_ints refuses 104.9 but takes 104.0 and True)."""
+    if hasattr(tokens, "tolist"):  # numpy array or torch tensor: elements as Python numbers
+        tokens = tokens.tolist()
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
         raise InputError(f"{where}: input tokens must be a sequence of integer ids, got {type(tokens).__name__}")
     ids = []
     for t in tokens:
@@ -98,11 +117,14 @@ def _token_ids(tokens: Any, where: str) -> List[int]:
     return ids
 
 
-def datum_from_text(text: str, *, weights: Optional[Sequence[float]] = None) -> Datum:
+def datum_from_text(text: str, *, weights: Optional[Sequence[float]] = None, index: Optional[int] = None) -> Datum:
     """A next-byte-prediction Datum from text: inputs are bytes[:-1], targets bytes[1:], weights 1."""
+    where = "text" if index is None else f"text {index}"
+    if not isinstance(text, str):
+        raise InputError(f"{where} is a {type(text).__name__}, not a str")
     ids = list(text.encode("utf-8"))
     if len(ids) < 2:
-        raise InputError(f"text {text!r} is too short: it needs at least 2 bytes to make one target")
+        raise InputError(f"{where} {text!r} is too short: it needs at least 2 bytes to make one target")
     targets = np.asarray(ids[1:], dtype=np.int64)
     w = np.ones(len(targets), dtype=np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
     if w.shape != targets.shape:
@@ -111,5 +133,7 @@ def datum_from_text(text: str, *, weights: Optional[Sequence[float]] = None) -> 
 
 
 def data_from_texts(texts: Sequence[str]) -> List[Datum]:
-    """One next-byte-prediction Datum per text."""
-    return [datum_from_text(t) for t in texts]
+    """One next-byte-prediction Datum per text (a list of str; a single str is refused, not split into characters)."""
+    if isinstance(texts, (str, bytes)):
+        raise InputError(f"data_from_texts takes a list of texts, got a single {type(texts).__name__}; wrap it: [text]")
+    return [datum_from_text(t, index=i) for i, t in enumerate(texts)]

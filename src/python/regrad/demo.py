@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
@@ -101,6 +102,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not 0 < args.lr <= 1:  # (NaN fails this too) larger rates make the tiny model diverge
         print(f"regrad demo: --lr must be in (0, 1], got {args.lr}", file=sys.stderr)
         return 2
+    if not 0 <= args.seed < 2**64:  # numpy's generators take no negative seed, torch none from 2**64
+        print(f"regrad demo: --seed must be in [0, 2**64), got {args.seed}", file=sys.stderr)
+        return 2
+    problem = _unwritable(args.out)
+    if problem:
+        print(f"regrad demo: cannot write to --out {args.out!r}: {problem}", file=sys.stderr)
+        return 2
     run(
         steps=args.steps,
         seed=args.seed,
@@ -112,6 +120,19 @@ def run_from_args(args: argparse.Namespace) -> int:
         table=not args.quiet,
     )
     return 0
+
+
+def _unwritable(out: str) -> Optional[str]:
+    """Why files cannot be written in folder `out` (created if missing), or None when they can."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return "it is a file, not a folder"
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def run(

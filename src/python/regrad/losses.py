@@ -45,7 +45,9 @@ def _plain_weights(data: Sequence[Any], shapes: Sequence[Tuple[int, ...]]) -> Op
     except Exception:  # noqa: BLE001 - not a Datum, no weights...: the checking loop handles or names it
         return None
     plain = set(map(type, weights)) == {np.ndarray} and set(map(len, shapes)) == {1}
-    return weights if plain and list(map(_SHAPE, weights)) == list(shapes) else None
+    if not plain or any(w.dtype.kind not in "biuf" for w in weights):  # strings, complex...: loss_input names them
+        return None
+    return weights if list(map(_SHAPE, weights)) == list(shapes) else None
 
 
 def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[float, np.ndarray, Dict[str, float]]:
@@ -54,19 +56,31 @@ def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[floa
     weights = _token_weights(data, list(map(_SHAPE, arrays)))
     if not arrays:
         return 0.0, np.zeros(0), {"perplexity": 1.0}
-    packed_weights = np.concatenate(weights).astype(arrays[0].dtype, copy=False)  # dot in the batch dtype
-    _check_weights(packed_weights, weights)
-    total_weight = float(packed_weights.sum(dtype=np.float64))
-    if total_weight == 0:  # every token masked: 0 and 0 (+0.0, not the -0.0 that scaling by 0 gives)
-        return 0.0, np.zeros(packed_weights.size, packed_weights.dtype), {"perplexity": 1.0}
-    scale = 1.0 / total_weight
+    packed = np.concatenate(weights).astype(np.float64, copy=False)
+    _check_weights(packed, weights)
+    # w / Σw in float64, then the batch dtype (the dot runs in it): weights past float32's range, or
+    # tiny enough to round to 0 there, still give the weighted mean
+    normalized = _normalized(packed).astype(arrays[0].dtype, copy=False)
+    if not normalized.any():  # every token masked: 0 and 0 (+0.0, not the -0.0 that scaling by 0 gives)
+        return 0.0, np.zeros(packed.size, arrays[0].dtype), {"perplexity": 1.0}
     logprobs = np.concatenate(arrays)
     with np.errstate(invalid="ignore"):
-        nll = -float(np.dot(packed_weights, logprobs)) * scale
+        nll = -float(np.dot(normalized, logprobs))
     if not math.isfinite(nll):  # a weight-0 token is masked out: its log-prob may be -inf (0 * -inf is NaN)
-        nll = -float(np.dot(packed_weights, np.where(packed_weights != 0, logprobs, 0))) * scale
-    gradient = np.multiply(packed_weights, -scale, out=packed_weights)  # packed_weights is a fresh copy: scale in place
-    return nll, gradient, {"perplexity": _perplexity(nll)}
+        nll = -float(np.dot(normalized, np.where(normalized != 0, logprobs, 0)))
+    return nll, np.negative(normalized), {"perplexity": _perplexity(nll)}
+
+
+def _normalized(weights: np.ndarray) -> np.ndarray:
+    """float64 weights / their sum (checked finite and >= 0; all zeros stay zeros); a sum past float64's
+    range is taken after dividing by the largest weight."""
+    total = float(weights.sum())
+    if total == 0:
+        return np.zeros_like(weights)
+    if math.isinf(total):
+        weights = weights / weights.max()
+        total = float(weights.sum())
+    return weights / total
 
 
 def weighted_sum(weights: Any, logprobs: Any) -> Any:
@@ -113,10 +127,11 @@ def cross_entropy(data: Sequence[Any], logprobs_list: List[Any]) -> Tuple[Any, D
 
     _check_lengths(data, batch.arrays)
     weights = _token_weights(data, batch.shapes)
-    if weights:
-        _check_weights(np.concatenate(weights), weights)
-    total_weight = float(sum(w.sum(dtype=np.float64) for w in weights))
-    scale = 1.0 / total_weight if total_weight != 0 else 0.0
-    weighted = [weighted_sum(torch.tensor(w, dtype=lp.dtype), lp) for w, lp in zip(weights, logprobs_list)]
-    loss = -torch.stack(weighted).sum() * scale if weighted else torch.zeros(())
+    if not weights:
+        return torch.zeros(()), {"perplexity": 1.0}
+    packed = np.concatenate(weights).astype(np.float64, copy=False)
+    _check_weights(packed, weights)
+    normalized = np.split(_normalized(packed), np.cumsum([w.size for w in weights])[:-1])
+    weighted = [weighted_sum(torch.tensor(w, dtype=lp.dtype), lp) for w, lp in zip(normalized, logprobs_list)]
+    loss = -torch.stack(weighted).sum()
     return loss, {"perplexity": _perplexity(float(loss.detach()))}

@@ -7,8 +7,9 @@ are drawn from a seed, so `LocalTrainingClient()` works offline and is reproduci
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Dict
+import numbers
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,24 @@ class ByteLMConfig:
     context: int = 128
     mlp_ratio: int = 4
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, low = getattr(self, f.name), 0 if f.name == "n_layers" else 1
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"ByteLMConfig.{f.name} must be an integer >= {low}, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "ByteLMConfig":
+        """The inverse of `to_dict`; an unknown key is a ValueError naming it."""
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"ByteLMConfig has no field(s) {unknown}")
+        return cls(**config)
 
 
 class _Block(nn.Module):
@@ -62,8 +79,6 @@ class ByteLM(nn.Module):
 
     def __init__(self, config: ByteLMConfig = ByteLMConfig()) -> None:
         super().__init__()
-        if config.d_model % config.n_heads:
-            raise ValueError(f"d_model {config.d_model} is not divisible by n_heads {config.n_heads}")
         self.config = config
         self.context = config.context
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
@@ -95,6 +110,8 @@ class ByteLM(nn.Module):
 
 def default_model(seed: int = 0, config: ByteLMConfig = ByteLMConfig()) -> ByteLM:
     """A `ByteLM` whose weights are drawn from `seed` (same seed, same weights, on any machine)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")  # torch.manual_seed's range
     with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG stream untouched
         torch.manual_seed(seed)
         return ByteLM(config)
