@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import operator
 from operator import attrgetter, methodcaller
 from typing import Any, List, Optional, Sequence
 
@@ -85,6 +86,8 @@ def reusable(items: Any) -> Any:
 def listed(value: Any, what: str, of: str) -> List[Any]:
     """value (a list, tuple or other ordered iterable, one entry per datum) as a list; a dict, set or
     string is named (listing it would give its keys, in no datum order, or its characters)."""
+    if type(value) is list or type(value) is tuple:  # the common case, without the ABC checks
+        return list(value)
     if isinstance(value, (collections.abc.Mapping, collections.abc.Set, str, bytes)):
         raise InputError(f"{what} must be a list of {of}, one per datum, got a {type(value).__name__}")
     try:
@@ -201,8 +204,8 @@ def plain_cpu_dtype(items: Sequence[Any]) -> Optional[np.dtype]:
     if len(dtypes) != 1 or not all(map(_IS_CPU, items)) or any(map(torch.Tensor.is_neg, items)):
         return None
     dtype = _TORCH_TO_NUMPY.get(dtypes.pop())
-    if dtype is None or any(address % dtype.itemsize for address in map(torch.Tensor.data_ptr, items)):
-        return None
+    if dtype is None or functools.reduce(operator.or_, map(torch.Tensor.data_ptr, items)) % dtype.itemsize:
+        return None  # (itemsize is a power of 2: the OR of the addresses has a low bit set iff one does)
     return dtype
 
 
