@@ -1017,3 +1017,41 @@ def test_numerical_route_on_a_batch_of_empty_data():
     value, grads, out = regrad.compose(None, [RegularizerSpec.sync("c", 0.5, cubic_value)]).evaluate([None, None], lps)
     assert value == 0.0 and [tuple(g.shape) for g in grads] == [(0,), (0,)]
     assert out.regularizers["c"].grad_method == "numerical" and out.regularizers["c"].grad_error == 0.0
+
+
+def test_a_term_starting_after_a_sibling_changed_the_log_probs_does_not_put_the_change_back():
+    """Terms in parallel share the caller's memory. A term that starts after a sibling changed it in
+    place must compare against the values the call received: the caller ends with its own values,
+    not with the sibling's change that the later term took for the original."""
+    data, lps = make_batch()
+    before = [x.clone() for x in lps]
+    modified, b_started, release, b_done = (threading.Event() for _ in range(4))
+    zeros = lambda d, lp: [np.zeros(x.shape) for x in lp]  # noqa: E731
+
+    def doubles_in_place(d, lp):  # A: changes datum 0, and returns once B runs
+        lp[0].detach().numpy()[:] *= 2.0
+        modified.set()
+        b_started.wait(10)
+        return 0.0
+
+    def late(d, lp):  # B: runs until the call has failed
+        b_started.set()
+        release.wait(10)
+        return 0.0
+
+    def on_event(event):  # runs in B's thread before B's term starts: B starts after A's change
+        if event.name == "b" and event.phase == "start":
+            modified.wait(10)
+        if event.name == "b" and event.phase in ("stop", "exception"):
+            b_done.set()
+
+    specs = [RegularizerSpec.with_grad("a", 1.0, doubles_in_place, zeros), RegularizerSpec.with_grad("b", 1.0, late, zeros)]
+    loss_fn = regrad.compose(None, specs, max_workers=2, on_event=on_event)
+    xs = leaves(lps)
+    with pytest.raises(RegularizerError, match="'a'.*datum 0 changed in place.*put back"):
+        loss_fn(data, xs)
+    release.set()
+    assert b_done.wait(10)
+    loss_fn.close()
+    for x, b in zip(xs, before):
+        assert torch.equal(x.detach(), b)

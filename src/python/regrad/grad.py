@@ -99,6 +99,17 @@ class CallInputs:
     def __post_init__(self) -> None:
         self.sizes: List[int] = self.batch.sizes
         self.size: int = int(sum(self.sizes))
+        self._original: Optional[np.ndarray] = None
+        self._original_lock = threading.Lock()
+
+    def original(self) -> Optional[np.ndarray]:
+        """The packed log-probs as the call received them: copied by the first term that runs user code,
+        before it runs, and shared by the others (a term starting after a sibling changed the memory in
+        place must not take that change for the original). None for an empty batch."""
+        with self._original_lock:
+            if self._original is None and self.batch.arrays:
+                self._original = np.concatenate(self.batch.arrays, axis=None)  # one C-level pass
+            return self._original
 
     def describe(self, e: int) -> str:
         """Where packed element e lies: "datum j, token i" (and ", column k" for [T, K] log-probs)."""
@@ -490,9 +501,10 @@ async def compute_term_async(spec: Any, inputs: CallInputs, cancel: Optional[thr
 @contextlib.contextmanager
 def _unchanged(inputs: CallInputs) -> Iterator[None]:
     """Around user code handed the caller's log-probs as they are (user and numerical routes): if
-    they changed in place, puts them back and fails the term (every term shares them)."""
+    they differ from the values the call received, puts those back and fails the term (every term
+    shares the memory)."""
     arrays = inputs.batch.arrays
-    saved = np.concatenate(arrays, axis=None) if arrays else None  # one packed snapshot, one C-level pass
+    saved = inputs.original()
     try:
         yield
     finally:  # (on an error too: the caller keeps its values)
