@@ -223,6 +223,13 @@ def test_load_state_rejects_other_files(tmp_path: Any) -> None:
 # ------------------------------------------------------------------ bad input
 
 
+def _edited(tokens: Any) -> ModelInput:
+    """A ModelInput whose tokens were replaced after it was built (built with bad ids, it raises)."""
+    model_input = ModelInput([1, 2])
+    model_input.tokens = tokens
+    return model_input
+
+
 def _bad_data() -> Dict[str, Tuple[List[Any], str]]:
     good = datum_from_text("hello there")
     n = len(good.model_input.to_ints())
@@ -234,8 +241,8 @@ def _bad_data() -> Dict[str, Tuple[List[Any], str]]:
         "too long": ([datum_from_text("x" * 40)], "datum 0 has 39 input tokens, longer than the model's context \\(32\\)"),
         "token range": ([Datum(ModelInput([1, 2]), {"target_tokens": np.array([3, 300])})], "datum 0: target_tokens has ids outside"),
         "not a list": (good, "must be a list of Datum"),  # type: ignore[dict-item]
-        "float ids": ([Datum(ModelInput([104.9, 101.5]), {"target_tokens": np.array([3, 4])})], "datum 0: input token 104.9 is not an integer id"),  # type: ignore[list-item]
-        "string input": ([good, Datum(ModelInput("hi"), {"target_tokens": np.array([3, 4])})], "datum 1: input token 'h' is not an integer id"),  # type: ignore[arg-type]
+        "float ids": ([Datum(_edited([104.9, 101.5]), {"target_tokens": np.array([3, 4])})], "datum 0: input token 104.9 is not an integer id"),
+        "string input": ([good, Datum(_edited("hi"), {"target_tokens": np.array([3, 4])})], "datum 1: input token 'h' is not an integer id"),
         "ragged targets": ([Datum([1, 2], {"target_tokens": [[1, 2], [3]]})], "datum 0: loss_fn_inputs\\['target_tokens'\\] is not a rectangular array"),
         "string targets": ([good, Datum([1, 2], {"target_tokens": ["a", "b"]})], "datum 1: loss_fn_inputs\\['target_tokens'\\] must hold numbers"),
         "bool targets": ([Datum([1, 2], {"target_tokens": [True, False]})], "datum 0: target_tokens holds booleans"),
@@ -333,6 +340,17 @@ def test_weight_zero_padding_with_minus_inf_log_probs_is_masked() -> None:
     assert client.forward_backward([padded]).result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(InputError, match="ModelInput.from_ints: input token 1.5 is not an integer id"):
         ModelInput.from_ints([1.5])
+
+
+@pytest.mark.parametrize("tokens, message", [([1, 1.5], "input token 1.5 is not an integer id"),
+                                             ("hi", "input tokens must be a sequence"),
+                                             ([True], "input token True is not an integer id")])
+def test_model_input_checks_its_tokens_when_built(tokens: Any, message: str) -> None:
+    """As tinker's (pydantic) ModelInput: a bad id fails where the ModelInput is made, not in a later step."""
+    with pytest.raises(InputError, match=f"ModelInput: {message}"):
+        ModelInput(tokens)
+    assert ModelInput(np.array([3, 4])).tokens == [3, 4]  # numpy ids read as Python ints
+    assert all(type(t) is int for t in ModelInput(torch.tensor([3, 4])).tokens)
 
 
 def test_optim_step_takes_adam_params_only_and_eps_above_zero() -> None:

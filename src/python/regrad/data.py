@@ -24,6 +24,11 @@ class ModelInput:
 
     tokens: List[int]
 
+    def __post_init__(self) -> None:
+        # Checked when built, as tinker's (pydantic) ModelInput is: a float id fails here, not in the model.
+        if type(self.tokens) is not list or not all(type(t) is int for t in self.tokens):
+            self.tokens = _token_ids(self.tokens, "ModelInput")
+
     @classmethod
     def from_ints(cls, tokens: Sequence[int]) -> "ModelInput":
         return cls(_token_ids(tokens, "ModelInput.from_ints"))
