@@ -56,6 +56,18 @@ def test_cross_entropy_matches_a_float64_reference_over_ragged_data() -> None:
         assert float(cross_entropy(data, [torch.tensor(x) for x in arrays])[0]) == pytest.approx(expected, rel=1e-6)
 
 
+def test_cross_entropy_with_every_weight_zero_is_plus_zero_on_both_paths() -> None:
+    # the torch path negated the weighted sum: all-zero weights gave -0.0 (numpy path: +0.0)
+    lp = np.array([-1.0, -2.0, -3.0])
+    value, _ = cross_entropy([_datum(np.zeros(3))], [lp])
+    lp_t = torch.tensor(lp, requires_grad=True)
+    loss, metrics = cross_entropy([_datum(np.zeros(3))], [lp_t])
+    loss.backward()
+    assert value == 0.0 and np.copysign(1.0, value) == 1.0
+    assert loss.item() == 0.0 and np.copysign(1.0, loss.item()) == 1.0 and metrics["perplexity"] == 1.0
+    np.testing.assert_array_equal(lp_t.grad.numpy(), np.zeros(3))
+
+
 def test_data_from_texts_names_the_bad_text() -> None:
     with pytest.raises(InputError, match="list of texts, got a single str"):  # was: "text 't' is too short"
         data_from_texts("the cat sat")

@@ -133,5 +133,5 @@ def cross_entropy(data: Sequence[Any], logprobs_list: List[Any]) -> Tuple[Any, D
     _check_weights(packed, weights)
     normalized = np.split(_normalized(packed), np.cumsum([w.size for w in weights])[:-1])
     weighted = [weighted_sum(torch.tensor(w, dtype=lp.dtype), lp) for w, lp in zip(normalized, logprobs_list)]
-    loss = -torch.stack(weighted).sum()
+    loss = 0.0 - torch.stack(weighted).sum()  # (not -sum: all-zero weights give +0.0, as the numpy path does)
     return loss, {"perplexity": _perplexity(float(loss.detach()))}
