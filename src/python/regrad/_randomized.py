@@ -34,8 +34,12 @@ def randomized_gradient(
     block_rows: Callable[[Problem, Term, int, int], int],
     executor: Any,
     progress: Optional[bool],
+    taken: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, np.ndarray, int, int, int, int]:
-    """(grad, variance of the mean, nfev, ncalls, blocks, rows per block), packed float64 [n]."""
+    """(grad, variance of the mean, nfev, ncalls, blocks, rows per block), packed float64 [n].
+    `taken`: the perturbation scale the quotients divide by (SPSA: the half-width x +- scale actually
+    spans in the working dtype); default `scale`."""
+    taken = scale if taken is None else taken
     kind = DIRECTIONS[method]
     n = int(problem.offsets[-1])
     grad = np.zeros(n)
@@ -65,7 +69,7 @@ def randomized_gradient(
                     f[spans[k][0] : spans[k][1]] = values
                     problem.see_loss(values)
                     bar.update(1)
-            g, v = _core.random_estimate(kind, seed, scale[term.e0 : term.e1], term.e0, f, antithetic, f0)
+            g, v = _core.random_estimate(kind, seed, taken[term.e0 : term.e1], term.e0, f, antithetic, f0)
             grad[term.e0 : term.e1] = g
             variance[term.e0 : term.e1] = v
             nfev += nq

@@ -335,6 +335,8 @@ def numerical_grad(
         raise InputError(f"fn must be callable, got {type(fn).__name__}")
     data = reusable(data)
     structure_name = _check_options(method, structure, vectorized, executor, max_batch_bytes, num_samples, seed)
+    if not isinstance(antithetic, (bool, np.bool_)):  # a string or None would be read by truth value (or fail in C++)
+        raise InputError(f"antithetic must be True or False, got {antithetic!r}")
     inputs = _prepare_inputs(logprobs_list)
     batch = inputs.batch
     shapes = batch.shapes
@@ -349,6 +351,10 @@ def numerical_grad(
 
     if n == 0:
         zeros = np.zeros(0)
+        if method in RANDOMIZED:  # the randomized fields as for any other batch (variance: one empty array per datum)
+            return NumericalGrad(_as_output(zeros, inputs), _as_output(zeros, inputs), 0, 0, **common,
+                                 variance=_as_output(zeros, inputs), num_samples=num_samples, seed=seed,
+                                 info={"sigma_default": sigma is None, "antithetic": antithetic})
         return NumericalGrad(_as_output(zeros, inputs), _as_output(zeros, inputs), 0, 0, **common)
 
     saved = _snapshot(problem, method, vectorized, antithetic)
@@ -358,10 +364,21 @@ def numerical_grad(
             scale = _per_element(sigma, n, batch, "sigma")
             if scale is None:
                 scale = central_scale * np.maximum(1.0, np.abs(np.concatenate([a.reshape(-1) for a in batch.arrays]).astype(np.float64)))
-            _difference_points(problem, "central", 1.0, scale)  # checks x +- sigma is representable
+            # checks x +- sigma is representable; the steps taken are x +- sigma rounded to the working dtype
+            try:
+                _, spacing = _difference_points(problem, "central", 1.0, scale)
+            except NumericalError as err:  # its text says "step" and "h": here the option is sigma
+                what = "the default sigma (the central step)" if sigma is None else "sigma"
+                raise NumericalError(f"{err} [method={method!r}: h is {what}, the perturbation scale; pass "
+                                     f"sigma= (step= applies to finite differences only)]") from None
+            if method == "gaussian":
+                _check_gaussian_range(problem, scale)
+            # SPSA's points are exactly these (u = +-1): divide by the half-width actually taken, as the
+            # finite differences do, so rounding x +- sigma (float32, small sigma) does not bias the estimate.
+            taken = 0.5 * (spacing[0] - spacing[1]) if method == "spsa" else scale
             grad, variance, nfev, ncalls, blocks, rows = randomized_gradient(
                 problem, _terms(problem), method, scale, seed, num_samples, antithetic, vectorized,
-                max_batch_bytes, _block_rows, executor, progress,
+                max_batch_bytes, _block_rows, executor, progress, taken,
             )
             _check_snapshot(problem, saved)
             return NumericalGrad(
@@ -421,6 +438,25 @@ def _loss_precision(problem: Problem, method: str, working_eps: float, default_s
             stacklevel=3,
         )
     return {"loss_eps": eps, "suggested_step_scale": suggested}
+
+
+# The largest |u| the Gaussian directions reach: Box-Muller on 53-bit uniforms, sqrt(-2 ln 2^-53).
+_GAUSSIAN_MAX = math.sqrt(-2.0 * math.log(2.0**-53))
+
+
+def _check_gaussian_range(problem: Problem, scale: np.ndarray) -> None:
+    """Gaussian points x + sigma * u reach |u| up to ~8.57 times sigma: raise if one would overflow the
+    working dtype (float32 with sigma above ~4e37), instead of handing fn an infinite log-prob."""
+    dtype = problem.batch.dtype
+    x = np.concatenate([a.reshape(-1) for a in problem.arrays]).astype(np.float64)
+    reach = np.abs(x) + _GAUSSIAN_MAX * scale
+    bad = np.flatnonzero(~(reach <= float(np.finfo(dtype).max)))
+    if bad.size:
+        e = int(bad[0])
+        raise NumericalError(
+            f"sigma {scale[e]:.6g} at {problem.describe_element(e)} (x = {x[e]:.6g}): x + sigma * u overflows "
+            f"{dtype.name} for Gaussian directions (|u| reaches {_GAUSSIAN_MAX:.3g}); use a smaller sigma"
+        )
 
 
 def _snapshot(problem: Problem, method: str, vectorized: bool, antithetic: bool) -> Optional[List[np.ndarray]]:
@@ -823,7 +859,7 @@ def _numerical_grad_wrt(fn: Callable[..., Any], data: Any, tensors: List[Any], w
         return fn(data, full)
 
     try:
-        result = numerical_grad(some_of, data, [tensors[i] for i in wrt], **options)
+        result = numerical_grad(some_of, data, [tensors[i] for i in wrt], **_per_datum_options_wrt(options, tensors, wrt))
     except (InputError, NumericalError, NonFiniteError) as err:
         raise _renumbered(err, wrt) from err
 
@@ -837,6 +873,27 @@ def _numerical_grad_wrt(fn: Callable[..., Any], data: Any, tensors: List[Any], w
 
     return dataclasses.replace(result, grads=spread(result.grads), error=spread(result.error),
                                variance=spread(result.variance), info={**result.info, "wrt": list(wrt)})
+
+
+def _per_datum_options_wrt(options: Dict[str, Any], tensors: List[Any], wrt: List[int]) -> Dict[str, Any]:
+    """options with per-element `step` / `sigma` (one array per datum, or packed over every log-prob, as the
+    caller gave them for the whole logprobs_list) cut down to the tensors in `wrt`; scalars unchanged."""
+    out = dict(options)
+    sizes = [int(np.prod(tuple(t.shape))) for t in tensors]
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    for key in ("step", "sigma"):
+        value = out.get(key)
+        if value is None or isinstance(value, (numbers.Real, str, bytes)):
+            continue
+        if isinstance(value, (list, tuple)):
+            if len(value) == len(tensors):
+                out[key] = [value[i] for i in wrt]
+            continue
+        shape = tuple(getattr(value, "shape", ()))
+        if len(shape) == 1 and shape[0] == bounds[-1]:  # packed over the whole batch
+            packed = _numpy(value).reshape(-1)
+            out[key] = np.concatenate([packed[bounds[i] : bounds[i + 1]] for i in wrt]) if wrt else packed[:0]
+    return out
 
 
 def _renumbered(err: Exception, wrt: List[int]) -> Exception:
