@@ -6,7 +6,7 @@ import asyncio
 import math
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -1013,3 +1013,38 @@ def test_async_twins_give_the_request_future_as_tinker_does(tmp_path: Any) -> No
     assert asyncio.run(round_trip()) == str(tmp_path / "state.pt")
     assert twin.step == 1
     assert all(torch.equal(a, b) for a, b in zip(sync.model.parameters(), twin.model.parameters()))
+
+
+def test_timed_out_result_async_does_not_cancel_a_queued_request():
+    worker = ThreadPoolExecutor(1)  # as LocalTrainingClient's request worker
+    release = threading.Event()
+    try:
+        worker.submit(release.wait, 10)  # keeps the worker busy
+        queued = RequestFuture(worker.submit(lambda: "done"))
+
+        async def impatient():
+            with pytest.raises(asyncio.TimeoutError):
+                await queued.result_async(timeout=0.01)
+
+        asyncio.run(impatient())
+        release.set()
+        assert queued.result(timeout=10) == "done"
+    finally:
+        release.set()
+        worker.shutdown()
+
+
+def test_timed_out_wait_does_not_cancel_an_async_request():
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def request():
+            await asyncio.sleep(0.1)
+            return "done"
+
+        fut = RequestFuture(asyncio.run_coroutine_threadsafe(request(), loop), loop)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(fut, 0.01)
+        return await fut
+
+    assert asyncio.run(main()) == "done"

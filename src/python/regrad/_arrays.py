@@ -73,7 +73,9 @@ class ArrayBatch:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         # Unpickled arrays (a remote executor) carry a fresh dtype object; the core wants the canonical one.
-        self._arrays = [a.view(a.dtype.type) for a in self._arrays or []]
+        # They may also be unaligned (pickle protocol 5 buffers placed at any offset, as Dask's frames
+        # are), which the core refuses: such an array is copied once.
+        self._arrays = [np.require(a.view(a.dtype.type), requirements="CA") for a in self._arrays or []]
         self.dtype = np.dtype(self.dtype.type)
 
 

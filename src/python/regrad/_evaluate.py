@@ -619,6 +619,11 @@ class RandomWriter:
     def reset(self) -> None:
         pass
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # an unpickled scale may be unaligned (see ArrayBatch.__setstate__), which the core refuses
+        self.scale = np.require(self.scale, requirements="CA")
+
     def write(self, arrays: List[np.ndarray], buffers: List[np.ndarray], term: Term, q: int, count: int) -> None:
         _core.random_block(
             arrays, self.scale[term.e0 : term.e1], self.kind, self.seed, term.e0, self.antithetic, buffers, q, count
@@ -671,6 +676,8 @@ def block_chunk(
                 out[q - q_begin] = problem.scalar_loss(loss, where)
                 if q == q_begin:
                     problem.see_loss(loss)
+                if problem.is_torch and any(map(_VERSION, inputs)):  # an in-place op, as for blocks and scalar differences
+                    raise problem.modified_error(where)
             if progress is not None:
                 progress.update(1)
     return out
@@ -747,10 +754,48 @@ def base_loss(problem: Problem, term: Term, vectorized: bool) -> float:
         return problem.scalar_loss(loss, where)
 
 
-def _remote(func: Callable[..., Any], problem: "Problem", *args: Any) -> Tuple[Any, float]:
+class _InFlight:
+    """The chunks of one mapped run now running in this process (a thread executor's workers): when the
+    run stops early (fn raised, Ctrl-C), the caller waits for them before it puts the log-probs back
+    and returns, and chunks that start later do not call fn. A process worker gets a fresh one."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._stopped = False
+
+    def __reduce__(self) -> tuple:
+        return (_InFlight, ())
+
+    def enter(self) -> bool:
+        with self._cond:
+            if self._stopped:
+                return False
+            self._running += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """No chunk starts calling fn after this; returns once the running ones have finished."""
+        with self._cond:
+            self._stopped = True
+            while self._running:
+                self._cond.wait()
+
+
+def _remote(func: Callable[..., Any], flight: _InFlight, problem: "Problem", *args: Any) -> Tuple[Any, float]:
     """One chunk on an executor: its losses and the precision of fn's losses seen there (a process
     worker's Problem is a copy, so the caller's would not learn a float16 or bfloat16 fn otherwise)."""
-    return func(problem, *args), problem.loss_eps
+    if not flight.enter():
+        return None, 0.0  # the run already stopped: never read
+    try:
+        return func(problem, *args), problem.loss_eps
+    finally:
+        flight.leave()
 
 
 def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]]) -> Iterator[Any]:
@@ -759,11 +804,24 @@ def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], size
     short or None result would otherwise be read as uninitialised memory or NaN)."""
     name = f"executor {type(executor).__name__}"
     problem = calls[0][0] if calls else None
-    results = executor.map(_remote, [func] * len(calls), *zip(*calls))  # (sized: Dask refuses iterators)
+    flight = _InFlight()
+    results = executor.map(_remote, [func] * len(calls), [flight] * len(calls), *zip(*calls))  # (sized: Dask refuses iterators)
     try:
         results = iter(results)
     except TypeError:
         raise InputError(f"{name}.map returned {type(results).__name__}, not an iterable of results") from None
+    try:
+        yield from _checked(name, results, calls, sizes, problem)
+    except BaseException:  # (GeneratorExit too: the caller stopped reading)
+        close = getattr(results, "close", None)
+        if callable(close):
+            close()  # Executor.map's iterator cancels the chunks not yet started
+        flight.stop()  # and those already running finish before the caller restores anything
+        raise
+
+
+def _checked(name: str, results: Iterator[Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]],
+             problem: Any) -> Iterator[Any]:
     count = 0
     for result in results:
         if count == len(calls):
@@ -772,7 +830,9 @@ def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], size
         if isinstance(eps, float) and eps > problem.loss_eps:  # what a process worker's copy of problem saw
             problem.loss_eps = eps
         if sizes is not None:
-            value = None if value is None else np.asarray(value)
+            # (aligned: a remote executor's result may arrive at any offset, which the core would refuse,
+            # and the token structure would then take its float64 path: other bits than the sequential run)
+            value = None if value is None else np.require(value, requirements="A")
             numbers = value is not None and value.dtype.kind in "fiu"
             if not numbers or value.shape != (sizes[count],):
                 got = f"shape {tuple(value.shape)}" if numbers else "no numbers"

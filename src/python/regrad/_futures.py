@@ -33,8 +33,10 @@ class RequestFuture(Generic[T]):
         return self._future.result(timeout)
 
     async def result_async(self, timeout: Optional[float] = None) -> T:
-        """Waits without blocking the event loop."""
-        return await asyncio.wait_for(asyncio.wrap_future(self._future), timeout)
+        """Waits without blocking the event loop; a timeout or a cancelled wait leaves the request running
+        (as `.result(timeout)` does): shielded, since cancelling the wrapped future would cancel the
+        request itself (a queued request of the local client, or an async client's coroutine)."""
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), timeout)
 
     def future(self) -> "concurrent.futures.Future[T]":
         """The underlying `concurrent.futures.Future` (for `wait`, `as_completed`, callbacks)."""

@@ -9,6 +9,7 @@ the mean over samples, with its variance (sample variance / num_samples) reporte
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
@@ -46,7 +47,7 @@ def randomized_gradient(
     variance = np.zeros(n)
     nq = num_samples * (2 if antithetic else 1)
     plan = [(t, block_rows(problem, t, nq, max_batch_bytes) if vectorized else 1) for t in terms]
-    per_term_calls = [(-(-nq // rows) if executor is None else len(_chunks(nq))) + (0 if antithetic else 1) for _, rows in plan]
+    per_term_calls = [-(-nq // rows) + (0 if antithetic else 1) for _, rows in plan]  # calls to fn (rows is 1 with an executor)
     bar = Progress(sum(per_term_calls), progress, f"regrad numerical_grad ({method}, {problem.structure})")
     pool = BufferPool.shared()
     nfev = ncalls = blocks = max_rows = 0
@@ -65,10 +66,11 @@ def randomized_gradient(
                 spans = _chunks(nq)
                 calls = [(problem, term, writer, q0, q1, 1, False) for q0, q1 in spans]
                 f = np.empty(nq)
-                for k, values in enumerate(mapped(executor, block_chunk, calls, [q1 - q0 for q0, q1 in spans])):
-                    f[spans[k][0] : spans[k][1]] = values
-                    problem.see_loss(values)
-                    bar.update(1)
+                with contextlib.closing(mapped(executor, block_chunk, calls, [q1 - q0 for q0, q1 in spans])) as chunks:
+                    for k, values in enumerate(chunks):
+                        f[spans[k][0] : spans[k][1]] = values
+                        problem.see_loss(values)
+                        bar.update(spans[k][1] - spans[k][0])  # the chunk's calls
             g, v = _core.random_estimate(kind, seed, taken[term.e0 : term.e1], term.e0, f, antithetic, f0)
             grad[term.e0 : term.e1] = g
             variance[term.e0 : term.e1] = v

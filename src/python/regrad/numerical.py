@@ -19,6 +19,7 @@ arrays) and must not modify them in place. See docs/numerical.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -390,10 +391,10 @@ def numerical_grad(
         step_values = _per_element(step, n, batch, "step")
         if structure_name == "token":
             if vectorized:
-                both, nfev = _token_gradient_stacked(problem, method, scale, step_values, loss_eps, max_batch_bytes)
+                both, nfev = _token_gradient_stacked(problem, method, scale, step_values, loss_eps, max_batch_bytes, progress)
             else:
                 points, _ = _difference_points(problem, method, scale, step_values, with_spacing=False)
-                both, nfev = _token_gradient(problem, method, points, loss_eps, executor)
+                both, nfev = _token_gradient(problem, method, points, loss_eps, executor, progress)
             _check_snapshot(problem, saved)
             grads, error = _as_output_pair(both, inputs)
             return NumericalGrad(grads, error, nfev, 1 if vectorized else nfev, **common,
@@ -581,8 +582,7 @@ def _separable_gradient(
         plan = [(term, term.size * npoints, _block_rows(problem, term, term.size * npoints, max_batch_bytes)
                  if vectorized else 1) for term in terms]
     total_calls = sum(-(-nq // rows) for _, nq, rows in plan) + (len(terms) if f0 is not None else 0)
-    bar = Progress(total_calls if executor is None else sum(len(_chunks(nq, EXECUTOR_CHUNKS)) for _, nq, _ in plan),
-                   progress, f"regrad numerical_grad ({method}, {problem.structure})")
+    bar = Progress(total_calls, progress, f"regrad numerical_grad ({method}, {problem.structure})")  # calls to fn
     pool = BufferPool.shared()
     pace = _Pace()
     try:
@@ -591,8 +591,7 @@ def _separable_gradient(
                 f0[term.e0 : term.e1] = base_loss(problem, term, vectorized)
                 nfev += 1
                 ncalls += 1
-                if executor is None:
-                    bar.update(1)
+                bar.update(1)
             if single:
                 continue
             out = f[term.e0 * npoints : term.e1 * npoints]
@@ -610,10 +609,11 @@ def _separable_gradient(
             else:
                 spans = _chunks(nq, EXECUTOR_CHUNKS)
                 calls = [(problem, term, points, method, q0, q1) for q0, q1 in spans]
-                for k, values in enumerate(mapped(executor, difference_scalar_chunk, calls, [q1 - q0 for q0, q1 in spans])):
-                    out[spans[k][0] : spans[k][1]] = values
-                    problem.see_loss(values)
-                    bar.update(1)
+                with contextlib.closing(mapped(executor, difference_scalar_chunk, calls, [q1 - q0 for q0, q1 in spans])) as chunks:
+                    for k, values in enumerate(chunks):
+                        out[spans[k][0] : spans[k][1]] = values
+                        problem.see_loss(values)
+                        bar.update(spans[k][1] - spans[k][0])  # the chunk's calls
                 ncalls += nq
             nfev += nq
         if single:  # every datum in one block: the lean loop
@@ -630,30 +630,41 @@ def _separable_gradient(
 
 
 def _token_gradient(
-    problem: Problem, method: str, points: np.ndarray, loss_eps: float, executor: Any
+    problem: Problem, method: str, points: np.ndarray, loss_eps: float, executor: Any, progress: Optional[bool] = None
 ) -> Tuple[np.ndarray, int]:
     """Structure "token": every element perturbed at once, one call per point (2, or 4 for Richardson),
     and one pass in C++ over fn's per-datum outputs (no packing, steps recomputed from the points)."""
     ks = list(range(len(POINT_LABELS[method]))) + ([-1] if method == "forward" else [])
-    if executor is None:
-        values = [_token_call(problem, k, points, method) for k in ks]
-    else:
-        count = len(ks)
-        calls = [(problem, k, points, method) for k in ks]
-        n, shapes, offsets = int(problem.offsets[-1]), problem.batch.shapes, problem.offsets.tolist()
-        values = [[packed[o0:o1].reshape(shape) for shape, o0, o1 in zip(shapes, offsets, offsets[1:])]
-                  for packed in mapped(executor, _token_call_packed, calls, [n] * count)]
-        for call in values:
-            problem.see_loss(call[0])
+    bar = Progress(len(ks), progress, f"regrad numerical_grad ({method}, {problem.structure})")
+    values = []
+    try:
+        if executor is None:
+            for k in ks:
+                values.append(_token_call(problem, k, points, method))
+                bar.update(1)
+        else:
+            count = len(ks)
+            calls = [(problem, k, points, method) for k in ks]
+            n, shapes, offsets = int(problem.offsets[-1]), problem.batch.shapes, problem.offsets.tolist()
+            with contextlib.closing(mapped(executor, _token_call_packed, calls, [n] * count)) as chunks:
+                for packed in chunks:
+                    values.append([packed[o0:o1].reshape(shape) for shape, o0, o1 in zip(shapes, offsets, offsets[1:])])
+                    bar.update(1)
+            for call in values:
+                problem.see_loss(call[0])
+    finally:
+        bar.close()
     loss_eps = max(loss_eps, problem.loss_eps)
     try:
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     except (TypeError, ValueError):
-        # fn's outputs mix dtypes or are not contiguous or aligned: one float64 copy of each, then the same pass.
+        # fn's outputs mix dtypes or are not contiguous or aligned: one contiguous copy of each, then the same
+        # pass; float32 stays float32 (the float pass: the same bits as for contiguous outputs), else float64.
         for v in itertools.chain.from_iterable(values):
             problem.see_loss(v)
         loss_eps = max(loss_eps, problem.loss_eps)
-        values = [[np.require(v, np.float64, "CA") for v in call] for call in values]
+        dtype = _common_loss_dtype(itertools.chain.from_iterable(values))
+        values = [[np.require(v, dtype, "CA") for v in call] for call in values]
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     if bad >= 0:
         n = int(problem.offsets[-1])
@@ -668,7 +679,8 @@ def _token_gradient(
 
 
 def _token_gradient_stacked(
-    problem: Problem, method: str, scale: float, step: Optional[np.ndarray], loss_eps: float, max_batch_bytes: int
+    problem: Problem, method: str, scale: float, step: Optional[np.ndarray], loss_eps: float, max_batch_bytes: int,
+    progress: Optional[bool] = None,
 ) -> Tuple[np.ndarray, int]:
     """Structure "token" with a vectorized fn: one call, datum j as a contiguous [R, *shape_j] array
     of its copies (rows: the points, plus x for forward), and the same C++ pass reading them. The
@@ -681,12 +693,16 @@ def _token_gradient_stacked(
             f"bytes) that structure='token' with vectorized=True hands fn in one call; raise max_batch_bytes or "
             f"pass vectorized=False ({rows} calls of one copy each)"
         )
+    bar = Progress(1, progress, f"regrad numerical_grad ({method}, {problem.structure})")
     held = StackedPoints.acquire(problem, rows)
     try:
         points = _difference_points(problem, method, scale, step, False, True, held.points)[0]
-        return _stacked_call(problem, method, points, held, loss_eps), rows
+        both = _stacked_call(problem, method, points, held, loss_eps)
+        bar.update(1)
+        return both, rows
     finally:
         held.release()
+        bar.close()
 
 
 def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: StackedPoints, loss_eps: float) -> np.ndarray:
@@ -705,7 +721,8 @@ def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: Stack
         for v in out:
             problem.see_loss(v)
         loss_eps = max(loss_eps, problem.loss_eps)
-        values = [np.require(_numpy(v), np.float64, "CA") for v in out]
+        arrays = [_numpy(v) for v in out]
+        values = [np.require(a, _common_loss_dtype(arrays), "CA") for a in arrays]
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps, True)
     if bad >= 0:
         n = int(problem.offsets[-1])
@@ -718,6 +735,12 @@ def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: Stack
             f"copies, {problem.describe_element(e)}"
         )
     return both
+
+
+def _common_loss_dtype(arrays: Any) -> Any:
+    """float32 when every per-token loss array is float32 (the core's float pass, as for contiguous
+    outputs), else float64."""
+    return np.float32 if all(a.dtype == np.float32 for a in arrays) else np.float64
 
 
 def _stacked_labels(method: str) -> str:
@@ -751,8 +774,16 @@ def _token_call(problem: Problem, k: int, points: np.ndarray, method: str) -> Li
 
 def _token_call_packed(problem: Problem, k: int, points: np.ndarray, method: str) -> np.ndarray:
     """_token_call's per-token losses packed into one vector (what an executor hands back; float32
-    stays float32, so the quotients have the same bits as without an executor)."""
-    return np.concatenate([np.asarray(v).reshape(-1) for v in _token_call(problem, k, points, method)])
+    stays float32, so the quotients have the same bits as without an executor). Data of different
+    dtypes are packed as float64 after noting each one's precision, as the sequential run's float64
+    pass does (concatenating would otherwise promote float16 to float32 and hide it, or float32 to
+    float64: other bits, and an error estimate blind to the narrower losses)."""
+    values = _token_call(problem, k, points, method)
+    if len({v.dtype for v in values}) > 1:
+        for v in values:
+            problem.see_loss(v)
+        return np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in values])
+    return np.concatenate([np.asarray(v).reshape(-1) for v in values])
 
 
 # ---- torch.autograd.Function wrapper ------------------------------------------------------------
