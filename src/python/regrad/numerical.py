@@ -693,16 +693,20 @@ def _token_gradient_stacked(
             f"bytes) that structure='token' with vectorized=True hands fn in one call; raise max_batch_bytes or "
             f"pass vectorized=False ({rows} calls of one copy each)"
         )
-    bar = Progress(1, progress, f"regrad numerical_grad ({method}, {problem.structure})")
+    # One call: the automatic mode never shows a bar for it (it decides after the first call), so only
+    # progress=True makes one (and this hot path pays nothing otherwise).
+    bar = Progress(1, True, f"regrad numerical_grad ({method}, {problem.structure})") if progress else None
     held = StackedPoints.acquire(problem, rows)
     try:
         points = _difference_points(problem, method, scale, step, False, True, held.points)[0]
         both = _stacked_call(problem, method, points, held, loss_eps)
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
         return both, rows
     finally:
         held.release()
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: StackedPoints, loss_eps: float) -> np.ndarray:
