@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -56,17 +56,19 @@ def compose(
     )
 
 
-def _base_spec(base_loss: Union[Callable[..., Any], RegularizerSpec, None]) -> Optional[RegularizerSpec]:
-    """The base loss as a spec of weight 1 (named "base_loss" unless given as a spec)."""
+def _base_spec(base_loss: Union[Callable[..., Any], SpecLike, None]) -> Optional[RegularizerSpec]:
+    """The base loss as a spec of weight 1 (named "base_loss" unless given as a spec or a spec dict)."""
     if base_loss is None:
         return None
+    if isinstance(base_loss, Mapping):  # the seed's dict form, accepted wherever a spec is
+        base_loss = RegularizerSpec.from_dict(base_loss)
     if isinstance(base_loss, RegularizerSpec):
         if base_loss.weight != 1.0:
             raise ValueError(f"base loss {base_loss.name!r} has weight {base_loss.weight}; a base loss has weight 1")
         base_loss.validate()
         return base_loss
     if not callable(base_loss):
-        raise TypeError(f"base_loss must be callable, a RegularizerSpec or None, got {type(base_loss).__name__}")
+        raise TypeError(f"base_loss must be callable, a RegularizerSpec (or its dict) or None, got {type(base_loss).__name__}")
     if is_async_fn(base_loss):
         return RegularizerSpec.async_(BASE, 1.0, base_loss, timeout=None)
     return RegularizerSpec.sync(BASE, 1.0, base_loss)
@@ -314,6 +316,12 @@ class ComposedLoss:
                 f"the {result.grad_method} gradient has non-finite entries ({len(bad)} of {flat.size}); the first, "
                 f"{flat[bad[0]]}, at {inputs.describe(int(bad[0]))}"
             )
+        if result.grad_error is not None and not math.isfinite(result.grad_error):
+            # (a randomized route's variance overflows float64 long before its gradient does)
+            raise NonFiniteError(
+                f"the {result.grad_method} gradient's error estimate is {result.grad_error} (beyond float64) although "
+                "the gradient is finite; telemetry (JSON) cannot report it: scale the loss down"
+            )
         return result
 
     # -- the result ------------------------------------------------------------------------------
@@ -370,7 +378,7 @@ class ComposedLoss:
                 base = BaseLossTelemetry(**common)  # type: ignore[arg-type]
             else:
                 regularizers[spec.name] = RegularizerTelemetry(weight=spec.weight, **common)  # type: ignore[arg-type]
-        regularizer_total = sum(reg.contribution for reg in regularizers.values())
+        regularizer_total = sum((reg.contribution for reg in regularizers.values()), 0.0)  # a float with none, too
         loss_total = (base.value if base is not None else 0.0) + regularizer_total
         total_norm = _norm(total) if self.track_grad_norms else None
         return CustomLossOutput(loss_total, base, regularizers, regularizer_total, total_norm, _ms_since(start))

@@ -382,7 +382,8 @@ def _numerical(
     result = numerical_grad(fn, inputs.data, inputs.detached, **options)
     nfev = getattr(result, "nfev", None)
     method = str(options.get("method", "central"))
-    label = route if route != "numerical" or method == "central" else f"numerical:{method}"
+    # spsa / gaussian are their own labels however they were asked for (grad="spsa" or method="spsa")
+    label = method if method in ("spsa", "gaussian") else "numerical" if method == "central" else f"numerical:{method}"
     return result.grads, (None if nfev is None else int(nfev)), _max_abs(getattr(result, "error", None)), label
 
 

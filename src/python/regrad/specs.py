@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class RegularizerSpec:
     grad: str = "auto"
     grad_fn: Optional[Callable[..., Any]] = None
     timeout: Optional[float] = None  # seconds, for async specs; None waits forever
-    numerical_options: Mapping[str, Any] = field(default_factory=dict)
+    numerical_options: Mapping[str, Any] = field(default_factory=dict, hash=False)  # (compared, a dict is not hashable)
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -90,7 +91,7 @@ class RegularizerSpec:
         missing = [k for k in ("fn", "weight", "name") if k not in spec]
         if missing:
             raise ValueError(f"regularizer spec {label!r} is missing {missing} (needs 'fn', 'weight', 'name')")
-        unknown = sorted(set(spec) - _DICT_KEYS)
+        unknown = sorted(set(spec) - _DICT_KEYS, key=repr)  # (keys of any type: a typo'd key may not be a str)
         if unknown:
             raise ValueError(f"regularizer spec {label!r} has unknown keys {unknown}; allowed: {sorted(_DICT_KEYS)}")
         fn = spec["fn"]
@@ -100,7 +101,10 @@ class RegularizerSpec:
         if "timeout" in spec and not is_async:
             raise ValueError(f"regularizer {label!r}: 'timeout' applies to async (`async def`) regularizers only")
         timeout = spec.get("timeout", 30.0) if is_async else None
-        options = dict(spec.get("numerical_options") or {})
+        options = spec.get("numerical_options")
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"regularizer {label!r}: 'numerical_options' must be a dict, got {type(options).__name__}")
+        options = dict(options or {})
         return cls(spec["name"], spec["weight"], fn, is_async, grad, grad_fn, timeout, options)
 
     def validate(self) -> None:
@@ -141,9 +145,24 @@ class RegularizerSpec:
             raise ValueError(f"{label}: numerical options apply to grad='auto' or a numerical route, not {self.grad!r}")
         if "method" in self.numerical_options and self.grad in ("spsa", "gaussian"):
             raise ValueError(f"{label}: grad={self.grad!r} sets the method; drop method=")
+        if self.numerical_options and self.grad == "auto" and has_analytic(self.fn):
+            raise ValueError(
+                f"{label}: numerical options {sorted(self.numerical_options)} are unused: grad='auto' takes the "
+                "fn's analytic route (value_and_grad); pass grad='numerical' to differentiate it numerically"
+            )
+        method = self.grad if self.grad in _RANDOMIZED else self.numerical_options.get("method", "central")
+        randomized = isinstance(method, str) and method in _RANDOMIZED
+        unused = sorted(set(self.numerical_options) & (_DIFFERENCE_ONLY if randomized else _RANDOMIZED_ONLY))
+        if unused:
+            hint = ("spsa / gaussian perturb by sigma=" if randomized
+                    else "they apply to grad='spsa' / 'gaussian' (or method='spsa' / 'gaussian')")
+            raise ValueError(f"{label}: numerical options {unused} are unused by method {method!r}; {hint}")
 
 
 _DICT_KEYS = frozenset({"fn", "weight", "name", "grad", "grad_fn", "timeout", "numerical_options"})
+_RANDOMIZED = ("spsa", "gaussian")
+_RANDOMIZED_ONLY = frozenset({"num_samples", "sigma", "seed", "antithetic"})  # numerical_grad reads them for spsa / gaussian only
+_DIFFERENCE_ONLY = frozenset({"step"})  # central / forward / richardson only
 
 SpecLike = Union[RegularizerSpec, Mapping[str, Any]]
 
@@ -170,6 +189,8 @@ def _check_weight(name: Any, weight: Any) -> float:
 def is_async_fn(fn: Any) -> bool:
     """True for an `async def` function (or a partial of one) and for an object whose `__call__` is
     `async def`: calling either returns a coroutine, which must be awaited, not read as a loss."""
+    while isinstance(fn, functools.partial):  # a partial of an async callable object calls that object
+        fn = fn.func
     if inspect.iscoroutinefunction(fn):
         return True
     return fn is not None and not inspect.isroutine(fn) and inspect.iscoroutinefunction(getattr(fn, "__call__", None))
@@ -286,6 +307,8 @@ def l2(
     **numerical_options: Any,
 ) -> RegularizerSpec:
     """Spec for Σ_t lp_t² per datum (or the norm √Σ lp_t² with squared=False), on the C++ kernel."""
+    if not isinstance(squared, (bool, np.bool_)):  # "False" would read as True
+        raise TypeError(f"regularizer {name!r}: squared must be True or False, got {squared!r}")
     return _builtin("l2" if squared else "l2_norm", name, weight, reduction, mask, grad, numerical_options)
 
 

@@ -113,7 +113,9 @@ class CustomLossOutput:
         }
 
     def to_json(self, **json_kwargs: Any) -> str:
-        """`to_dict()` as JSON (keyword arguments go to `json.dumps`, e.g. indent=2)."""
+        """`to_dict()` as JSON (keyword arguments go to `json.dumps`, e.g. indent=2); strict JSON:
+        a non-finite number raises ValueError instead of being written as NaN / Infinity."""
+        json_kwargs.setdefault("allow_nan", False)
         return json.dumps(self.to_dict(), **json_kwargs)
 
     def flat(self) -> Dict[str, float]:
