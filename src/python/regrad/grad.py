@@ -377,6 +377,10 @@ def _numerical(
     options = dict(spec.numerical_options)
     if route in ("spsa", "gaussian"):
         options["method"] = route
+    if options.get("method") in ("spsa", "gaussian") and inputs.call > 1:
+        # fresh directions each call (a training step), reproducibly: call k of a composed loss uses seed + k - 1
+        # (one seed for every step would repeat the same directions and so the same estimator error each step)
+        options["seed"] = int(options.get("seed", 0)) + inputs.call - 1
     if options.get("executor") is None:  # a remote executor must get fn itself (picklable)
         fn = _guarded(fn, cancel)
     result = numerical_grad(fn, inputs.data, inputs.detached, **options)
