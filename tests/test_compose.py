@@ -1073,3 +1073,29 @@ def test_a_term_starting_after_a_sibling_changed_the_log_probs_does_not_put_the_
     loss_fn.close()
     for x, b in zip(xs, before):
         assert torch.equal(x.detach(), b)
+
+
+def test_datum_metrics_are_averaged_over_the_data_reporting_them_and_weight_zero_contributes_plus_zero():
+    """A metric only datum 0 reports is its own value (it was divided by every datum: 4.0 of two data
+    read 2.0); a weight-0 term with a negative value contributes 0.0, not -0.0."""
+    _needs_engine()
+    data, lps = make_batch()
+
+    def per_datum(datum, lp):
+        x = np.asarray(lp, np.float64)
+        metrics = {"mean_lp": float(x.mean())}
+        if x.size == LENGTHS[0]:
+            metrics["only_first"] = 4.0
+        return float(np.sum(x ** 2)), metrics
+
+    specs = [RegularizerSpec.sync("d", 1.0, per_datum, grad="numerical", structure="datum"),
+             RegularizerSpec.sync("off", 0.0, lambda d, lp: -float(sum(np.sum(np.asarray(x)) ** 2 for x in lp)) - 1.0,
+                                  grad="numerical")]
+    out = regrad.compose(None, specs).evaluate(data, lps)[2]
+    custom = out.regularizers["d"].custom
+    assert custom["only_first"] == 4.0
+    assert custom["mean_lp"] == pytest.approx(np.mean([x.numpy().mean() for x in lps]), rel=1e-12)
+    contribution = out.regularizers["off"].contribution
+    assert contribution == 0.0 and math.copysign(1.0, contribution) == 1.0
+    assert '"contribution": -0.0' not in out.to_json()
+

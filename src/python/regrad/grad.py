@@ -436,12 +436,15 @@ def _value_from(spec: Any, outs: List[Any]) -> Known:
         return scalar_value(sum(float(np.sum(_to_numpy(p))) for p in losses)), custom
     value = 0.0
     merged: Dict[str, float] = {}
+    counts: Dict[str, int] = {}
     for out in outs:
         loss, custom = split_output(out)
         value += scalar_value(loss, batched=vectorized)
         for key, v in custom.items():
-            merged[key] = merged.get(key, 0.0) + v / len(outs)
-    return scalar_value(value), merged
+            merged[key] = merged.get(key, 0.0) + v
+            counts[key] = counts.get(key, 0) + 1
+    # each metric averaged over the data that report it (a metric only some data have is not diluted by the rest)
+    return scalar_value(value), {key: total / counts[key] for key, total in merged.items()}
 
 
 # ---------------------------------------------------------------------------------------------

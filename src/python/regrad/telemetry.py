@@ -68,7 +68,7 @@ class RegularizerTelemetry(TermTelemetry):
 
     @property
     def contribution(self) -> float:
-        return self.weight * self.value
+        return self.weight * self.value + 0.0  # (+ 0.0: weight 0 of a negative value is 0.0, not -0.0)
 
     @property
     def grad_norm_weighted(self) -> Optional[float]:
