@@ -7,6 +7,7 @@ import math
 import re
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -435,8 +436,13 @@ def test_non_finite_metrics_and_weighted_totals_are_named():
     loud = [RegularizerSpec.with_grad(f"big{i}", 1e38, cubic_value, lambda d, lp: [np.full(x.shape, -4.0, np.float32) for x in lp])
             for i in range(2)]
     with pytest.raises(NonFiniteError, match="weighted sum of the terms has a non-finite gradient"):
-        with np.errstate(over="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # named by the error alone: no RuntimeWarning "overflow" first
             regrad.compose(None, loud)(data, leaves(lps32))
+    with warnings.catch_warnings():  # a weight beyond float32 (cast warned before the error)
+        warnings.simplefilter("error")
+        with pytest.raises(NonFiniteError, match="weighted sum of the terms"):
+            regrad.compose(None, [regrad.l1(1e308), regrad.l2(1.0)]).evaluate(data, lps32)
 
 
 @pytest.mark.parametrize("weights,match", [([1.0, -2.0], "weight -2.0 at token 1"), ([1.0, float("nan")], "weight nan at token 1")])

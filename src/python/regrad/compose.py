@@ -329,17 +329,18 @@ class ComposedLoss:
     def _finish(self, inputs: CallInputs, results: List[TermResult], start: float) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
         total: Optional[np.ndarray] = None
         scratch: Optional[np.ndarray] = None  # one buffer for every weight·gradient, not a temporary per term
-        for (_, spec), result in zip(self._terms, results):
-            if spec.weight == 0.0:
-                continue
-            g = result.flat_grad
-            if total is None:
-                total = g.copy() if spec.weight == 1.0 else g * g.dtype.type(spec.weight)
-            elif spec.weight == 1.0:
-                total += g
-            else:
-                scratch = np.empty_like(total) if scratch is None else scratch
-                total += np.multiply(g, g.dtype.type(spec.weight), out=scratch)
+        with np.errstate(over="ignore"):  # an overflow is named by the non-finite checks below, not warned about
+            for (_, spec), result in zip(self._terms, results):
+                if spec.weight == 0.0:
+                    continue
+                g = result.flat_grad
+                if total is None:
+                    total = g.copy() if spec.weight == 1.0 else g * g.dtype.type(spec.weight)
+                elif spec.weight == 1.0:
+                    total += g
+                else:
+                    scratch = np.empty_like(total) if scratch is None else scratch
+                    total += np.multiply(g, g.dtype.type(spec.weight), out=scratch)
         if total is None:
             total = np.zeros(inputs.size, inputs.batch.dtype)
         output = self._telemetry(results, total, start)
