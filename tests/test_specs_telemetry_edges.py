@@ -157,3 +157,11 @@ def test_l2_squared_must_be_a_bool_and_the_error_names_the_spec(squared):
 def test_l2_squared_bools_still_work():
     assert regrad.l2(0.1).fn.kind == "l2" and regrad.l2(0.1, squared=False).fn.kind == "l2_norm"
     assert regrad.l2(0.1, squared=np.bool_(False)).fn.kind == "l2_norm"
+
+
+@pytest.mark.parametrize("keyword, message", [("timeout", "timeout applies to async"), ("grad_fn", "with_grad")])
+def test_sync_names_what_timeout_and_grad_fn_are_for(keyword, message):
+    # both were refused as "unknown numerical options", which they are not
+    with pytest.raises(ValueError, match=f"regularizer 'r': .*{message}"):
+        RegularizerSpec.sync("r", 1.0, reg, **{keyword: reg if keyword == "grad_fn" else 3.0})
+

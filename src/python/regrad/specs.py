@@ -53,6 +53,12 @@ class RegularizerSpec:
     @classmethod
     def sync(cls, name: str, weight: float, fn: LossFn, *, grad: str = "auto", **numerical_options: Any) -> "RegularizerSpec":
         """A regular (`def`) regularizer; numerical_options go to regrad.numerical_grad for numerical routes."""
+        if "timeout" in numerical_options:  # (not a numerical option: say what it is for)
+            raise ValueError(f"regularizer {name!r}: timeout applies to async (`async def`) regularizers only "
+                             "(RegularizerSpec.async_)")
+        if "grad_fn" in numerical_options:
+            raise ValueError(f"regularizer {name!r}: a grad_fn is given with RegularizerSpec.with_grad(name, weight, "
+                             "fn, grad_fn), not sync()")
         return cls(name, weight, fn, False, grad, None, None, numerical_options)
 
     @classmethod
