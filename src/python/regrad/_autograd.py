@@ -4,6 +4,7 @@ on first use only, so importing regrad never imports it."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, List, Sequence
 
 SECOND_DERIVATIVE = (
@@ -11,6 +12,24 @@ SECOND_DERIVATIVE = (
     "numerical estimate), not a graph: second derivatives (create_graph=True, hessian, gradient "
     "penalties) are not available"
 )
+
+
+FORWARD_MODE = (
+    "regrad hands autograd its gradient in reverse mode only (analytic kernel, composed total or numerical "
+    "estimate): forward-mode AD (torch.autograd.forward_ad dual tensors, jacobian(strategy='forward-mode')) "
+    "is not available; use reverse mode (backward(), torch.autograd.grad, jacobian())"
+)
+
+
+def refuse_forward_mode(tensors: Sequence[Any]) -> None:
+    """Raises FORWARD_MODE when a tensor carries a forward-mode tangent: regrad's value would carry
+    none, which torch reads as a zero derivative. One global read when no dual level is open."""
+    forward_ad = getattr(getattr(sys.modules.get("torch"), "autograd", None), "forward_ad", None)
+    if forward_ad is None or getattr(forward_ad, "_current_level", -1) < 0:
+        return
+    for t in tensors:
+        if hasattr(t, "detach") and forward_ad.unpack_dual(t).tangent is not None:
+            raise RuntimeError(FORWARD_MODE)
 
 
 class LazyFunction:

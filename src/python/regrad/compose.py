@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from . import losses
-from ._autograd import LazyFunction, first_order_only
+from ._autograd import LazyFunction, first_order_only, refuse_forward_mode
 from .errors import NonFiniteError, RegularizerError
 from .grad import CallInputs, Cancelled, TermResult, compute_term, compute_term_async, resolve
 from .specs import RegularizerSpec, SpecLike, as_specs, is_async_fn
@@ -402,6 +402,7 @@ class ComposedLoss:
         dtype = torch.float32 if inputs.batch.dtype == np.float32 else torch.float64
         value_t = torch.tensor(value, dtype=dtype)
         tensors = inputs.logprobs if inputs.batch.is_torch else []
+        refuse_forward_mode(tensors)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _TotalGrad.apply(value_t, torch.from_numpy(flat), inputs.sizes, inputs.batch.shapes, *tensors)
         return value_t
@@ -455,12 +456,19 @@ def _total_grad_function() -> Any:
 
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
-            with torch.no_grad():  # a packed gradient of numbers, not a graph
-                scaled = ctx.flat * grad_output.to(ctx.flat.dtype)
-            parts = torch.split(scaled, ctx.sizes)
-            if len(ctx.shapes[0]) != 1:  # [T_i, K] data (one rank for all): a view per datum
-                parts = [p.view(shape) for p, shape in zip(parts, ctx.shapes)]
-            return (None, None, None, None, *first_order_only(list(parts), ctx.saved_tensors))
+            if torch.is_grad_enabled():  # create_graph=True: see first_order_only; the product with
+                # grad_output is recorded, so its derivative in grad_output is the gradient (the
+                # double-backward trick of autograd.functional.jvp), not 0
+                tied = first_order_only(_per_datum(ctx.flat, ctx.sizes, ctx.shapes), ctx.saved_tensors)
+                return (None, None, None, None, *[grad_output.to(p.dtype) * p for p in tied])
+            scaled = ctx.flat * grad_output.to(ctx.flat.dtype)  # a packed gradient of numbers, not a graph
+            return (None, None, None, None, *_per_datum(scaled, ctx.sizes, ctx.shapes))
+
+    def _per_datum(flat: Any, sizes: List[int], shapes: List[tuple]) -> List[Any]:
+        parts = torch.split(flat, sizes)
+        if len(shapes[0]) != 1:  # [T_i, K] data (one rank for all): a view per datum
+            return [p.view(shape) for p, shape in zip(parts, shapes)]
+        return list(parts)
 
     return TotalGrad
 

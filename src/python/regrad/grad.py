@@ -553,28 +553,43 @@ def _probe(spec: Any, inputs: CallInputs) -> Union[TermResult, Known, None]:
 
     if _skip_probe(spec, inputs):
         return None
-    leaves = inputs.leaves()
-    try:
-        with torch.enable_grad():
+    with _recording(torch):
+        leaves = inputs.leaves()
+        try:
             out = spec.fn(inputs.data, leaves)
-    except RuntimeError as err:
-        if not _retry_detached(spec, inputs, err):
-            raise
-        return None
-    return _from_probe(spec, out, leaves, inputs)
+        except RuntimeError as err:
+            if not _retry_detached(spec, inputs, err):
+                raise
+            return None
+        return _from_probe(spec, out, leaves, inputs)
+
+
+def _recording(torch: Any) -> Any:
+    """Grad mode on and inference mode off: under a caller's torch.inference_mode(), which
+    enable_grad alone does not lift, fn's loss would carry no graph and the term would silently go
+    numerical (or fail, for grad='autograd'), unlike the same term run on a pool thread."""
+    stack = contextlib.ExitStack()
+    if torch.is_inference_mode_enabled():
+        stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 async def _probe_async(spec: Any, inputs: CallInputs) -> Union[TermResult, Known, None]:
+    import torch
+
     if _skip_probe(spec, inputs):
         return None
-    leaves = inputs.leaves()
+    with _recording(torch):
+        leaves = inputs.leaves()
     try:
         out = await _GradEnabledSteps(spec.fn(inputs.data, leaves))
     except RuntimeError as err:
         if not _retry_detached(spec, inputs, err):
             raise
         return None
-    return _from_probe(spec, out, leaves, inputs)
+    with _recording(torch):
+        return _from_probe(spec, out, leaves, inputs)
 
 
 class _GradEnabledSteps:
@@ -591,7 +606,7 @@ class _GradEnabledSteps:
         step, message = self._coro.send, None
         while True:
             try:
-                with torch.enable_grad():
+                with _recording(torch):
                     yielded = step(message)
             except StopIteration as stop:
                 return stop.value

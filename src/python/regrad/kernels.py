@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from . import _core, _gpu
-from ._autograd import LazyFunction, first_order_only
+from ._autograd import LazyFunction, first_order_only, refuse_forward_mode
 from ._arrays import ArrayBatch, as_array_batch, reusable, split_packed, token_mask
 from .errors import InputError
 
@@ -92,6 +92,7 @@ def _with_grad(value_t: Any, per_datum_t: Any, grads: List[Any], tensors: List[A
     """Attaches the precomputed gradient to the 0-d value when autograd tracks the inputs."""
     import torch
 
+    refuse_forward_mode(tensors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         value_t = _PrecomputedGrad.apply(value_t, grads, *tensors)
     return KernelResult(value_t, per_datum_t, grads)
@@ -111,9 +112,11 @@ def _precomputed_grad_function() -> Any:
 
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
-            with torch.no_grad():  # the gradient is numbers, not a graph
-                grads = [grad_output * g for g in ctx.grads]
-            return (None, None, *first_order_only(grads, ctx.saved_tensors))
+            # the gradient is numbers, not a graph: under create_graph=True each is tied to its input (a
+            # second derivative raises) and the product with grad_output is recorded, so its derivative in
+            # grad_output is the gradient itself (autograd.functional.jvp's double-backward trick), not 0
+            grads = first_order_only(list(ctx.grads), ctx.saved_tensors)
+            return (None, None, *[grad_output * g for g in grads])
 
     return PrecomputedGrad
 

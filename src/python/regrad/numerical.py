@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import _core
-from ._autograd import LazyFunction, first_order_only
+from ._autograd import LazyFunction, first_order_only, refuse_forward_mode
 from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, listed, reusable, split_packed
 from ._evaluate import (
     POINT_LABELS,
@@ -833,6 +833,7 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
             return fn(data, tensors)  # (the list: logprobs_list may have been a one-shot iterator)
         import torch
 
+        refuse_forward_mode(tensors)
         detached = [t.detach() for t in tensors]
         with torch.no_grad():
             out = fn(data, detached)
@@ -872,9 +873,18 @@ def _numerical_function() -> Any:
             wrt = [i for i, needed in enumerate(ctx.needs_input_grad[2:]) if needed]
             with torch.no_grad():  # a numerical gradient has no graph of its own
                 result = _numerical_grad_wrt(fn, data, [t.detach() for t in saved], wrt, options)
-                grads = [None if g is None else grad_output.to(g.dtype) * g for g in result.grads]
             wrapped.last_result = result
-            return (None, None, *first_order_only(grads, saved))
+            # scaled outside no_grad: under create_graph=True the product is recorded, so its derivative
+            # in grad_output is the gradient (autograd.functional.jvp's double-backward trick), not 0
+            tied = first_order_only(list(result.grads), saved)
+            return (None, None, *[None if g is None else _scaled(grad_output, g) for g in tied])
+
+    def _scaled(grad_output: Any, g: Any) -> Any:
+        """grad_output × g in the wider of their dtypes (at least float32), rounded once to g's dtype:
+        a float16 gradient scaled by a float32 grad_output (GradScaler's 65536, or 1e-8) would
+        otherwise see grad_output itself overflow to inf or underflow to 0 in float16 first."""
+        wide = torch.promote_types(torch.promote_types(grad_output.dtype, g.dtype), torch.float32)
+        return (grad_output.to(wide) * g.to(wide)).to(g.dtype)
 
     return NumericalFunction
 
