@@ -151,6 +151,8 @@ def _settings(argv: Sequence[str]) -> Dict[str, Any]:
         raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     _check_output(args.json, "--json")
     _check_output(args.plot, "--plot")
+    if args.json and args.plot and os.path.realpath(args.json) == os.path.realpath(args.plot):
+        raise UsageError(f"--json and --plot name the same file {args.json!r}; the plot would overwrite the JSON")
     return {"profile": args.profile, "routes": list(ROUTES) if routes is None else routes, "peers": peers,
             "sizes": sorted(set(sizes)), "dtype": args.dtype, "repeats": repeats, "budget": budget,
             "memory": not args.no_memory, "json": args.json, "plot": args.plot, "markdown": args.markdown,

@@ -365,6 +365,9 @@ def _measure_prefixable(route: Route, problem: Problem, result: Result, repeats:
         t0 = time.perf_counter()
         grad, nfev = route.run(k)
         probe = time.perf_counter() - t0
+        if probe / k * n <= budget / 2:  # an upper bound (fixed costs scaled too): the full run fits after all
+            _measure_full(route, problem, result, repeats, budget)
+            return
     else:
         k = probe_k
     result.status = "est"
@@ -376,17 +379,31 @@ def _measure_prefixable(route: Route, problem: Problem, result: Result, repeats:
     result.note = f"est. from {k:,} of {n:,} coordinates"
 
 
+def _failing_run(err: Exception) -> Callable[[Optional[int]], Tuple[np.ndarray, Optional[int]]]:
+    """A route's run that re-raises the error that stopped its set-up (measure() reports it as failed)."""
+    def run(limit: Optional[int]) -> Tuple[np.ndarray, Optional[int]]:
+        raise err
+
+    return run
+
+
 def build_routes(problem: Problem, routes: Sequence[str], peers: Sequence[str], previous: Dict[str, Route]) -> List[Route]:
     """The autograd reference, the regrad routes and the peers for one problem (history carried over)."""
     out = [Route("autograd", AUTOGRAD_LABEL, "reference", _autograd_run(problem))]
     for name in routes:
-        if name == "kernels":
-            out.append(Route(name, ROUTES[name], "regrad", _kernels_run(problem)))
-        else:
-            run, prefixable, cap = _numerical_run(problem, name)
-            out.append(Route(name, ROUTES[name], "regrad", run, prefixable, cap))
+        try:
+            if name == "kernels":
+                out.append(Route(name, ROUTES[name], "regrad", _kernels_run(problem)))
+            else:
+                run, prefixable, cap = _numerical_run(problem, name)
+                out.append(Route(name, ROUTES[name], "regrad", run, prefixable, cap))
+        except Exception as err:  # a route that cannot be set up is a failed cell, not a lost run
+            out.append(Route(name, ROUTES[name], "regrad", _failing_run(err)))
     for name in peers:
-        out.append(Route(name, peer_runners.PEERS[name][0], "peer", _peer_run(problem, name), True))
+        try:
+            out.append(Route(name, peer_runners.PEERS[name][0], "peer", _peer_run(problem, name), True))
+        except Exception as err:
+            out.append(Route(name, peer_runners.PEERS[name][0], "peer", _failing_run(err)))
     for route in out:
         if route.name in previous:
             route.history = previous[route.name].history

@@ -147,19 +147,22 @@ def fmt_time(s: Optional[float]) -> str:
     """Seconds as a short human string (s, ms or µs)."""
     if s is None or s != s:
         return "–"
-    if s >= 1:
+    # the unit is chosen after rounding: 999.6 µs is "1.00 ms", not "1000 µs"
+    if abs(s) >= 1 or abs(float(f"{s * 1e3:.2f}")) >= 1000:
         return f"{s:.2f} s"
-    if s >= 1e-3:
+    if abs(s) >= 1e-3 or abs(float(f"{s * 1e6:.0f}")) >= 1000:
         return f"{s * 1e3:.2f} ms"
     return f"{s * 1e6:.0f} µs"
 
 
 def fmt_bytes(b: Optional[float]) -> str:
-    """Bytes as KiB / MiB / GiB."""
+    """Bytes as B / KiB / MiB / GiB (the unit chosen after rounding: 1 MiB - 1 B is "1.0 MiB")."""
     if b is None:
         return "–"
-    if b >= 2**30:
+    if b >= 2**30 or float(f"{b / 2**20:.1f}") >= 1024:
         return f"{b / 2**30:.2f} GiB"
-    if b >= 2**20:
+    if b >= 2**20 or float(f"{b / 2**10:.0f}") >= 1024:
         return f"{b / 2**20:.1f} MiB"
-    return f"{b / 2**10:.0f} KiB"
+    if b >= 2**10:
+        return f"{b / 2**10:.0f} KiB"
+    return f"{b:.0f} B"
