@@ -1105,3 +1105,31 @@ def test_datum_metrics_are_averaged_over_the_data_reporting_them_and_weight_zero
     assert contribution == 0.0 and math.copysign(1.0, contribution) == 1.0
     assert '"contribution": -0.0' not in out.to_json()
 
+
+_NO_TORCH_COMPOSE = """
+import asyncio, sys
+sys.modules["torch"] = None  # an install without the torch extra
+import numpy as np, regrad
+data = [regrad.Datum([1, 2], {"target_tokens": np.array([1, 2])})]
+lps = [np.array([-1.0, -2.0])]
+def square(d, lp):
+    return float(sum((x ** 2).sum() for x in lp))
+async def remote_square(d, lp):
+    await asyncio.sleep(0)
+    return square(d, lp)
+for spec in (regrad.RegularizerSpec.sync("s", 1.0, square), regrad.RegularizerSpec.async_("a", 1.0, remote_square)):
+    value, grads, _ = regrad.compose(regrad.losses.cross_entropy, [spec]).evaluate(data, lps)
+    assert abs(value - (1.5 + 5.0)) < 1e-9, value
+    assert np.allclose(grads[0], [-0.5 - 2.0, -0.5 - 4.0], atol=1e-6), grads
+"""
+
+
+def test_compose_runs_numpy_batches_without_torch():
+    """The wheel's runtime dependency is numpy alone: an auto term on numpy log-probs imported torch
+    before deciding that no autograd probe was needed (ModuleNotFoundError without torch)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH_COMPOSE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+

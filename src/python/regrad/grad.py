@@ -380,7 +380,7 @@ def _numerical(
     if options.get("method") in ("spsa", "gaussian") and inputs.call > 1:
         # fresh directions each call (a training step), reproducibly: call k of a composed loss uses seed + k - 1
         # (one seed for every step would repeat the same directions and so the same estimator error each step)
-        options["seed"] = int(options.get("seed", 0)) + inputs.call - 1
+        options["seed"] = (int(options.get("seed", 0)) + inputs.call - 1) % 2**64  # (the engine's seed range)
     if options.get("executor") is None:  # a remote executor must get fn itself (picklable)
         fn = _guarded(fn, cancel)
     result = numerical_grad(fn, inputs.data, inputs.detached, **options)
@@ -549,10 +549,10 @@ def _skip_probe(spec: Any, inputs: CallInputs) -> bool:
 
 def _probe(spec: Any, inputs: CallInputs) -> Union[TermResult, Known, None]:
     """Runs fn on torch leaves: the autograd result, (value, metrics) if no graph, or None if not probed."""
+    if _skip_probe(spec, inputs):  # (before importing torch: numpy batches run without it)
+        return None
     import torch
 
-    if _skip_probe(spec, inputs):
-        return None
     with _recording(torch):
         leaves = inputs.leaves()
         try:
@@ -576,10 +576,10 @@ def _recording(torch: Any) -> Any:
 
 
 async def _probe_async(spec: Any, inputs: CallInputs) -> Union[TermResult, Known, None]:
+    if _skip_probe(spec, inputs):  # (before importing torch: numpy batches run without it)
+        return None
     import torch
 
-    if _skip_probe(spec, inputs):
-        return None
     with _recording(torch):
         leaves = inputs.leaves()
     try:
