@@ -65,6 +65,25 @@ def _no_higher_order_function() -> Any:
 _NoHigherOrder = LazyFunction(_no_higher_order_function)
 
 
+def scaled_first_order(grad_output: Any, grads: Sequence[Any], inputs: Sequence[Any]) -> List[Any]:
+    """What a backward of precomputed gradients returns: grad_output times each gradient (None kept).
+    Each is tied to its input first (first_order_only) and the product is taken with recording on, so
+    under create_graph=True its derivative in grad_output is the gradient itself (the double-backward
+    trick of autograd.functional.jvp), not 0. A float16 / bfloat16 gradient, or one whose dtype differs
+    from grad_output's, is multiplied in the wider dtype (at least float32) and rounded once: GradScaler's
+    65536 would otherwise overflow float16 (1e-8 underflow) before the product."""
+    import torch
+
+    out = []
+    for g in first_order_only(list(grads), inputs):
+        if g is None or (g.dtype == grad_output.dtype and g.dtype.itemsize >= 4):
+            out.append(None if g is None else grad_output * g)
+        else:
+            wide = torch.promote_types(torch.promote_types(grad_output.dtype, g.dtype), torch.float32)
+            out.append((grad_output.to(wide) * g.to(wide)).to(g.dtype))
+    return out
+
+
 def first_order_only(grads: List[Any], inputs: Sequence[Any]) -> List[Any]:
     """Gradients a backward returns. Under create_graph=True (grad mode on inside backward) each is
     tied to its input, so a second derivative raises SECOND_DERIVATIVE instead of silently being

@@ -820,6 +820,18 @@ def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], size
         raise
 
 
+def fill_mapped(out: np.ndarray, executor: Any, func: Callable[..., Any], calls: Sequence[tuple],
+                spans: Sequence[Tuple[int, int]], problem: "Problem", progress: Any) -> None:
+    """out[q0:q1] = the losses of chunk (q0, q1), mapped over executor, as each arrives (the bar
+    advances by the chunk's calls); stopping early closes the run (see mapped)."""
+    with contextlib.closing(mapped(executor, func, calls, [q1 - q0 for q0, q1 in spans])) as chunks:
+        for k, values in enumerate(chunks):
+            q0, q1 = spans[k]
+            out[q0:q1] = values
+            problem.see_loss(values)
+            progress.update(q1 - q0)
+
+
 def _checked(name: str, results: Iterator[Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]],
              problem: Any) -> Iterator[Any]:
     count = 0

@@ -22,6 +22,11 @@ class Progress:
         self._bar: Any = None
         self._last_print = 0.0
 
+    @classmethod
+    def for_run(cls, total: int, enabled: Optional[bool], method: str, structure: str) -> "Progress":
+        """The bar of one numerical_grad run (its calls to fn)."""
+        return cls(total, enabled, f"regrad numerical_grad ({method}, {structure})")
+
     def update(self, n: int = 1) -> None:
         self.done += n
         if self.enabled is None:

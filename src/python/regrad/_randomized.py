@@ -9,13 +9,12 @@ the mean over samples, with its variance (sample variance / num_samples) reporte
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
 from . import _core
-from ._evaluate import BufferPool, Problem, RandomWriter, Term, base_loss, block_chunk, mapped
+from ._evaluate import BufferPool, Problem, RandomWriter, Term, base_loss, block_chunk, fill_mapped
 from ._progress import Progress
 
 DIRECTIONS = {"spsa": "rademacher", "gaussian": "gaussian"}
@@ -48,7 +47,7 @@ def randomized_gradient(
     nq = num_samples * (2 if antithetic else 1)
     plan = [(t, block_rows(problem, t, nq, max_batch_bytes) if vectorized else 1) for t in terms]
     per_term_calls = [-(-nq // rows) + (0 if antithetic else 1) for _, rows in plan]  # calls to fn (rows is 1 with an executor)
-    bar = Progress(sum(per_term_calls), progress, f"regrad numerical_grad ({method}, {problem.structure})")
+    bar = Progress.for_run(sum(per_term_calls), progress, method, problem.structure)
     pool = BufferPool.shared()
     nfev = ncalls = blocks = max_rows = 0
     try:
@@ -66,11 +65,7 @@ def randomized_gradient(
                 spans = _chunks(nq)
                 calls = [(problem, term, writer, q0, q1, 1, False) for q0, q1 in spans]
                 f = np.empty(nq)
-                with contextlib.closing(mapped(executor, block_chunk, calls, [q1 - q0 for q0, q1 in spans])) as chunks:
-                    for k, values in enumerate(chunks):
-                        f[spans[k][0] : spans[k][1]] = values
-                        problem.see_loss(values)
-                        bar.update(spans[k][1] - spans[k][0])  # the chunk's calls
+                fill_mapped(f, executor, block_chunk, calls, spans, problem, bar)
             g, v = _core.random_estimate(kind, seed, taken[term.e0 : term.e1], term.e0, f, antithetic, f0)
             grad[term.e0 : term.e1] = g
             variance[term.e0 : term.e1] = v

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from . import losses
-from ._autograd import LazyFunction, first_order_only, refuse_forward_mode
+from ._autograd import LazyFunction, refuse_forward_mode, scaled_first_order
 from .errors import NonFiniteError, RegularizerError
 from .grad import CallInputs, Cancelled, TermResult, compute_term, compute_term_async, resolve
 from .specs import RegularizerSpec, SpecLike, as_specs, is_async_fn
@@ -456,11 +456,9 @@ def _total_grad_function() -> Any:
 
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
-            if torch.is_grad_enabled():  # create_graph=True: see first_order_only; the product with
-                # grad_output is recorded, so its derivative in grad_output is the gradient (the
-                # double-backward trick of autograd.functional.jvp), not 0
-                tied = first_order_only(_per_datum(ctx.flat, ctx.sizes, ctx.shapes), ctx.saved_tensors)
-                return (None, None, None, None, *[grad_output.to(p.dtype) * p for p in tied])
+            if torch.is_grad_enabled():  # create_graph=True: per datum, tied to its input (scaled_first_order)
+                parts = _per_datum(ctx.flat, ctx.sizes, ctx.shapes)
+                return (None, None, None, None, *scaled_first_order(grad_output, parts, ctx.saved_tensors))
             scaled = ctx.flat * grad_output.to(ctx.flat.dtype)  # a packed gradient of numbers, not a graph
             return (None, None, None, None, *_per_datum(scaled, ctx.sizes, ctx.shapes))
 

@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from . import _core, _gpu
-from ._autograd import LazyFunction, first_order_only, refuse_forward_mode
+from ._autograd import LazyFunction, refuse_forward_mode, scaled_first_order
 from ._arrays import ArrayBatch, as_array_batch, reusable, split_packed, token_mask
 from .errors import InputError
 
@@ -112,11 +112,7 @@ def _precomputed_grad_function() -> Any:
 
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
-            # the gradient is numbers, not a graph: under create_graph=True each is tied to its input (a
-            # second derivative raises) and the product with grad_output is recorded, so its derivative in
-            # grad_output is the gradient itself (autograd.functional.jvp's double-backward trick), not 0
-            grads = first_order_only(list(ctx.grads), ctx.saved_tensors)
-            return (None, None, *[grad_output * g for g in grads])
+            return (None, None, *scaled_first_order(grad_output, ctx.grads, ctx.saved_tensors))  # numbers, not a graph
 
     return PrecomputedGrad
 

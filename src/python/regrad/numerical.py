@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import _core
-from ._autograd import LazyFunction, first_order_only, refuse_forward_mode
+from ._autograd import LazyFunction, refuse_forward_mode, scaled_first_order
 from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, listed, reusable, split_packed
 from ._evaluate import (
     POINT_LABELS,
@@ -49,6 +49,7 @@ from ._evaluate import (
     block_chunk,
     datum_blocks,
     difference_scalar_chunk,
+    fill_mapped,
     fn_name,
     mapped,
     real_array,
@@ -362,9 +363,10 @@ def numerical_grad(
     try:
         if method in RANDOMIZED:
             central_scale = scale
+            x = np.concatenate([a.reshape(-1) for a in batch.arrays]).astype(np.float64)
             scale = _per_element(sigma, n, batch, "sigma")
             if scale is None:
-                scale = central_scale * np.maximum(1.0, np.abs(np.concatenate([a.reshape(-1) for a in batch.arrays]).astype(np.float64)))
+                scale = central_scale * np.maximum(1.0, np.abs(x))
             # checks x +- sigma is representable; the steps taken are x +- sigma rounded to the working dtype
             try:
                 _, spacing = _difference_points(problem, "central", 1.0, scale)
@@ -373,7 +375,7 @@ def numerical_grad(
                 raise NumericalError(f"{err} [method={method!r}: h is {what}, the perturbation scale; pass "
                                      f"sigma= (step= applies to finite differences only)]") from None
             if method == "gaussian":
-                _check_gaussian_range(problem, scale)
+                _check_gaussian_range(problem, x, scale)
             # SPSA's points are exactly these (u = +-1): divide by the half-width actually taken, as the
             # finite differences do, so rounding x +- sigma (float32, small sigma) does not bias the estimate.
             taken = 0.5 * (spacing[0] - spacing[1]) if method == "spsa" else scale
@@ -445,11 +447,11 @@ def _loss_precision(problem: Problem, method: str, working_eps: float, default_s
 _GAUSSIAN_MAX = math.sqrt(-2.0 * math.log(2.0**-53))
 
 
-def _check_gaussian_range(problem: Problem, scale: np.ndarray) -> None:
-    """Gaussian points x + sigma * u reach |u| up to ~8.57 times sigma: raise if one would overflow the
-    working dtype (float32 with sigma above ~4e37), instead of handing fn an infinite log-prob."""
+def _check_gaussian_range(problem: Problem, x: np.ndarray, scale: np.ndarray) -> None:
+    """Gaussian points x + sigma * u (x packed, float64) reach |u| up to ~8.57 times sigma: raise if one
+    would overflow the working dtype (float32 with sigma above ~4e37), instead of handing fn an
+    infinite log-prob."""
     dtype = problem.batch.dtype
-    x = np.concatenate([a.reshape(-1) for a in problem.arrays]).astype(np.float64)
     reach = np.abs(x) + _GAUSSIAN_MAX * scale
     bad = np.flatnonzero(~(reach <= float(np.finfo(dtype).max)))
     if bad.size:
@@ -582,7 +584,7 @@ def _separable_gradient(
         plan = [(term, term.size * npoints, _block_rows(problem, term, term.size * npoints, max_batch_bytes)
                  if vectorized else 1) for term in terms]
     total_calls = sum(-(-nq // rows) for _, nq, rows in plan) + (len(terms) if f0 is not None else 0)
-    bar = Progress(total_calls, progress, f"regrad numerical_grad ({method}, {problem.structure})")  # calls to fn
+    bar = Progress.for_run(total_calls, progress, method, problem.structure)
     pool = BufferPool.shared()
     pace = _Pace()
     try:
@@ -609,11 +611,7 @@ def _separable_gradient(
             else:
                 spans = _chunks(nq, EXECUTOR_CHUNKS)
                 calls = [(problem, term, points, method, q0, q1) for q0, q1 in spans]
-                with contextlib.closing(mapped(executor, difference_scalar_chunk, calls, [q1 - q0 for q0, q1 in spans])) as chunks:
-                    for k, values in enumerate(chunks):
-                        out[spans[k][0] : spans[k][1]] = values
-                        problem.see_loss(values)
-                        bar.update(spans[k][1] - spans[k][0])  # the chunk's calls
+                fill_mapped(out, executor, difference_scalar_chunk, calls, spans, problem, bar)
                 ncalls += nq
             nfev += nq
         if single:  # every datum in one block: the lean loop
@@ -635,7 +633,7 @@ def _token_gradient(
     """Structure "token": every element perturbed at once, one call per point (2, or 4 for Richardson),
     and one pass in C++ over fn's per-datum outputs (no packing, steps recomputed from the points)."""
     ks = list(range(len(POINT_LABELS[method]))) + ([-1] if method == "forward" else [])
-    bar = Progress(len(ks), progress, f"regrad numerical_grad ({method}, {problem.structure})")
+    bar = Progress.for_run(len(ks), progress, method, problem.structure)
     values = []
     try:
         if executor is None:
@@ -695,7 +693,7 @@ def _token_gradient_stacked(
         )
     # One call: the automatic mode never shows a bar for it (it decides after the first call), so only
     # progress=True makes one (and this hot path pays nothing otherwise).
-    bar = Progress(1, True, f"regrad numerical_grad ({method}, {problem.structure})") if progress else None
+    bar = Progress.for_run(1, True, method, problem.structure) if progress else None
     held = StackedPoints.acquire(problem, rows)
     try:
         points = _difference_points(problem, method, scale, step, False, True, held.points)[0]
@@ -874,17 +872,7 @@ def _numerical_function() -> Any:
             with torch.no_grad():  # a numerical gradient has no graph of its own
                 result = _numerical_grad_wrt(fn, data, [t.detach() for t in saved], wrt, options)
             wrapped.last_result = result
-            # scaled outside no_grad: under create_graph=True the product is recorded, so its derivative
-            # in grad_output is the gradient (autograd.functional.jvp's double-backward trick), not 0
-            tied = first_order_only(list(result.grads), saved)
-            return (None, None, *[None if g is None else _scaled(grad_output, g) for g in tied])
-
-    def _scaled(grad_output: Any, g: Any) -> Any:
-        """grad_output × g in the wider of their dtypes (at least float32), rounded once to g's dtype:
-        a float16 gradient scaled by a float32 grad_output (GradScaler's 65536, or 1e-8) would
-        otherwise see grad_output itself overflow to inf or underflow to 0 in float16 first."""
-        wide = torch.promote_types(torch.promote_types(grad_output.dtype, g.dtype), torch.float32)
-        return (grad_output.to(wide) * g.to(wide)).to(g.dtype)
+            return (None, None, *scaled_first_order(grad_output, result.grads, saved))  # outside no_grad: see there
 
     return NumericalFunction
 

@@ -7,7 +7,7 @@ import platform
 import statistics
 import time
 import tracemalloc
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = ["pin_malloc", "timed_runs", "median_seconds", "peak_traced_bytes", "peak_rss_extra_bytes", "machine",
            "fmt_time", "fmt_bytes"]
