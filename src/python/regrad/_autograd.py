@@ -74,9 +74,13 @@ def scaled_first_order(grad_output: Any, grads: Sequence[Any], inputs: Sequence[
     65536 would otherwise overflow float16 (1e-8 underflow) before the product."""
     import torch
 
+    tied = first_order_only(list(grads), inputs)
+    same = grad_output.dtype if grad_output.dtype.itemsize >= 4 else None  # (torch dtypes are singletons)
+    if all(g is None or g.dtype is same for g in tied):  # the usual case: one product each
+        return [None if g is None else grad_output * g for g in tied]
     out = []
-    for g in first_order_only(list(grads), inputs):
-        if g is None or (g.dtype == grad_output.dtype and g.dtype.itemsize >= 4):
+    for g in tied:
+        if g is None or g.dtype is same:
             out.append(None if g is None else grad_output * g)
         else:
             wide = torch.promote_types(torch.promote_types(grad_output.dtype, g.dtype), torch.float32)
