@@ -107,3 +107,40 @@ def test_gaussian_sigma_within_range_still_runs():
     r = numerical_grad(lambda d, l: float(np.sum(np.asarray(l[0], np.float64))), None, [np.array([1.0], np.float32)],
                        method="gaussian", sigma=1e37, num_samples=4)
     assert np.all(np.isfinite(r.grads[0]))
+
+
+@pytest.mark.parametrize("num_samples", [2**62, 2**44])
+@pytest.mark.parametrize("structure", ["batch", "datum"])
+def test_num_samples_too_large_to_hold_the_losses_is_named(num_samples, structure):
+    # 2**62 antithetic samples are 2**63 losses (numpy: "Maximum allowed dimension exceeded"); 2**44
+    # need 256 TiB of losses (numpy: "Unable to allocate"). fn must never be called.
+    calls = []
+
+    def fn(data, lps):
+        calls.append(1)
+        return float(np.sum(lps))
+
+    with pytest.raises(InputError, match=rf"num_samples={num_samples} needs {2 * num_samples} loss evaluations"):
+        numerical_grad(fn, [None], [np.ones(4)], method="spsa", structure=structure, num_samples=num_samples)
+    assert calls == []
+
+
+def test_losses_buffer_shared_by_data_keeps_each_datums_estimate():
+    # structure='datum' reuses one losses buffer for every datum: each datum's estimate must still
+    # be its own (a linear fn of one element per datum: u**2 = 1, so SPSA is exact for every sample).
+    slopes = [np.array([1.5]), np.array([-4.0]), np.array([0.25])]
+
+    def fn(datum, lp):
+        return float(np.dot(datum, lp))
+
+    x = [np.zeros(1), np.ones(1), np.full(1, -3.0)]
+    for executor in (None, "threads"):
+        if executor == "threads":
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:
+                res = numerical_grad(fn, slopes, x, method="spsa", structure="datum", num_samples=8, executor=pool)
+        else:
+            res = numerical_grad(fn, slopes, x, method="spsa", structure="datum", num_samples=8)
+        for g, s in zip(res.grads, slopes):
+            np.testing.assert_allclose(g, s, rtol=1e-6)

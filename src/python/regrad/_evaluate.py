@@ -651,13 +651,15 @@ def block_chunk(
     vectorized: bool,
     pool: Optional[BufferPool] = None,
     progress: Any = None,
+    out: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """Losses at perturbations [q_begin, q_end) written `rows` at a time by `writer` into buffers;
-    fn gets the whole block (vectorized) or, with rows == 1, the single perturbed copy."""
+    """Losses at perturbations [q_begin, q_end) written `rows` at a time by `writer` into buffers
+    (and into `out`, [q_end - q_begin], when given); fn gets the whole block (vectorized) or, with
+    rows == 1, the single perturbed copy."""
     arrays = problem.term_arrays(term)
     buffers = (pool or BufferPool()).views(arrays, rows)
     writer.reset()
-    out = np.empty(q_end - q_begin)
+    out = np.empty(q_end - q_begin) if out is None else out
     with problem.no_grad():
         for q in range(q_begin, q_end, rows):
             count = min(rows, q_end - q)

@@ -16,6 +16,7 @@ import numpy as np
 from . import _core
 from ._evaluate import BufferPool, Problem, RandomWriter, Term, base_loss, block_chunk, fill_mapped
 from ._progress import Progress
+from .errors import InputError
 
 DIRECTIONS = {"spsa": "rademacher", "gaussian": "gaussian"}
 EXECUTOR_CHUNKS = 64
@@ -47,6 +48,7 @@ def randomized_gradient(
     nq = num_samples * (2 if antithetic else 1)
     plan = [(t, block_rows(problem, t, nq, max_batch_bytes) if vectorized else 1) for t in terms]
     per_term_calls = [-(-nq // rows) + (0 if antithetic else 1) for _, rows in plan]  # calls to fn (rows is 1 with an executor)
+    f = _losses(nq, num_samples, antithetic)  # one buffer for every term's losses, refused here if too large
     bar = Progress.for_run(sum(per_term_calls), progress, method, problem.structure)
     pool = BufferPool.shared()
     nfev = ncalls = blocks = max_rows = 0
@@ -60,11 +62,10 @@ def randomized_gradient(
                 bar.update(1)
             writer = RandomWriter(scale, kind, seed, antithetic)
             if executor is None:
-                f = block_chunk(problem, term, writer, 0, nq, rows, vectorized, pool, bar)
+                block_chunk(problem, term, writer, 0, nq, rows, vectorized, pool, bar, f)
             else:
                 spans = _chunks(nq)
                 calls = [(problem, term, writer, q0, q1, 1, False) for q0, q1 in spans]
-                f = np.empty(nq)
                 fill_mapped(f, executor, block_chunk, calls, spans, problem, bar)
             g, v = _core.random_estimate(kind, seed, taken[term.e0 : term.e1], term.e0, f, antithetic, f0)
             grad[term.e0 : term.e1] = g
@@ -78,6 +79,18 @@ def randomized_gradient(
         bar.close()
         pool.release()
     return grad, variance, nfev, ncalls, blocks, max_rows
+
+
+def _losses(nq: int, num_samples: int, antithetic: bool) -> np.ndarray:
+    """The float64 buffer for one term's nq losses; a num_samples too large to hold them is named
+    (numpy's own error says only "Maximum allowed dimension exceeded" or "Unable to allocate")."""
+    try:
+        return np.empty(nq)
+    except (MemoryError, ValueError):
+        raise InputError(
+            f"num_samples={num_samples} needs {nq} loss evaluations{' (antithetic pairs)' if antithetic else ''}, "
+            f"whose float64 losses ({nq * 8:.3g} bytes) cannot be allocated; use fewer samples"
+        ) from None
 
 
 def _chunks(total: int) -> List[Tuple[int, int]]:
