@@ -3,6 +3,7 @@ loss, hashing, partials of async callables, option types (from an audit; each te
 
 import functools
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -165,3 +166,25 @@ def test_sync_names_what_timeout_and_grad_fn_are_for(keyword, message):
     with pytest.raises(ValueError, match=f"regularizer 'r': .*{message}"):
         RegularizerSpec.sync("r", 1.0, reg, **{keyword: reg if keyword == "grad_fn" else 3.0})
 
+
+
+def test_builtin_specs_compare_equal_by_kind_reduction_and_mask():
+    # two equal built-ins were unequal (KernelRegularizer compared by identity), unlike any two equal specs
+    assert regrad.l1(0.1) == regrad.l1(0.1) and hash(regrad.l1(0.1)) == hash(regrad.l1(0.1))
+    assert regrad.l2(0.1, squared=False) == regrad.l2(0.1, squared=False)
+    assert regrad.l1(0.1) != regrad.l1(0.2)
+    assert regrad.l1(0.1) != regrad.l1(0.1, reduction="sum")
+    assert regrad.l1(0.1) != regrad.l1(0.1, mask="weights")
+    assert regrad.l2(0.1) != regrad.l2(0.1, squared=False)
+    assert regrad.entropy(0.1).fn != regrad.l1(0.1).fn
+    assert len({regrad.l1(0.1), regrad.l1(0.1), regrad.entropy(0.1)}) == 2
+    fn = regrad.l1(0.1, mask="weights").fn
+    assert pickle.loads(pickle.dumps(fn)) == fn  # executors and spawn-based workers pickle specs
+    with pytest.raises(AttributeError):
+        fn.mask = None  # read-only: the hash must not change under a set
+
+
+def test_builtin_mask_must_be_a_key_and_the_error_names_the_spec():
+    # a list of masks was accepted, then failed at the first loss call with "unhashable type: 'list'"
+    with pytest.raises(TypeError, match=r"regularizer 'sparse'.*mask must be a loss_fn_inputs key.*list"):
+        regrad.l1(0.1, name="sparse", mask=[np.ones(3)])

@@ -248,16 +248,45 @@ class KernelRegularizer:
     """`fn(data, logprobs_list) -> (loss, metrics)` for a C++ kernel, with its analytic `value_and_grad`.
 
     Metrics: `<kind>_total` (Σ over data), `<kind>_mean` (per datum); l1 also reports `l1_norm` (the value).
+    Equal (and hashing alike) when kind, reduction and mask are, so `regrad.l1(0.1) == regrad.l1(0.1)`
+    as for any two equal specs; the three are read-only for that reason.
     """
+
+    __slots__ = ("_key",)
 
     def __init__(self, kind: str, *, reduction: str = "mean", mask: Optional[str] = None) -> None:
         if kind not in kernels.KERNELS:
             raise ValueError(f"unknown kernel {kind!r}; expected one of {kernels.KERNELS}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self.kind = kind
-        self.reduction = reduction
-        self.mask = mask  # a loss_fn_inputs key (e.g. "weights"); tokens where it is > 0 count
+        if mask is not None and not isinstance(mask, str):  # a list of arrays would be read as keys, then fail
+            raise TypeError(f"mask must be a loss_fn_inputs key (a str) or None, got {type(mask).__name__}")
+        self._key: Tuple[str, str, Optional[str]] = (kind, reduction, mask)
+
+    @property
+    def kind(self) -> str:
+        return self._key[0]
+
+    @property
+    def reduction(self) -> str:
+        return self._key[1]
+
+    @property
+    def mask(self) -> Optional[str]:
+        """A loss_fn_inputs key (e.g. "weights"): tokens where it is > 0 count."""
+        return self._key[2]
+
+    def __eq__(self, other: object) -> bool:
+        return self._key == other._key if type(other) is KernelRegularizer else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __getstate__(self) -> Tuple[str, str, Optional[str]]:
+        return self._key
+
+    def __setstate__(self, key: Tuple[str, str, Optional[str]]) -> None:
+        self._key = key
 
     def __repr__(self) -> str:
         return f"KernelRegularizer({self.kind!r}, reduction={self.reduction!r}, mask={self.mask!r})"
@@ -292,8 +321,8 @@ class KernelRegularizer:
 def _builtin(kind: str, name: str, weight: float, reduction: str, mask: Optional[str], grad: str, options: Dict[str, Any]) -> RegularizerSpec:
     try:
         fn = KernelRegularizer(kind, reduction=reduction, mask=mask)
-    except ValueError as err:  # named like every other spec error
-        raise ValueError(f"regularizer {name!r}: {err}") from None
+    except (ValueError, TypeError) as err:  # named like every other spec error
+        raise type(err)(f"regularizer {name!r}: {err}") from None
     return RegularizerSpec.sync(name, weight, fn, grad=grad, **options)
 
 
