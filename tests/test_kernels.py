@@ -510,3 +510,17 @@ def test_threads_calling_at_once_get_the_serial_bits(rng):
     for th in threads:
         th.join()
     assert wrong == []
+
+
+def test_editing_kernel_result_grads_in_place_fails_the_backward_instead_of_changing_it():
+    # KernelResult.grads are the tensors the backward hands out: zeroing one in place made the
+    # backward return zeros. They are now saved like any saved tensor, so torch's version check fires.
+    x = [torch.tensor([-1.5, 2.0, -0.25], requires_grad=True), torch.tensor([0.5, -3.0], requires_grad=True)]
+    result = regrad.kernels.l1(x)
+    result.grads[0].mul_(0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        result.value.backward()
+    fresh = regrad.kernels.l1(x, reduction="sum")  # untouched grads: the backward is the analytic sign(x)
+    fresh.value.backward()
+    for t in x:
+        assert torch.equal(t.grad, torch.sign(t.detach()))

@@ -106,13 +106,16 @@ def _precomputed_grad_function() -> Any:
 
         @staticmethod
         def forward(ctx: Any, value: Any, grads: List[Any], *inputs: Any) -> Any:  # noqa: D401
-            ctx.grads = grads
-            ctx.save_for_backward(*inputs)
+            # The gradients are saved like the inputs: they are also KernelResult.grads, and an
+            # in-place edit of one then fails the backward (torch's version check), as for any saved tensor.
+            ctx.save_for_backward(*inputs, *grads)
             return value.clone()
 
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
-            return (None, None, *scaled_first_order(grad_output, ctx.grads, ctx.saved_tensors))  # numbers, not a graph
+            saved = ctx.saved_tensors
+            half = len(saved) // 2
+            return (None, None, *scaled_first_order(grad_output, saved[half:], saved[:half]))  # numbers, not a graph
 
     return PrecomputedGrad
 
