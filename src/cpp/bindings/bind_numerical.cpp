@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -19,6 +20,21 @@ namespace regrad::bindings {
 namespace {
 
 using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+/// Whether (count - 1) * stride + offset < size, for count >= 1 and stride, offset >= 0, without
+/// int64 overflow (a product past int64 would wrap negative and pass a plain `<` test).
+bool index_within(int64_t count, int64_t stride, int64_t offset, int64_t size) {
+    if (offset >= size) return false;
+    return count <= 1 || stride <= (size - 1 - offset) / (count - 1);
+}
+
+/// Whether elements [offset, offset + size) lie within [0, n), without int64 overflow.
+bool span_within(int64_t offset, int64_t size, int64_t n) { return offset >= 0 && size <= n && offset <= n - size; }
+
+/// offset + size for a message (both >= 0: their sum fits uint64).
+std::string span_end(int64_t offset, int64_t size) {
+    return std::to_string(static_cast<uint64_t>(offset) + static_cast<uint64_t>(size));
+}
 
 /// Typed pointer view of checked arrays; `ptrs` must outlive the batch.
 template <class T>
@@ -87,6 +103,10 @@ py::tuple points_impl(const RaggedArrays& ragged, DifferenceMethod method, doubl
     const int np = points_per_element(method);
     if (stacked && with_spacing) throw py::value_error("the stacked point layout has no spacing array");
     const int64_t rows = stacked ? static_cast<int64_t>(stacked_rows(method)) : static_cast<int64_t>(np);
+    if (n > std::numeric_limits<int64_t>::max() / rows) {
+        throw py::value_error("the points of " + std::to_string(n) + " log-probs (" + std::to_string(rows) +
+                              " rows) exceed 2**63 - 1 elements");
+    }
     py::array_t<T> points = stacked ? points_buffer<T>(out, {rows * n}, rows * n) : points_buffer<T>(out, {rows, n}, rows * n);
     py::object spacing = py::none();
     double* d = nullptr;
@@ -127,10 +147,10 @@ void block_impl(const RaggedArrays& ragged, const py::sequence& outs, const py::
         throw py::type_error("points must be a C-contiguous [P, n] array of the log-probs' dtype");
     }
     const int64_t stride = points.shape(1);
-    if (points.shape(0) != npoints || element_offset < 0 || element_offset + batch.size() > stride) {
+    if (points.shape(0) != npoints || !span_within(element_offset, batch.size(), stride)) {
         throw py::value_error("points has shape [" + std::to_string(points.shape(0)) + ", " + std::to_string(stride) +
                               "] but the block needs " + std::to_string(npoints) + " points for elements [" +
-                              std::to_string(element_offset) + ", " + std::to_string(element_offset + batch.size()) + ")");
+                              std::to_string(element_offset) + ", " + span_end(element_offset, batch.size()) + ")");
     }
     const T* p = static_cast<const T*>(points.data()) + element_offset;
     py::gil_scoped_release release;
@@ -160,10 +180,10 @@ void diagonal_impl(py::array& buffer, const py::array& points, int64_t element_o
     const int64_t rows = buffer.shape(0);
     const int64_t size = rows > 0 ? buffer.size() / rows : 0;
     const int64_t n = points.shape(1);
-    if (points.shape(0) != npoints || element_offset < 0 || element_offset + size > n) {
+    if (points.shape(0) != npoints || !span_within(element_offset, size, n)) {
         throw py::value_error("points has shape [" + std::to_string(points.shape(0)) + ", " + std::to_string(n) +
                               "] but the datum needs " + std::to_string(npoints) + " points for elements [" +
-                              std::to_string(element_offset) + ", " + std::to_string(element_offset + size) + ")");
+                              std::to_string(element_offset) + ", " + span_end(element_offset, size) + ")");
     }
     T* out = static_cast<T*>(buffer.mutable_data());
     const T* p = static_cast<const T*>(points.data()) + element_offset;
@@ -189,14 +209,17 @@ py::object quotients(const std::string& method, const DoubleArray& spacing, cons
     const int64_t n = spacing.shape(1);
     if (f_stride_e < 0 || f_stride_k < 0 || f0_stride < 0) throw py::value_error("strides must be >= 0");
     if (n > 0) {
-        const int64_t last = (n - 1) * f_stride_e + (np - 1) * f_stride_k;
-        if (last >= f.size()) {
-            throw py::value_error("loss values: " + std::to_string(f.size()) + " given, index " + std::to_string(last) +
-                                  " needed");
+        // the last index read, (n - 1) * f_stride_e + (np - 1) * f_stride_k, checked without overflow
+        if (!index_within(np, f_stride_k, 0, f.size()) ||
+            !index_within(n, f_stride_e, (np - 1) * f_stride_k, f.size())) {
+            throw py::value_error("loss values: " + std::to_string(f.size()) + " given; strides f_stride_e=" +
+                                  std::to_string(f_stride_e) + " and f_stride_k=" + std::to_string(f_stride_k) +
+                                  " read past them for " + std::to_string(n) + " elements of " + std::to_string(np) +
+                                  " points");
         }
         if (m == DifferenceMethod::Forward) {
             if (!f0) throw py::value_error("forward differences need f0, the loss at x");
-            if ((n - 1) * f0_stride >= f0->size()) throw py::value_error("f0 is too short");
+            if (!index_within(n, f0_stride, 0, f0->size())) throw py::value_error("f0 is too short");
         }
     }
     // packed: one [2n] array, the gradient then the error (split once by the caller).
@@ -340,7 +363,7 @@ py::tuple token_impl(DifferenceMethod method, const RaggedArrays& ragged, const 
 }
 
 /// token_quotients(method, arrays, points, values, loss_eps, stacked) -> (grad and error as one [2n]
-/// array in the log-probs' dtype, first non-finite index k * n + e or -1). values: P lists of per-datum loss
+/// array in the log-probs' dtype, first non-finite index k * n + e, -2 - e for a gradient overflowing double, or -1). values: P lists of per-datum loss
 /// arrays (plus the values at x for forward), all float32 or all float64; stacked: one array per
 /// datum holding all its rows (or their addresses, see values_addresses), with points in the stacked layout.
 py::tuple token(const std::string& method, const py::object& arrays, const py::array& points,

@@ -2,6 +2,8 @@
 
 #include <pybind11/stl.h>
 
+#include <limits>
+
 #include "regrad/ragged.hpp"
 
 namespace regrad::bindings {
@@ -84,6 +86,10 @@ RaggedArrays ragged_from_addresses(const py::tuple& spec, const char* what) {
         if (sizes[i] < 0 || sizes[i] % width != 0) {
             throw py::value_error(std::string(what) + "[" + std::to_string(i) + "]: size " + std::to_string(sizes[i]) +
                                   " is not a multiple of the width " + std::to_string(width));
+        }
+        if (sizes[i] > std::numeric_limits<int64_t>::max() - out.offsets.back()) {
+            throw py::value_error(std::string(what) + "[" + std::to_string(i) + "]: size " + std::to_string(sizes[i]) +
+                                  " takes the batch past 2**63 - 1 elements");
         }
         if (sizes[i] > 0 && addresses[i] == 0) throw py::value_error(std::string(what) + "[" + std::to_string(i) + "] has no data");
         if (sizes[i] > 0 && addresses[i] % (out.is_double ? sizeof(double) : sizeof(float)) != 0) {

@@ -33,7 +33,7 @@ std::string number_text(double v) {
     return text;
 }
 
-enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3, Overflow = 4, Coincide = 5 };
+enum class PointProblem : int { None = 0, NonFiniteX = 1, BadStep = 2, Underflow = 3, Overflow = 4, Coincide = 5, Subnormal = 6 };
 
 }  // namespace
 
@@ -120,18 +120,21 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
                 bad_kind[j] = static_cast<int>(PointProblem::BadStep);
                 break;
             }
-            bool underflow = false, overflow = false;
+            bool underflow = false, overflow = false, subnormal = false;
             for (int k = 0; k < np; ++k) {
                 const T p = pj[k * kstride + i];
+                const double d = std::fabs(static_cast<double>(p) - static_cast<double>(xv));
                 underflow = underflow || p == xv;
-                overflow = overflow || !(std::fabs(static_cast<double>(p) - static_cast<double>(xv)) < kMaxSpacing);
+                subnormal = subnormal || (p != xv && d < kMinSpacing);
+                overflow = overflow || !(d < kMaxSpacing);
             }
             const bool coincide = np == 4 && (pj[i] == pj[2 * kstride + i] || pj[kstride + i] == pj[3 * kstride + i]);
-            if (underflow || overflow || coincide) {
+            if (underflow || subnormal || overflow || coincide) {
                 bad_at[j] = i;
-                bad_kind[j] = static_cast<int>(underflow  ? PointProblem::Underflow
-                                               : overflow ? PointProblem::Overflow
-                                                          : PointProblem::Coincide);
+                bad_kind[j] = static_cast<int>(underflow   ? PointProblem::Underflow
+                                               : subnormal ? PointProblem::Subnormal
+                                               : overflow  ? PointProblem::Overflow
+                                                           : PointProblem::Coincide);
                 break;
             }
         }
@@ -154,6 +157,12 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
                 throw StepUnderflowError("step overflow at " + where + ": x + h is not finite (or h is over 1e300) for x = " +
                                              number_text(xv) + " and h = " + number_text(h) +
                                              " in the working dtype (use a smaller step)",
+                                         e);
+            case PointProblem::Subnormal:
+                throw StepUnderflowError("step underflow at " + where + ": x + h - x is subnormal for x = " +
+                                             number_text(xv) + " and h = " + number_text(h) +
+                                             " (below " + number_text(kMinSpacing) +
+                                             ", its reciprocal overflows; use a larger step)",
                                          e);
             case PointProblem::Coincide:
                 throw StepUnderflowError("step too small for richardson at " + where + ": x + h/2 rounds onto x + h for x = " +
@@ -344,7 +353,11 @@ int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const 
             }
         }
     }
-    return -1;
+    // Every loss finite: a quotient overflowed (losses ~1e308 apart): -2 - the first such element.
+    for (int64_t e = 0; e < n; ++e) {
+        if (!std::isfinite(grad[e])) return -2 - e;
+    }
+    return -1;  // only an error bound overflowed (reported as inf)
 }
 
 template int64_t token_quotients<float, float>(DifferenceMethod, const RaggedBatch<float>&, const float*, PointLayout,

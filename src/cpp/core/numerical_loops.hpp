@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "regrad/formulas.hpp"
@@ -32,6 +33,10 @@ inline double max_with_one(double a) {
 /// The largest step the quotients can difference (formulas::max_spacing, shared with the GPU).
 inline constexpr double kMaxSpacing = formulas::max_spacing();
 
+/// The smallest step the quotients can difference (formulas::min_spacing, shared with the GPU).
+inline constexpr double kMinSpacing = formulas::min_spacing();
+static_assert(kMinSpacing == std::numeric_limits<double>::min(), "min_spacing is double's smallest normal");
+
 /// Writes the NP difference points of one datum, point k of element i at points[k * kstride + i]
 /// (points and spacing already offset to the datum), and (when spacing is given) the steps actually
 /// taken; per-element steps are read at step[base + i]. Branch-free so the compiler vectorises it.
@@ -56,9 +61,10 @@ bool fill_points_impl(const T* __restrict xj, int64_t len, int64_t base, int64_t
         for (int k = 0; k < NP; ++k) {
             p[k] = static_cast<T>(xd + kFractions[k] * h);
             const double d = static_cast<double>(p[k]) - xd;
-            // d == 0: x + h rounds onto x; |d| not below kMaxSpacing (inf, NaN too): x + h overflows the
+            // |d| below kMinSpacing (0 too): x + h rounds onto x, or the step is subnormal and its
+            // reciprocal overflows; |d| not below kMaxSpacing (inf, NaN too): x + h overflows the
             // dtype, or the differences of two steps would (the quotients then read 0 or NaN)
-            problems += static_cast<int64_t>(d == 0.0) + static_cast<int64_t>(!(std::fabs(d) < kMaxSpacing));
+            problems += static_cast<int64_t>(std::fabs(d) < kMinSpacing) + static_cast<int64_t>(!(std::fabs(d) < kMaxSpacing));
             points[k * kstride + i] = p[k];
             if constexpr (WithSpacing) spacing[k * kstride + i] = d;
         }
@@ -126,18 +132,17 @@ inline Quotient<C> quotient(const C* s, const C* v, C fb, C loss_eps) {
 
 /// Structure "token", one datum: steps recomputed from the points (point k of element i at
 /// points[k * kstride + i]; points, grad and error already offset to the datum), loss values read
-/// from the per-datum outputs. Returns false if any loss value is non-finite (found later by a slow scan).
-/// float32 log-probs with float32 losses are differenced in float (8 lanes per AVX2 vector instead of
-/// 4): the result is rounded to float32 anyway, and float's rounding (~6e-8 relative) is far below
-/// the finite-difference error of a float32 loss (~1e-5).
-template <DifferenceMethod M, class T, class F>
-bool token_datum(const T* __restrict xj, int64_t len, int64_t kstride, const T* __restrict points,
-                 const F* const* fj, const F* __restrict f0j, double loss_eps, T* __restrict grad,
-                 T* __restrict error) {
+/// from the per-datum outputs, differenced in the arithmetic type C. Returns false if any loss value
+/// is non-finite (found later by a slow scan); counts in `unsafe` the elements whose differences or
+/// quotient left C's range (the gradient: T's) although every value was finite.
+template <DifferenceMethod M, class C, class T, class F>
+bool token_datum_in(const T* __restrict xj, int64_t len, int64_t kstride, const T* __restrict points,
+                    const F* const* fj, const F* __restrict f0j, double loss_eps, T* __restrict grad,
+                    T* __restrict error, int64_t& unsafe) {
     constexpr int NP = M == DifferenceMethod::Forward ? 1 : (M == DifferenceMethod::Central ? 2 : 4);
-    using C = std::conditional_t<std::is_same_v<T, float> && std::is_same_v<F, float>, float, double>;
     const C eps = static_cast<C>(loss_eps);
     int64_t bad = 0;  // an integer count vectorises; a floating-point sum would serialise the loop
+    int64_t out_of_range = 0;
     for (int64_t i = 0; i < len; ++i) {
         const C xd = static_cast<C>(xj[i]);
         C s[NP];
@@ -152,10 +157,35 @@ bool token_datum(const T* __restrict xj, int64_t len, int64_t kstride, const T* 
         check += fb - fb;
         bad += static_cast<int64_t>(check != 0);
         const Quotient<C> q = quotient<M, C>(s, v, fb, eps);
-        grad[i] = static_cast<T>(q.grad);
+        // s[0] - s[1] overflowing C (its reciprocal then reads 0), or a quotient that is not finite
+        // (the gradient: once rounded to T, where a float32 result past FLT_MAX becomes inf)
+        C span = s[0];
+        if constexpr (NP > 1) span = s[0] - s[1];
+        const T g = static_cast<T>(q.grad);
+        out_of_range += static_cast<int64_t>((span - span) + (q.error - q.error) != 0) + static_cast<int64_t>(g - g != 0);
+        grad[i] = g;
         error[i] = static_cast<T>(q.error);
     }
+    unsafe = out_of_range;
     return bad == 0;
+}
+
+/// token_datum_in in the type that suits T and F: float32 log-probs with float32 losses are
+/// differenced in float (8 lanes per AVX2 vector instead of 4): the result is rounded to float32
+/// anyway, and float's rounding (~6e-8 relative) is far below the finite-difference error of a
+/// float32 loss (~1e-5). A datum whose float differences left float's range (a step near FLT_MAX
+/// or below FLT_MIN, losses near FLT_MAX) is differenced again in double. Returns false when a loss
+/// value is non-finite or a quotient left double's range too (the caller's slow scan tells which).
+template <DifferenceMethod M, class T, class F>
+bool token_datum(const T* xj, int64_t len, int64_t kstride, const T* points, const F* const* fj, const F* f0j,
+                 double loss_eps, T* grad, T* error) {
+    int64_t unsafe = 0;
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<F, float>) {
+        const bool ok = token_datum_in<M, float>(xj, len, kstride, points, fj, f0j, loss_eps, grad, error, unsafe);
+        if (!ok || unsafe == 0) return ok;
+    }
+    const bool ok = token_datum_in<M, double>(xj, len, kstride, points, fj, f0j, loss_eps, grad, error, unsafe);
+    return ok && unsafe == 0;
 }
 
 /// token_datum for a method chosen at run time.

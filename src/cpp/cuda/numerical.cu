@@ -65,11 +65,12 @@ __global__ void points_kernel(Ragged x, int64_t n, int np, double scale, const d
             report(first, e, kStatusBadStep);
             continue;
         }
-        bool underflow = false, overflow = false;  // as the CPU builder: x + h == x, or a spacing too large
+        // as the CPU builder: x + h == x or a subnormal spacing (its reciprocal overflows), or a spacing too large
+        bool underflow = false, overflow = false;
         for (int k = 0; k < np; ++k) {
             const T p = static_cast<T>(static_cast<double>(xv) + formulas::point_fraction(k) * h);
             const double d = static_cast<double>(p) - static_cast<double>(xv);
-            underflow = underflow || p == xv;
+            underflow = underflow || fabs(d) < formulas::min_spacing();
             overflow = overflow || !(fabs(d) < formulas::max_spacing());
             points[k * n + e] = p;
             spacing[k * n + e] = d;

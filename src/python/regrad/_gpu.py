@@ -164,8 +164,8 @@ def _raise_status(status: Any, what: str, reduction: str = "sum") -> None:
         raise ValueError(f"step at datum {datum}, element {position} is not positive and finite")
     elif code == _STEP_UNDERFLOW:
         raise ValueError(
-            f"step underflow at datum {datum}, element {position}: x + h == x in the working dtype "
-            "(use a larger step)"
+            f"step underflow at datum {datum}, element {position}: x + h == x in the working dtype, or "
+            "|x + h - x| is subnormal (its reciprocal overflows; use a larger step)"
         )
     elif code == _STEP_OVERFLOW:
         raise ValueError(

@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -383,6 +383,7 @@ def numerical_grad(
                 problem, _terms(problem), method, scale, seed, num_samples, antithetic, vectorized,
                 max_batch_bytes, _block_rows, executor, progress, taken,
             )
+            check_gradient_finite(problem, grad)
             _check_snapshot(problem, saved)
             return NumericalGrad(
                 _as_output(grad, inputs), _as_output(np.sqrt(variance), inputs), nfev, ncalls, **common,
@@ -624,7 +625,28 @@ def _separable_gradient(
         bar.close()
         pool.release()
     both = _core.difference_quotients(method, spacing, f, npoints, 1, f0, 1, max(loss_eps, problem.loss_eps), True)
+    check_gradient_finite(problem, both[:n])
     return both, nfev, ncalls, blocks, max_rows
+
+
+def check_gradient_finite(problem: Problem, grad: np.ndarray) -> None:
+    """Raises _gradient_overflow at the first element of a packed gradient that is not finite once
+    rounded to the working dtype (fn's losses were all finite: only the quotients can overflow)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # a float64 value past float32's range casts to inf
+        finite = np.isfinite(grad.astype(problem.batch.dtype, copy=False))
+    if not finite.all():
+        e = int(np.flatnonzero(~finite)[0])
+        _gradient_overflow(problem, e, grad[e])
+
+
+def _gradient_overflow(problem: Problem, e: int, value: Any) -> NoReturn:
+    """Every loss was finite but a difference quotient is not (losses ~1e308 apart, a float32 gradient
+    past 3.4e38): named, instead of an inf / NaN gradient handed back without a word."""
+    raise NonFiniteError(
+        f"the numerical gradient of {problem.name} at {problem.describe_element(e)} is {float(value):.6g}, not finite "
+        f"in {problem.batch.dtype.name}: every loss was finite, but their differences divided by the step overflow; "
+        "scale the loss down or use a larger step"
+    )
 
 
 def _token_gradient(
@@ -673,6 +695,8 @@ def _token_gradient(
             f"{problem.name} returned a non-finite per-token loss ({value}) at {_token_where(method, ks[call])}, "
             f"{problem.describe_element(e)}"
         )
+    if bad <= -2:
+        _gradient_overflow(problem, -2 - bad, both[-2 - bad])
     return both, len(ks)
 
 
@@ -736,6 +760,8 @@ def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: Stack
             f"{problem.name} returned a non-finite per-token loss ({value}) in row {row} ({label}) of the stacked "
             f"copies, {problem.describe_element(e)}"
         )
+    if bad <= -2:
+        _gradient_overflow(problem, -2 - bad, both[-2 - bad])
     return both
 
 

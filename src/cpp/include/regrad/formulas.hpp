@@ -121,6 +121,11 @@ REGRAD_HD inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
 /// whose |x + h - x| is not below it (inf and NaN included) is a "step overflow" on CPU and GPU.
 REGRAD_HD inline constexpr double max_spacing() { return 1e300; }
 
+/// The smallest step the quotients can difference: double's smallest normal number. Below it the
+/// quotients' 1 / (s[0] - s[1]) overflows to inf, and an unchanged loss reads 0 * inf = NaN; such a
+/// point (|x + h - x| subnormal, or 0) is a "step underflow" on CPU and GPU.
+REGRAD_HD inline constexpr double min_spacing() { return 2.2250738585072014e-308; }
+
 /// 128 random bits for element `index` of stream `sample` under `seed` (as regrad::random_bits).
 REGRAD_HD inline void random_bits(uint64_t seed, uint64_t sample, uint64_t index, uint32_t out[4]) {
     out[0] = static_cast<uint32_t>(index);

@@ -95,7 +95,8 @@ void difference_quotients(DifferenceMethod method, int64_t n, const double* spac
 /// f[k] holds the values at point k with x's layout; f0 (forward only) the values at x. The steps
 /// are recomputed from `points` (as difference_points wrote them in `layout`), so no spacing array is
 /// needed. Returns -1, or k * n + e for the first non-finite loss value (k = P for f0), in which
-/// case grad and error are unspecified. Throws std::invalid_argument on a layout mismatch.
+/// case grad and error are unspecified, or -2 - e when every loss is finite but the gradient of
+/// element e overflows double (losses ~1e308 apart). Throws std::invalid_argument on a layout mismatch.
 template <class T, class F>
 int64_t token_quotients(DifferenceMethod method, const RaggedBatch<T>& x, const T* points, PointLayout layout,
                         const RaggedBatch<F>* f, const RaggedBatch<F>* f0, double loss_eps, T* grad, T* error);
