@@ -136,9 +136,13 @@ class LocalTrainingClient:
         batch = self._prepare(data)
         return self._submit(lambda: self._run_forward_backward_custom(batch, loss_fn))
 
-    def optim_step(self, adam_params: Any = None) -> RequestFuture[OptimStepResult]:
-        """One AdamW step with the accumulated gradients (regrad or tinker AdamParams), then clears them."""
-        params = _adam_params(adam_params)
+    def optim_step(self, optim_params: Any = None, *, adam_params: Any = None) -> RequestFuture[OptimStepResult]:
+        """One AdamW step with the accumulated gradients (regrad or tinker AdamParams), then clears them.
+
+        Tinker's signature: `optim_params` (positional or keyword), or the legacy keyword `adam_params`."""
+        if optim_params is not None and adam_params is not None:
+            raise ValueError("Specify optim_params or legacy adam_params, not both")
+        params = _adam_params(optim_params if optim_params is not None else adam_params)
         return self._submit(lambda: self._run_optim_step(params))
 
     def save_state(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
@@ -172,9 +176,11 @@ class LocalTrainingClient:
         """`forward_backward_custom`, awaitable: gives the request's future."""
         return self.forward_backward_custom(data, loss_fn)
 
-    async def optim_step_async(self, adam_params: Any = None) -> RequestFuture[OptimStepResult]:
+    async def optim_step_async(
+        self, optim_params: Any = None, *, adam_params: Any = None
+    ) -> RequestFuture[OptimStepResult]:
         """`optim_step`, awaitable: gives the request's future."""
-        return self.optim_step(adam_params)
+        return self.optim_step(optim_params, adam_params=adam_params)
 
     async def save_state_async(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
         """`save_state`, awaitable: gives the request's future."""
@@ -268,7 +274,7 @@ class LocalTrainingClient:
         if tgt.dtype == np.bool_:  # as ModelInput.from_ints refuses True for an id
             raise InputError(f"datum {i}: target_tokens holds booleans; expected integer token ids")
         if tgt.size and not np.issubdtype(tgt.dtype, np.integer):
-            if not np.all(np.equal(np.mod(tgt, 1), 0)):
+            if not (np.all(np.isfinite(tgt)) and np.all(np.equal(np.mod(tgt, 1), 0))):  # (inf: mod warns, then NaN)
                 raise InputError(f"datum {i}: target_tokens has non-integer values (dtype {tgt.dtype})")
         if tgt.ndim == 2 and tgt.shape[1] == 0:
             raise InputError(f"datum {i}: target_tokens has shape {tuple(tgt.shape)}; K must be at least 1")
@@ -334,9 +340,13 @@ class LocalTrainingClient:
 
     def _run_forward_backward_custom(self, batch: _Batch, loss_fn: LossFn) -> ForwardBackwardOutput:
         logprobs = self._logprobs(batch)
-        leaves = [lp.detach().clone().requires_grad_(True) for lp in logprobs]
+        # float16 / bfloat16 log-probs reach the loss as float32, as on Tinker (whose loss_fn always gets
+        # float32): regrad's own losses and kernels take float32 / float64 only
+        leaves = [lp.detach().to(_loss_dtype(lp.dtype), copy=True).requires_grad_(True) for lp in logprobs]
         grads, loss_value, metrics = _custom_loss_grads(loss_fn, batch.data, leaves)
-        surrogate = torch.stack([(g.to(lp.dtype) * lp).sum() for g, lp in zip(grads, logprobs)]).sum()
+        # masked like the built-in loss: a position with g = 0 may carry a -inf log-prob (padding, a
+        # forbidden id), and 0 * -inf would make surrogate_loss:sum NaN
+        surrogate = torch.stack([weighted_sum(g.to(lp.dtype), lp) for g, lp in zip(grads, logprobs)]).sum()
         self._apply_grads(surrogate)
         out_metrics = dict(metrics)
         out_metrics["loss:sum"] = loss_value
@@ -400,6 +410,7 @@ class LocalTrainingClient:
             raise InputError(
                 f"{path} holds a model with config {state['model_config']}, this client has {self.model.config.to_dict()}"
             )
+        _check_same_tensors(path, state["model"], self.model.state_dict())  # before anything is copied
         self.model.load_state_dict(state["model"])
         saved = state.get("master_weights") or [None] * len(self._params)
         with torch.no_grad():
@@ -429,6 +440,25 @@ class LocalTrainingClient:
                 master.grad = None if p.grad is None else p.grad.to(torch.float32)
 
 
+def _check_same_tensors(path: str, saved: Any, current: Mapping[str, torch.Tensor]) -> None:
+    """A saved state_dict has this model's keys and shapes: torch's load_state_dict copies every
+    matching tensor before it raises about the rest, which would leave the model half loaded."""
+    if not isinstance(saved, Mapping):
+        raise InputError(f"{path} is not a state saved by LocalTrainingClient.save_state")
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    mismatched = [
+        f"{k}: saved {tuple(getattr(saved[k], 'shape', ()))}, model {tuple(v.shape)}"
+        for k, v in current.items()
+        if k in saved and (not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        raise InputError(
+            f"{path} holds another model's weights (missing {missing}, unexpected {unexpected}, "
+            f"shape mismatches {mismatched}); nothing was loaded"
+        )
+
+
 def _model_attr(model: nn.Module, name: str) -> Optional[int]:
     """`model.<name>` or `model.config.<name>` as an int, if the model declares it."""
     for owner in (model, getattr(model, "config", None)):
@@ -436,6 +466,11 @@ def _model_attr(model: nn.Module, name: str) -> Optional[int]:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a custom loss sees the log-probs in: float32 for float16 / bfloat16, else the model's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _master_copy(p: torch.Tensor) -> torch.Tensor:
@@ -475,6 +510,8 @@ def _check_id_range(ids: np.ndarray, vocab_size: Optional[int], where: str) -> N
         raise InputError(f"{where} has a negative id ({low:g}); token ids are >= 0")
     if vocab_size is not None and high >= vocab_size:
         raise InputError(f"{where} has ids outside [0, {vocab_size}) (largest {high:g})")
+    if not high < 2**63:  # no int64 holds it (inf too): the cast would wrap to a garbage (negative) index
+        raise InputError(f"{where} has an id too large for a token id ({high:g})")
 
 
 def _checked_weights(datum: Any, i: int, shape: Tuple[int, ...]) -> np.ndarray:
@@ -484,6 +521,12 @@ def _checked_weights(datum: Any, i: int, shape: Tuple[int, ...]) -> np.ndarray:
         return np.ones(shape)
     if w.shape != shape:
         raise InputError(f"datum {i}: weights have shape {tuple(w.shape)} but target_tokens has {tuple(shape)}")
+    bad = np.flatnonzero(~np.isfinite(w.reshape(-1)))
+    if bad.size:  # would give a NaN loss:sum (forward) or an unnamed NonFiniteError at run time
+        at = np.unravel_index(bad[0], w.shape)
+        raise InputError(
+            f"datum {i}: loss_fn_inputs['weights'] has a non-finite value ({w[at]}) at {tuple(int(x) for x in at)}"
+        )
     return w
 
 
