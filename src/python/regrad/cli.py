@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -29,7 +30,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; returns the process exit code (0 ok, 2 usage error or command not available)."""
+    """Entry point; returns the process exit code (0 ok, 2 usage error or command not available,
+    130 interrupted by Ctrl-C, 141 stdout closed by its reader, as `regrad demo | head` does)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("regrad: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader of stdout went away: stop quietly, and keep the interpreter's final flush
+        # from raising again ("Exception ignored ... BrokenPipeError")
+        if sys.stdout is not None:
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+        return 141
+
+
+def _main(argv: Optional[List[str]]) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["bench"]:
         return _bench(args_list[1:])

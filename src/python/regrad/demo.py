@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
@@ -30,6 +30,9 @@ _REPEAT_SOFTNESS = 0.5
 # The simulated remote checker flags bytes the model gives p < e^-3 (about 0.05).
 _FLAG_LOGPROB = -3.0
 _REMOTE_LATENCY_S = 0.002
+# Upper bounds of --steps and --batch-size: the demo is a < 1 minute run; beyond these it would take days or exhaust memory.
+MAX_STEPS = 100_000
+MAX_BATCH = 256  # 256 x 128 bytes: ~45 s per step on 2 cores (the numerical term grows ~quadratically)
 
 
 def repeat_penalty(data: Sequence[Any], logprobs_list: Sequence[Any]) -> np.ndarray:
@@ -77,9 +80,15 @@ def demo_regularizers() -> List[Any]:
 
 def demo_batches(steps: int, batch_size: int, seq_len: int, seed: int) -> List[List[Datum]]:
     """`steps` batches of random windows of the bundled text (seq_len input bytes each), from `seed`."""
+    return list(_iter_batches(steps, batch_size, seq_len, seed))
+
+
+def _iter_batches(steps: int, batch_size: int, seq_len: int, seed: int) -> Iterator[List[Datum]]:
+    """demo_batches one step at a time (the same numbers: numpy draws rows in order), so memory does not grow with steps."""
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(TEXT) - seq_len - 1, size=(steps, batch_size))
-    return [[datum_from_text(TEXT[s : s + seq_len + 1]) for s in row] for row in starts]
+    for _ in range(steps):
+        starts = rng.integers(0, len(TEXT) - seq_len - 1, size=batch_size)
+        yield [datum_from_text(TEXT[s : s + seq_len + 1]) for s in starts]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,9 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Runs the demo from parsed options; returns the exit code."""
-    if args.steps < 1 or args.batch_size < 1 or not 1 <= args.seq_len <= 128:
-        print("regrad demo: --steps and --batch-size must be >= 1 and --seq-len in [1, 128]", file=sys.stderr)
-        return 2
+    for option, value, low, high in (("--steps", args.steps, 1, MAX_STEPS), ("--batch-size", args.batch_size, 1, MAX_BATCH),
+                                     ("--seq-len", args.seq_len, 1, 128)):
+        if not low <= value <= high:
+            print(f"regrad demo: {option} must be in [{low}, {high}], got {value}", file=sys.stderr)
+            return 2
     if not 0 < args.lr <= 1:  # (NaN fails this too) larger rates make the tiny model diverge
         print(f"regrad demo: --lr must be in (0, 1], got {args.lr}", file=sys.stderr)
         return 2
@@ -132,6 +143,12 @@ def _unwritable(out: str) -> Optional[str]:
             pass
     except OSError as err:
         return err.strerror or str(err)
+    for name in ("telemetry.jsonl", "curves.png"):  # the files the run writes, checked before it starts
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            return f"{name} there is a folder"
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            return f"{name} there exists and is read-only"
     return None
 
 
@@ -155,7 +172,7 @@ def run(
     jsonl_path = os.path.join(out, "telemetry.jsonl")
     client = regrad.LocalTrainingClient(seed=seed)
     regularizers = demo_regularizers()
-    batches = demo_batches(steps, batch_size, seq_len, seed)
+    batches = _iter_batches(steps, batch_size, seq_len, seed)
     names = [_spec_name(r) for r in regularizers]
     write = _writer(stream)
     write(
@@ -167,9 +184,9 @@ def run(
     rows: List[Dict[str, Any]] = []
     t0 = time.perf_counter()
     with open(jsonl_path, "w", encoding="utf-8") as jsonl, client:
-        for step in _progress(range(steps), progress):
+        for step, batch in zip(_progress(range(steps), progress), batches):
             t_step = time.perf_counter()
-            future = regrad.forward_backward_custom(client, batches[step], regularizers=regularizers)
+            future = regrad.forward_backward_custom(client, batch, regularizers=regularizers)
             client.optim_step(regrad.AdamParams(learning_rate=learning_rate))  # queued behind the backward
             result = future.result()
             # the telemetry's own duration_ms is the loss call's; the step (forward, loss, backward, Adam) is longer
@@ -203,7 +220,7 @@ def _writer(stream: TextIO) -> Any:
 
 
 def _progress(steps: range, enabled: bool) -> Any:
-    if not enabled:
+    if not enabled or sys.stderr is None:  # `regrad demo 2>&-`: nowhere to draw the bar
         return steps
     try:
         from tqdm import tqdm
