@@ -157,3 +157,30 @@ def test_ids_past_int64_are_named_without_a_declared_vocabulary(datum: Datum, me
     assert client.vocab_size is None
     with pytest.raises(InputError, match=message):
         client.forward([datum])
+
+
+# ---- tinker compatibility of a training loop: save_state(...).result().path, and the deprecated
+# loss_type_input keyword of forward_backward_custom (a TypeError here before), treated as tinker does.
+
+
+def test_save_and_load_state_results_have_tinkers_path_field(tmp_path) -> None:
+    client = LocalTrainingClient(default_model(0, SMALL))
+    saved = client.save_state(tmp_path / "ckpt.pt").result()
+    assert saved == str(tmp_path / "ckpt.pt") and saved.path == saved  # still the str it was, plus .path
+    loaded = client.load_state(saved.path).result()
+    assert loaded.path == str(tmp_path / "ckpt.pt")
+
+
+def test_loss_type_input_is_tinkers_deprecated_keyword() -> None:
+    tc = pytest.importorskip("tinker.lib.public_interfaces.training_client")
+    for name in ("forward_backward_custom", "forward_backward_custom_async"):
+        ours = inspect.signature(getattr(LocalTrainingClient, name)).parameters
+        theirs = inspect.signature(getattr(tc.TrainingClient, name)).parameters
+        assert list(ours) == list(theirs), name
+    data = data_from_texts(TEXTS)
+    client = LocalTrainingClient(default_model(0, SMALL))
+    with pytest.warns(DeprecationWarning, match="loss_type_input"):
+        out = client.forward_backward_custom(data, regrad.losses.cross_entropy, loss_type_input="logprobs").result()
+    assert out.metrics["loss:sum"] > 0
+    with pytest.raises(ValueError, match="Unsupported loss_type_input='probs'"):
+        client.forward_backward_custom(data, regrad.losses.cross_entropy, loss_type_input="probs")

@@ -13,6 +13,7 @@ import inspect
 import math
 import numbers
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -29,6 +30,7 @@ from .model import ByteLM, default_model
 __all__ = [
     "AdamParams",
     "ForwardBackwardOutput",
+    "StatePath",
     "OptimStepResult",
     "LocalTrainingClient",
     "CustomLossResult",
@@ -124,13 +126,17 @@ class LocalTrainingClient:
         batch = self._prepare(data)
         return self._submit(lambda: self._run_forward_backward(batch))
 
-    def forward_backward_custom(self, data: Sequence[Any], loss_fn: LossFn) -> RequestFuture[ForwardBackwardOutput]:
+    def forward_backward_custom(
+        self, data: Sequence[Any], loss_fn: LossFn, *, loss_type_input: Optional[str] = None
+    ) -> RequestFuture[ForwardBackwardOutput]:
         """Tinker's custom loss: `loss_fn(data, logprobs_list) -> (loss, metrics)`, differentiated w.r.t. the log-probs.
 
         The gradients g_i = d loss / d logprobs_i weight a linear surrogate Σ_i Σ g_i·logprobs_i whose
         backward reaches the parameters, so `.grad` gets exactly d loss / d parameters. Nothing is
-        accumulated if the request fails.
+        accumulated if the request fails. loss_type_input: Tinker's deprecated keyword, treated as
+        Tinker treats it ("logprobs" warns, anything else is a ValueError).
         """
+        _check_loss_type_input(loss_type_input)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (data, logprobs_list) -> (loss, metrics), got {loss_fn!r}")
         batch = self._prepare(data)
@@ -145,12 +151,12 @@ class LocalTrainingClient:
         params = _adam_params(optim_params if optim_params is not None else adam_params)
         return self._submit(lambda: self._run_optim_step(params))
 
-    def save_state(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
+    def save_state(self, path: "str | os.PathLike[str]") -> RequestFuture[StatePath]:
         """Saves weights, optimizer state and step count to `path` (a torch file); the future gives the path."""
         target = os.fspath(path)
         return self._submit(lambda: self._run_save_state(target))
 
-    def load_state(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
+    def load_state(self, path: "str | os.PathLike[str]") -> RequestFuture[StatePath]:
         """Restores what `save_state` wrote (exactly) and clears pending gradients."""
         source = os.fspath(path)
         return self._submit(lambda: self._run_load_state(source))
@@ -171,10 +177,10 @@ class LocalTrainingClient:
         return self.forward_backward(data, loss_fn, loss_fn_config)
 
     async def forward_backward_custom_async(
-        self, data: Sequence[Any], loss_fn: LossFn
+        self, data: Sequence[Any], loss_fn: LossFn, *, loss_type_input: Optional[str] = None
     ) -> RequestFuture[ForwardBackwardOutput]:
         """`forward_backward_custom`, awaitable: gives the request's future."""
-        return self.forward_backward_custom(data, loss_fn)
+        return self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input)
 
     async def optim_step_async(
         self, optim_params: Any = None, *, adam_params: Any = None
@@ -182,11 +188,11 @@ class LocalTrainingClient:
         """`optim_step`, awaitable: gives the request's future."""
         return self.optim_step(optim_params, adam_params=adam_params)
 
-    async def save_state_async(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
+    async def save_state_async(self, path: "str | os.PathLike[str]") -> RequestFuture[StatePath]:
         """`save_state`, awaitable: gives the request's future."""
         return self.save_state(path)
 
-    async def load_state_async(self, path: "str | os.PathLike[str]") -> RequestFuture[str]:
+    async def load_state_async(self, path: "str | os.PathLike[str]") -> RequestFuture[StatePath]:
         """`load_state`, awaitable: gives the request's future."""
         return self.load_state(path)
 
@@ -386,7 +392,7 @@ class LocalTrainingClient:
             {"optim/grad_norm": norm, "optim/step": float(self._step), "optim/learning_rate": params.learning_rate}
         )
 
-    def _run_save_state(self, path: str) -> str:
+    def _run_save_state(self, path: str) -> StatePath:
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         config = self.model.config.to_dict() if isinstance(self.model, ByteLM) else None
@@ -399,9 +405,9 @@ class LocalTrainingClient:
             "model_config": config,
         }
         torch.save(state, path)
-        return path
+        return StatePath(path)
 
-    def _run_load_state(self, path: str) -> str:
+    def _run_load_state(self, path: str) -> StatePath:
         device = self._params[0].device
         state = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
@@ -426,7 +432,7 @@ class LocalTrainingClient:
         self._step = int(state["step"])
         for p, master in zip(self._params, self._masters):
             p.grad = master.grad = None
-        return path
+        return StatePath(path)
 
     def _load_masters(self) -> None:
         """Hands float16 / bfloat16 gradients to the float32 masters; a master whose parameter was changed
@@ -438,6 +444,30 @@ class LocalTrainingClient:
                 if not torch.equal(master.to(p.dtype), p):
                     master.copy_(p)
                 master.grad = None if p.grad is None else p.grad.to(torch.float32)
+
+
+class StatePath(str):
+    """What save_state / load_state give: the file's path, a str, that also has Tinker's
+    SaveWeightsResponse / LoadWeightsResponse field `.path`, so `future.result().path` runs on both."""
+
+    @property
+    def path(self) -> str:
+        return str(self)
+
+
+def _check_loss_type_input(loss_type_input: Optional[str]) -> None:
+    """Tinker's deprecated forward_backward_custom keyword: None is silent, "logprobs" (the only input a
+    custom loss gets) warns as Tinker does, anything else is a ValueError."""
+    if loss_type_input is None:
+        return
+    if loss_type_input != "logprobs":
+        raise ValueError(f"Unsupported loss_type_input={loss_type_input!r}. Supported values are: logprobs")
+    warnings.warn(
+        "The 'loss_type_input' parameter of forward_backward_custom() is deprecated: the loss always receives "
+        "logprobs (as on Tinker); remove it from your call.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def _check_same_tensors(path: str, saved: Any, current: Mapping[str, torch.Tensor]) -> None:
