@@ -1,7 +1,7 @@
 """Training clients: `LocalTrainingClient` (the embedded default) and `forward_backward_custom`.
 
 The local client has Tinker's TrainingClient methods (and their `*_async` twins) and semantics, so a
-training loop written against it runs unchanged on the Tinker service. Requests run one at a time, in
+training loop written against it runs on the Tinker service (differences: docs/clients.md). Requests run one at a time, in
 submission order, on one worker thread; each returns a future (`.result()` or `await`).
 """
 
