@@ -383,7 +383,7 @@ def numerical_grad(
                 problem, _terms(problem), method, scale, seed, num_samples, antithetic, vectorized,
                 max_batch_bytes, _block_rows, executor, progress, taken,
             )
-            check_gradient_finite(problem, grad)
+            _check_gradient_finite(problem, grad)
             _check_snapshot(problem, saved)
             return NumericalGrad(
                 _as_output(grad, inputs), _as_output(np.sqrt(variance), inputs), nfev, ncalls, **common,
@@ -625,11 +625,11 @@ def _separable_gradient(
         bar.close()
         pool.release()
     both = _core.difference_quotients(method, spacing, f, npoints, 1, f0, 1, max(loss_eps, problem.loss_eps), True)
-    check_gradient_finite(problem, both[:n])
+    _check_gradient_finite(problem, both[:n])
     return both, nfev, ncalls, blocks, max_rows
 
 
-def check_gradient_finite(problem: Problem, grad: np.ndarray) -> None:
+def _check_gradient_finite(problem: Problem, grad: np.ndarray) -> None:
     """Raises _gradient_overflow at the first element of a packed gradient that is not finite once
     rounded to the working dtype (fn's losses were all finite: only the quotients can overflow)."""
     with np.errstate(over="ignore", invalid="ignore"):  # a float64 value past float32's range casts to inf
