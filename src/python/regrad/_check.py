@@ -13,10 +13,10 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._arrays import ArrayBatch, reusable
+from ._arrays import ArrayBatch, is_torch_tensor, reusable
 from ._evaluate import fn_name, split_loss
 from .errors import InputError
-from .grad import requires_grad_error
+from .grad import _check_real, _recording, requires_grad_error
 from .numerical import (
     STRUCTURES, NumericalGrad, _numpy, _prepare_inputs, canonical_structure, check_datum_data, numerical_grad,
 )
@@ -145,9 +145,11 @@ def _autograd_reference(fn: Callable[..., Any], data: Any, batch: ArrayBatch, st
     """torch.autograd.grad of fn's total with respect to fresh leaves holding the log-probs."""
     import torch
 
-    leaves = [torch.tensor(a).requires_grad_(True) for a in batch.arrays]
+    if not sum(batch.sizes):  # an empty batch (or only empty data): no log-prob for a graph to reach
+        return [np.zeros(a.shape) for a in batch.arrays]
     hint = "(or give grad_fn=, `regrad check --grad-fn`, to compare with your own gradient)"
-    with torch.enable_grad():
+    with _recording(torch):  # grad mode on and inference mode off (a caller's inference_mode has no graph)
+        leaves = [torch.tensor(a).requires_grad_(True) for a in batch.arrays]
         try:
             total = _autograd_total(fn, data, leaves, structure)
         except RuntimeError as err:
@@ -169,8 +171,12 @@ def _autograd_total(fn: Callable[..., Any], data: Any, tensors: List[Any], struc
     import torch
 
     if structure == "datum":
-        terms = [split_loss(_call(fn, d, t)) for d, t in zip(data, tensors)]
-        return torch.stack([torch.as_tensor(v).reshape(()) for v in terms]).sum()
+        terms = [torch.as_tensor(split_loss(_call(fn, d, t))) for d, t in zip(data, tensors)]
+        for j, v in enumerate(terms):
+            if v.numel() != 1:
+                raise InputError(f"{fn_name(fn)} returned a loss of shape {tuple(v.shape)} for datum {j}; "
+                                 "structure='datum' needs a scalar loss per datum")
+        return torch.stack([v.reshape(()) for v in terms]).sum()
     out = split_loss(_call(fn, data, tensors))
     if structure == "token":
         if isinstance(out, torch.Tensor) or not isinstance(out, (list, tuple)) or len(out) != len(tensors):
@@ -214,10 +220,15 @@ def _user_reference(grad_fn: Callable[..., Any], data: Any, inputs: List[Any], b
     for j, (g, shape) in enumerate(zip(parts, batch.shapes)):
         if g is None:
             raise InputError(f"{name}: the gradient of datum {j} is None; give zeros for a datum the loss ignores")
+        what = f"{name}: the gradient of datum {j}"
+        if is_torch_tensor(g) and (g.is_complex() or str(g.dtype) == "torch.bool"):  # (before _numpy casts it)
+            raise InputError(f"{what} has dtype {g.dtype}; expected real numbers (float)")
         try:
-            a = np.asarray(_numpy(g), dtype=np.float64)
+            a = np.asarray(_numpy(g))
         except (TypeError, ValueError) as err:
-            raise InputError(f"{name}: the gradient of datum {j} is not numeric ({err})") from None
+            raise InputError(f"{what} is not numeric ({err})") from None
+        _check_real(a.dtype, what)  # as compose's grad_fn route: True is not 1.0, "2" is not parsed, no imaginary part dropped
+        a = a.astype(np.float64)
         if a.shape != tuple(shape):
             raise InputError(f"{name}: the gradient of datum {j} has shape {a.shape}; its log-probs have {tuple(shape)}")
         grads.append(a)

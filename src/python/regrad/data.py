@@ -58,7 +58,7 @@ class EncodedTextChunk:
         return len(self.tokens)
 
 
-@dataclass
+@dataclass(eq=False)
 class Datum:
     """One training example: `model_input` token ids and `loss_fn_inputs` (`target_tokens`, `weights`, ...)."""
 
@@ -69,12 +69,28 @@ class Datum:
         if isinstance(self.model_input, (list, tuple, np.ndarray)) or hasattr(self.model_input, "detach"):
             self.model_input = ModelInput.from_ints(self.model_input)
 
+    def __eq__(self, other: Any) -> bool:
+        """Equal model inputs and loss_fn_inputs with the same keys and equal array values (the
+        generated dataclass `==` compared arrays with `==`, whose truth value is ambiguous)."""
+        if not isinstance(other, Datum):
+            return NotImplemented
+        if self is other:
+            return True
+        a, b = self.loss_fn_inputs, other.loss_fn_inputs
+        return (self.model_input == other.model_input and a.keys() == b.keys()
+                and all(np.array_equal(_to_numpy(a[k]), _to_numpy(b[k])) for k in a))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as before
+
 
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "to_numpy"):  # tinker.types.TensorData
         return np.asarray(value.to_numpy())
     if hasattr(value, "detach"):  # torch.Tensor
-        return value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if value.is_floating_point() and str(value.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+            value = value.float()  # bfloat16 / float8: numpy has no such dtype (tinker's TensorData widens them too)
+        return value.numpy()
     return np.asarray(value)
 
 

@@ -74,7 +74,8 @@ def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[floa
 def _normalized(weights: np.ndarray) -> np.ndarray:
     """float64 weights / their sum (checked finite and >= 0; all zeros stay zeros); a sum past float64's
     range is taken after dividing by the largest weight."""
-    total = float(weights.sum())
+    with np.errstate(over="ignore"):  # an overflowing sum is handled below, not warned about
+        total = float(weights.sum())
     if total == 0:
         return np.zeros_like(weights)
     if math.isinf(total):
@@ -90,6 +91,8 @@ def weighted_sum(weights: Any, logprobs: Any) -> Any:
 
 
 def _check_lengths(data: Sequence[Any], arrays: Sequence[Any]) -> None:
+    if not hasattr(data, "__len__") or isinstance(data, (str, bytes, dict)):
+        raise InputError(f"data must be a list of Datum, one per datum, got {type(data).__name__}")
     if len(data) != len(arrays):
         raise InputError(f"data has {len(data)} entries but logprobs_list has {len(arrays)}; one per datum")
 
@@ -108,6 +111,8 @@ def _check_weights(packed: np.ndarray, weights: List[np.ndarray]) -> None:
 
 
 def _perplexity(nll: float) -> float:
+    if math.isnan(nll):  # exp(NaN) is NaN, not inf
+        return nll
     return math.exp(nll) if nll < 709.0 else math.inf  # (math.exp raises OverflowError past ~709.78)
 
 
