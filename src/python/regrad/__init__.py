@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict
 
 try:
@@ -11,6 +12,22 @@ except ImportError as err:  # pragma: no cover - only without a compiled core
         "regrad's compiled core (regrad._core) could not be imported: did you build and install "
         "the package (`pip install .` or `make test`)? Original error: " + str(err)
     ) from err
+
+
+def _serial_openmp_in_forked_child() -> None:
+    """GNU OpenMP's thread team does not survive fork(): a child's first parallel loop waits forever
+    for threads that were never copied. A forked child runs the core's loops on one thread (the
+    same bits: results never depend on the thread count)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)
+    except (OSError, AttributeError):  # another OpenMP runtime (which survives fork), or none
+        pass
+
+
+if _core.build_info().get("openmp") and hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_serial_openmp_in_forked_child)
 
 try:
     from . import _cuda  # type: ignore[attr-defined]

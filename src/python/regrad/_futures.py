@@ -17,10 +17,12 @@ class RequestFuture(Generic[T]):
     """A request's result: `.result(timeout)` in sync code, `await fut` or `fut.result_async()` in async code."""
 
     def __init__(
-        self, future: "concurrent.futures.Future[T]", loop: Optional[asyncio.AbstractEventLoop] = None
+        self, future: "concurrent.futures.Future[T]", loop: Optional[asyncio.AbstractEventLoop] = None,
+        on_worker: Optional[Callable[[], bool]] = None,
     ) -> None:
         self._future = future
         self._loop = loop  # the event loop the request runs on, if it runs on one
+        self._on_worker = on_worker  # True in the one thread that runs the requests (a local client's)
 
     def result(self, timeout: Optional[float] = None) -> T:
         """Blocks until the request finished; re-raises its error. Refused (RuntimeError) inside the event
@@ -29,6 +31,12 @@ class RequestFuture(Generic[T]):
             raise RuntimeError(
                 "result() called inside the event loop this request runs on: blocking the loop would never "
                 "let the request finish; use `await fut` (or `await fut.result_async()`) instead"
+            )
+        if self._on_worker is not None and not self._future.done() and self._on_worker():
+            raise RuntimeError(
+                "result() called inside a request of the same client (its loss_fn): requests run one at a time "
+                "on the client's one worker thread, so this request could never start; use the client's "
+                "results outside the request"
             )
         return self._future.result(timeout)
 

@@ -13,6 +13,7 @@ import inspect
 import math
 import numbers
 import os
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -107,6 +108,7 @@ class LocalTrainingClient:
         self._step = 0
         self._closed = False
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="regrad-client")
+        self._worker_ident: Optional[int] = None  # the worker thread's id, once it ran a request
 
     # ----------------------------------------------------------------- requests
 
@@ -206,7 +208,7 @@ class LocalTrainingClient:
     def close(self) -> None:
         """Finishes queued requests and stops the worker thread; later requests raise (closing twice is fine)."""
         self._closed = True
-        self._worker.shutdown(wait=True)
+        self._worker.shutdown(wait=not self._on_worker())  # (a request closing its own client cannot join itself)
 
     def __enter__(self) -> "LocalTrainingClient":
         return self
@@ -219,10 +221,18 @@ class LocalTrainingClient:
     def _submit(self, fn: Callable[[], Any]) -> RequestFuture[Any]:
         self._check_open()
         try:
-            return RequestFuture(self._worker.submit(fn))
+            return RequestFuture(self._worker.submit(self._serve, fn), on_worker=self._on_worker)
         except RuntimeError:  # closed by another thread since the check
             self._check_open()
             raise
+
+    def _serve(self, fn: Callable[[], Any]) -> Any:
+        self._worker_ident = threading.get_ident()
+        return fn()
+
+    def _on_worker(self) -> bool:
+        """True in the thread that runs this client's requests (inside a request: its loss_fn)."""
+        return self._worker_ident == threading.get_ident()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import math
 import numbers
+import os
 import threading
 import time
 import weakref
@@ -104,6 +105,7 @@ class ComposedLoss:
         self._has_async = any(spec.is_async for _, spec in self._terms)
         self._needs_detached: Dict[str, bool] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool_pid = 0  # the process that started the pool's threads (a forked child has none of them)
         self._pool_lock = threading.Lock()
         self._calls = itertools.count(1)  # numbers the calls, for their events
         if self.base_spec is not None and self.base_spec.name in {spec.name for spec in self.regularizers}:
@@ -156,22 +158,28 @@ class ComposedLoss:
     def _evaluate(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
         start, call = time.perf_counter(), next(self._calls)
         emit(self.on_event, "start", "loss", "loss", call=call)
+        inputs: Optional[CallInputs] = None
         try:
             inputs = CallInputs.build(data, logprobs_list, self._needs_detached, call)
             results = self._run_async_from_sync(inputs) if self._has_async else self._run_threads(inputs)
             return self._finish(inputs, results, start)
         except BaseException as err:
+            if inputs is not None:
+                inputs.abandon()  # terms still running in the background leave the caller's memory alone
             self._fail(err, start, call)
             raise
 
     async def _aevaluate(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
         start, call = time.perf_counter(), next(self._calls)
         emit(self.on_event, "start", "loss", "loss", call=call)
+        inputs: Optional[CallInputs] = None
         try:
             inputs = CallInputs.build(data, logprobs_list, self._needs_detached, call)
             results = await self._run_on_loop(inputs)
             return self._finish(inputs, results, start)
         except BaseException as err:
+            if inputs is not None:
+                inputs.abandon()  # terms still running in the background leave the caller's memory alone
             self._fail(err, start, call)
             raise
 
@@ -183,9 +191,12 @@ class ComposedLoss:
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
-            if self._pool is None:
+            if self._pool is None or self._pool_pid != os.getpid():
+                # (in a forked child the parent's pool has no threads: its idle count would take the
+                # work and no thread would ever run it; a fresh pool starts its own)
                 workers = self.max_workers or min(32, max(1, len(self._terms)))
                 self._pool = ThreadPoolExecutor(workers, thread_name_prefix="regrad")
+                self._pool_pid = os.getpid()
                 weakref.finalize(self, self._pool.shutdown, wait=False)
             return self._pool
 

@@ -101,6 +101,28 @@ class CallInputs:
         self.size: int = int(sum(self.sizes))
         self._original: Optional[np.ndarray] = None
         self._original_lock = threading.Lock()
+        self._abandoned = False  # the call has returned: its memory is the caller's again
+
+    def abandon(self) -> None:
+        """The call failed and returns: a term still running in the background (a thread cannot be
+        stopped) must no longer put values back into the caller's memory, which the caller may reuse."""
+        with self._original_lock:
+            self._abandoned = True
+
+    def restore_changed(self, saved: Optional[np.ndarray]) -> List[int]:
+        """_restore_changed on the caller's memory, unless the call has already returned."""
+        with self._original_lock:  # (abandon waits for a restore in progress)
+            return [] if self._abandoned else _restore_changed(self.batch.arrays, saved)
+
+    def engine_copy(self) -> List[Any]:
+        """A private copy of the log-probs for the numerical engine, whose own in-place check writes
+        back into what it was handed (at the end of the run, or when a sibling's failure stops it)."""
+        copies = [a.copy() for a in self.batch.arrays]
+        if self.batch.is_torch:
+            import torch
+
+            return [torch.from_numpy(a) for a in copies]
+        return copies
 
     def original(self) -> Optional[np.ndarray]:
         """The packed log-probs as the call received them: copied by the first term that runs user code,
@@ -383,7 +405,7 @@ def _numerical(
         options["seed"] = (int(options.get("seed", 0)) + inputs.call - 1) % 2**64  # (the engine's seed range)
     if options.get("executor") is None:  # a remote executor must get fn itself (picklable)
         fn = _guarded(fn, cancel)
-    result = numerical_grad(fn, inputs.data, inputs.detached, **options)
+    result = numerical_grad(fn, inputs.data, inputs.engine_copy(), **options)
     nfev = getattr(result, "nfev", None)
     method = str(options.get("method", "central"))
     # spsa / gaussian are their own labels however they were asked for (grad="spsa" or method="spsa")
@@ -511,12 +533,11 @@ def _unchanged(inputs: CallInputs) -> Iterator[None]:
     """Around user code handed the caller's log-probs as they are (user and numerical routes): if
     they differ from the values the call received, puts those back and fails the term (every term
     shares the memory)."""
-    arrays = inputs.batch.arrays
     saved = inputs.original()
     try:
         yield
-    finally:  # (on an error too: the caller keeps its values)
-        changed = _restore_changed(arrays, saved)
+    finally:  # (on an error too: the caller keeps its values; not once the call has returned)
+        changed = inputs.restore_changed(saved)
     if changed:
         raise RuntimeError(
             f"the log-probs of datum {changed[0]} changed in place while this term ran (by its fn, or by a term "
