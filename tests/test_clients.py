@@ -19,6 +19,7 @@ from regrad.clients import ForwardBackwardOutput, LocalTrainingClient
 from regrad.data import Datum, ModelInput, data_from_texts, datum_from_text
 from regrad.errors import InputError, NonFiniteError
 from regrad.model import ByteLMConfig, default_model
+from conftest import masks_byte0_model
 
 TEXTS = ["the cat sat on the mat", "a tiny model learns bytes", "gradients flow back"]
 SMALL = ByteLMConfig(d_model=32, n_layers=1, n_heads=2, context=32)
@@ -322,16 +323,7 @@ def test_wrong_builtin_loss_and_adam_params_are_rejected() -> None:
 
 
 def test_weight_zero_padding_with_minus_inf_log_probs_is_masked() -> None:
-    class MasksByte0(torch.nn.Module):  # a model that forbids token id 0
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = default_model(0, SMALL)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            logits = self.body(ids)
-            return torch.cat([torch.full_like(logits[..., :1], float("-inf")), logits[..., 1:]], -1)
-
-    client = LocalTrainingClient(MasksByte0())
+    client = LocalTrainingClient(masks_byte0_model(SMALL))
     plain = datum_from_text("the cat sat")
     ids, tgt = plain.model_input.to_ints(), np.asarray(plain.loss_fn_inputs["target_tokens"])
     padded = Datum(ModelInput(ids + [32]), {"target_tokens": np.append(tgt, 0), "weights": np.append(np.ones(len(tgt)), 0.0)})

@@ -14,6 +14,7 @@ from regrad.clients import LocalTrainingClient
 from regrad.data import Datum, ModelInput, data_from_texts, datum_from_text
 from regrad.errors import InputError
 from regrad.model import ByteLMConfig, default_model
+from conftest import masks_byte0_model
 
 SMALL = ByteLMConfig(d_model=32, n_layers=1, n_heads=2, context=32)
 TEXTS = ["the cat sat on the mat", "gradients flow back"]
@@ -23,18 +24,8 @@ TEXTS = ["the cat sat on the mat", "gradients flow back"]
 # surrogate_loss:sum NaN (the built-in forward_backward masks such positions already).
 
 
-class MasksByte0(torch.nn.Module):  # a model that forbids token id 0 (log-prob -inf)
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = default_model(0, SMALL)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self.body(ids)
-        return torch.cat([torch.full_like(logits[..., :1], float("-inf")), logits[..., 1:]], -1)
-
-
 def test_custom_surrogate_masks_minus_inf_log_probs_at_zero_gradient() -> None:
-    client = LocalTrainingClient(MasksByte0())
+    client = LocalTrainingClient(masks_byte0_model(SMALL))
     plain = datum_from_text("the cat sat")
     ids, tgt = plain.model_input.to_ints(), np.asarray(plain.loss_fn_inputs["target_tokens"])
     padded = Datum(ModelInput(ids + [32]), {"target_tokens": np.append(tgt, 0), "weights": np.append(np.ones(len(tgt)), 0.0)})
@@ -96,13 +87,15 @@ def test_optim_step_takes_tinkers_optim_params_keyword() -> None:
         client.optim_step(regrad.AdamParams(), adam_params=regrad.AdamParams())
 
 
-def test_optim_step_signature_matches_tinkers() -> None:
+@pytest.mark.parametrize(
+    "name", ["optim_step", "optim_step_async", "forward_backward_custom", "forward_backward_custom_async"]
+)
+def test_signatures_match_tinkers(name: str) -> None:
     tc = pytest.importorskip("tinker.lib.public_interfaces.training_client")
-    for name in ("optim_step", "optim_step_async"):
-        ours = inspect.signature(getattr(LocalTrainingClient, name)).parameters
-        theirs = inspect.signature(getattr(tc.TrainingClient, name)).parameters
-        assert list(ours) == list(theirs), name
-        assert [p.kind for p in ours.values()] == [p.kind for p in theirs.values()], name
+    ours = inspect.signature(getattr(LocalTrainingClient, name)).parameters
+    theirs = inspect.signature(getattr(tc.TrainingClient, name)).parameters
+    assert list(ours) == list(theirs), name
+    assert [p.kind for p in ours.values()] == [p.kind for p in theirs.values()], name
 
 
 # ---- Non-finite weights are bad input: refused at submission with an InputError naming datum, key and position
@@ -172,11 +165,6 @@ def test_save_and_load_state_results_have_tinkers_path_field(tmp_path) -> None:
 
 
 def test_loss_type_input_is_tinkers_deprecated_keyword() -> None:
-    tc = pytest.importorskip("tinker.lib.public_interfaces.training_client")
-    for name in ("forward_backward_custom", "forward_backward_custom_async"):
-        ours = inspect.signature(getattr(LocalTrainingClient, name)).parameters
-        theirs = inspect.signature(getattr(tc.TrainingClient, name)).parameters
-        assert list(ours) == list(theirs), name
     data = data_from_texts(TEXTS)
     client = LocalTrainingClient(default_model(0, SMALL))
     with pytest.warns(DeprecationWarning, match="loss_type_input"):
