@@ -509,15 +509,14 @@ def _model_attr(model: nn.Module, name: str) -> Optional[int]:
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a custom loss sees the log-probs in: float32 for float16 / bfloat16, else the model's."""
+    """float32 for float16 / bfloat16 (what a custom loss sees, what AdamW updates), else the dtype itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _master_copy(p: torch.Tensor) -> torch.Tensor:
     """A float32 copy of a float16 / bfloat16 parameter for the optimizer to update; other parameters as is."""
-    if p.dtype in (torch.float16, torch.bfloat16):
-        return p.detach().to(torch.float32).clone()
-    return p
+    wide = _loss_dtype(p.dtype)
+    return p if wide is p.dtype else p.detach().to(wide).clone()
 
 
 def _index_error_message(batch: _Batch, err: IndexError) -> str:

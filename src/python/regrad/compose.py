@@ -164,9 +164,7 @@ class ComposedLoss:
             results = self._run_async_from_sync(inputs) if self._has_async else self._run_threads(inputs)
             return self._finish(inputs, results, start)
         except BaseException as err:
-            if inputs is not None:
-                inputs.abandon()  # terms still running in the background leave the caller's memory alone
-            self._fail(err, start, call)
+            self._fail(err, start, call, inputs)
             raise
 
     async def _aevaluate(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[CallInputs, float, np.ndarray, CustomLossOutput]:
@@ -178,12 +176,14 @@ class ComposedLoss:
             results = await self._run_on_loop(inputs)
             return self._finish(inputs, results, start)
         except BaseException as err:
-            if inputs is not None:
-                inputs.abandon()  # terms still running in the background leave the caller's memory alone
-            self._fail(err, start, call)
+            self._fail(err, start, call, inputs)
             raise
 
-    def _fail(self, err: BaseException, start: float, call: int) -> None:
+    def _fail(self, err: BaseException, start: float, call: int, inputs: Optional[CallInputs]) -> None:
+        """A failed call: no last output, the "exception" event, and terms still running in the
+        background (a thread cannot be stopped) leave the caller's memory alone from now on."""
+        if inputs is not None:
+            inputs.abandon()
         self.last_output = None
         emit(self.on_event, "exception", "loss", "loss", duration_ms=_ms_since(start), error=err, call=call)
 

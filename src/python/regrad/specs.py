@@ -282,12 +282,6 @@ class KernelRegularizer:
     def __hash__(self) -> int:
         return hash(self._key)
 
-    def __getstate__(self) -> Tuple[str, str, Optional[str]]:
-        return self._key
-
-    def __setstate__(self, key: Tuple[str, str, Optional[str]]) -> None:
-        self._key = key
-
     def __repr__(self) -> str:
         return f"KernelRegularizer({self.kind!r}, reduction={self.reduction!r}, mask={self.mask!r})"
 
