@@ -173,6 +173,9 @@ class Problem:
     # the largest machine epsilon of fn's losses seen so far when narrower than float64 (a float32
     # loss of float64 log-probs rounds at 1e-7, not 1e-16: the error estimate must use it)
     loss_eps: float = 0.0
+    # the caller's losses at x (numerical_grad's f0=, see _f0.py): [loss] ("batch"), one per datum
+    # ("datum"), one per-token array per datum ("token"); None: fn is called for them
+    f0: Optional[List[Any]] = None
 
     def see_loss(self, value: Any) -> None:
         """Notes the precision of a loss value fn returned (one attribute read; no copy)."""
@@ -741,7 +744,10 @@ def datum_blocks(
 
 
 def base_loss(problem: Problem, term: Term, vectorized: bool) -> float:
-    """The loss at the unperturbed x (forward differences, one-sided randomized estimates)."""
+    """The loss at the unperturbed x (forward differences, one-sided randomized estimates): the
+    caller's f0 when given (no call), else one call of fn."""
+    if problem.f0 is not None:
+        return problem.f0[term.datums[0] if problem.structure == "datum" else 0]
     arrays = problem.term_arrays(term)
     where = "the unperturbed log-probs"
     with problem.no_grad():

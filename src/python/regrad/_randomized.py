@@ -47,7 +47,8 @@ def randomized_gradient(
     variance = np.zeros(n)
     nq = num_samples * (2 if antithetic else 1)
     plan = [(t, block_rows(problem, t, nq, max_batch_bytes) if vectorized else 1) for t in terms]
-    per_term_calls = [-(-nq // rows) + (0 if antithetic else 1) for _, rows in plan]  # calls to fn (rows is 1 with an executor)
+    base_calls = not antithetic and problem.f0 is None  # fn at x once per term, unless the caller gave f0
+    per_term_calls = [-(-nq // rows) + base_calls for _, rows in plan]  # calls to fn (rows is 1 with an executor)
     f = _losses(nq, num_samples, antithetic)  # one buffer for every term's losses, refused here if too large
     bar = Progress.for_run(sum(per_term_calls), progress, method, problem.structure)
     pool = BufferPool.shared()
@@ -57,6 +58,7 @@ def randomized_gradient(
             f0 = 0.0
             if not antithetic:
                 f0 = base_loss(problem, term, vectorized)
+            if base_calls:
                 nfev += 1
                 ncalls += 1
                 bar.update(1)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 
 from ._arrays import ArrayBatch, as_array_batch, listed
+from ._f0 import reads_f0
 from .errors import InputError, NonFiniteError
 
 __all__ = ["ROUTES", "NUMERICAL_ROUTES", "NUMERICAL_OPTIONS", "TermResult", "analytic", "has_analytic"]
@@ -391,14 +392,21 @@ def _named_like(wrapper: Callable[..., Any], fn: Any) -> Callable[..., Any]:
 
 
 def _numerical(
-    spec: Any, route: str, fn: Callable[..., Any], inputs: CallInputs, cancel: Optional[threading.Event]
+    spec: Any, route: str, fn: Callable[..., Any], inputs: CallInputs, cancel: Optional[threading.Event],
+    outs: Optional[List[Any]] = None,
 ) -> Tuple[Any, Optional[int], Optional[float], str]:
-    """(grads, nfev, error estimate, grad_method label) from regrad.numerical_grad."""
+    """(grads, nfev, error estimate, grad_method label) from regrad.numerical_grad. outs: what the
+    value calls returned, handed on as f0 where the engine would evaluate fn at x again."""
     from . import numerical_grad  # type: ignore[attr-defined]  # the C++ engine's Python face
 
     options = dict(spec.numerical_options)
     if route in ("spsa", "gaussian"):
         options["method"] = route
+    if outs is not None and reads_f0(options.get("method", "central"), options.get("antithetic", True)):
+        if _structure(spec) == "datum":
+            options["f0"] = [split_output(out)[0] for out in outs]
+        elif _structure(spec) == "batch" or not _vectorized(spec):  # (token + vectorized: no call to save)
+            options["f0"] = split_output(outs[0])[0]
     if options.get("method") in ("spsa", "gaussian") and inputs.call > 1:
         # fresh directions each call (a training step), reproducibly: call k of a composed loss uses seed + k - 1
         # (one seed for every step would repeat the same directions and so the same estimator error each step)
@@ -486,14 +494,18 @@ def compute_term(spec: Any, inputs: CallInputs, cancel: Optional[threading.Event
             value = scalar_value(loss)
             return _finish(value, custom, spec.grad_fn(inputs.data, inputs.detached), "user", inputs)
         known: Optional[Known] = None
+        outs: Optional[List[Any]] = None  # what fn returned at x (the engine's f0 where it reads one)
         if route in ("autograd", "probe"):
             probed = _probe(spec, inputs)
             if isinstance(probed, TermResult):
                 return probed
             known, route = probed, "numerical"
+            if known is not None:  # the probe's loss (a plain batch fn: the only kind probed)
+                outs = [known[0]]
         if known is None:
-            known = _value_from(spec, [spec.fn(*call) for call in _value_calls(spec, inputs)])
-        grads, nfev, error, label = _numerical(spec, route, spec.fn, inputs, cancel)
+            outs = [spec.fn(*call) for call in _value_calls(spec, inputs)]
+            known = _value_from(spec, outs)
+        grads, nfev, error, label = _numerical(spec, route, spec.fn, inputs, cancel, outs)
     return _finish(known[0], known[1], grads, label, inputs, nfev=nfev, grad_error=error)
 
 
@@ -517,14 +529,18 @@ async def compute_term_async(spec: Any, inputs: CallInputs, cancel: Optional[thr
                 grads = await grads
             return _finish(value, custom, grads, "user", inputs)
         known: Optional[Known] = None
+        outs: Optional[List[Any]] = None  # what fn returned at x (the engine's f0 where it reads one)
         if route in ("autograd", "probe"):
             probed = await _probe_async(spec, inputs)
             if isinstance(probed, TermResult):
                 return probed
             known, route = probed, "numerical"
+            if known is not None:  # the probe's loss (a plain batch fn: the only kind probed)
+                outs = [known[0]]
         if known is None:
-            known = _value_from(spec, [await spec.fn(*call) for call in _value_calls(spec, inputs)])
-        grads, nfev, error, label = await asyncio.to_thread(_numerical, spec, route, blocking_fn, inputs, cancel)
+            outs = [await spec.fn(*call) for call in _value_calls(spec, inputs)]
+            known = _value_from(spec, outs)
+        grads, nfev, error, label = await asyncio.to_thread(_numerical, spec, route, blocking_fn, inputs, cancel, outs)
     return _finish(known[0], known[1], grads, label, inputs, nfev=nfev, grad_error=error)
 
 

@@ -55,6 +55,7 @@ from ._evaluate import (
     real_array,
     split_loss,
 )
+from ._f0 import given_f0, reads_f0
 from ._progress import Progress
 from ._randomized import randomized_gradient
 from .errors import InputError, NonFiniteError, NumericalError
@@ -320,6 +321,7 @@ def numerical_grad(
     num_samples: int = 64,
     sigma: Any = None,
     antithetic: bool = True,
+    f0: Any = None,
 ) -> NumericalGrad:
     """d(loss)/d(logprobs) of `fn` by finite differences or a randomized estimator.
 
@@ -332,6 +334,9 @@ def numerical_grad(
     call). executor: maps chunks of calls (vectorized=False).
     progress: True / False, or None to show a bar when the run is predicted to exceed a few seconds.
     seed, num_samples, sigma (perturbation scale, default the central step), antithetic: randomized.
+    f0: fn's loss at the unperturbed log-probs when the caller has it (method="forward", or spsa /
+    gaussian with antithetic=False): one loss ("batch"), one per datum ("datum") or the per-token
+    losses ("token"), as fn returns them; the run then skips that evaluation (scipy's f0).
     """
     if not callable(fn):
         raise InputError(f"fn must be callable, got {type(fn).__name__}")
@@ -348,6 +353,7 @@ def numerical_grad(
     if structure_name == "datum":
         check_datum_data(data, len(shapes))
     problem = Problem(fn, data, structure_name, batch, offsets, width)
+    problem.f0 = given_f0(f0, problem, method, antithetic, vectorized)
     dtype_name, scale, loss_eps = _dtype_constants("central" if method in RANDOMIZED else method, batch.dtype)
     common = dict(method=method, structure=structure_name, dtype=dtype_name, dtype_note=inputs.dtype_note)
 
@@ -577,6 +583,7 @@ def _separable_gradient(
     terms = _terms(problem)
     f = np.empty(n * npoints)
     f0 = np.zeros(n) if method == "forward" else None
+    base_calls = method == "forward" and problem.f0 is None  # fn at x once per term, unless the caller gave f0
     nfev = ncalls = blocks = max_rows = 0
     single = vectorized and problem.structure == "datum" and _one_block_each(problem, terms, npoints, max_batch_bytes)
     if single:
@@ -584,7 +591,7 @@ def _separable_gradient(
     else:
         plan = [(term, term.size * npoints, _block_rows(problem, term, term.size * npoints, max_batch_bytes)
                  if vectorized else 1) for term in terms]
-    total_calls = sum(-(-nq // rows) for _, nq, rows in plan) + (len(terms) if f0 is not None else 0)
+    total_calls = sum(-(-nq // rows) for _, nq, rows in plan) + (len(terms) if base_calls else 0)
     bar = Progress.for_run(total_calls, progress, method, problem.structure)
     pool = BufferPool.shared()
     pace = _Pace()
@@ -592,6 +599,7 @@ def _separable_gradient(
         for term, nq, rows in plan:
             if f0 is not None:
                 f0[term.e0 : term.e1] = base_loss(problem, term, vectorized)
+            if base_calls:
                 nfev += 1
                 ncalls += 1
                 bar.update(1)
@@ -654,7 +662,8 @@ def _token_gradient(
 ) -> Tuple[np.ndarray, int]:
     """Structure "token": every element perturbed at once, one call per point (2, or 4 for Richardson),
     and one pass in C++ over fn's per-datum outputs (no packing, steps recomputed from the points)."""
-    ks = list(range(len(POINT_LABELS[method]))) + ([-1] if method == "forward" else [])
+    given = problem.f0 if method == "forward" else None  # the caller's per-token losses at x: no call for them
+    ks = list(range(len(POINT_LABELS[method]))) + ([-1] if method == "forward" and given is None else [])
     bar = Progress.for_run(len(ks), progress, method, problem.structure)
     values = []
     try:
@@ -674,6 +683,9 @@ def _token_gradient(
                 problem.see_loss(call[0])
     finally:
         bar.close()
+    if given is not None:
+        values.append(given)
+        ks.append(-1)
     loss_eps = max(loss_eps, problem.loss_eps)
     try:
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
@@ -697,7 +709,7 @@ def _token_gradient(
         )
     if bad <= -2:
         _gradient_overflow(problem, -2 - bad, both[-2 - bad])
-    return both, len(ks)
+    return both, len(ks) - (given is not None)
 
 
 def _token_gradient_stacked(
@@ -817,10 +829,11 @@ def _token_call_packed(problem: Problem, k: int, points: np.ndarray, method: str
 # ---- torch.autograd.Function wrapper ------------------------------------------------------------
 
 
-# what regrad.numerical passes on to numerical_grad (its keyword-only options)
+# what regrad.numerical passes on to numerical_grad (its keyword-only options; f0 is per call: the
+# wrapper passes forward's loss itself)
 _WRAPPER_OPTIONS = frozenset(
     name for name, p in inspect.signature(numerical_grad).parameters.items() if p.kind is p.KEYWORD_ONLY
-)
+) - {"f0"}
 
 
 def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
@@ -871,7 +884,12 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
         except (TypeError, ValueError) as err:
             raise NumericalError(f"{fn_name(fn)} returned {type(loss).__name__}; expected a scalar loss") from err
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            value = _NumericalFunction.apply(value, (wrapped, fn, data, options), *tensors)
+            # forward's loss is backward's f0 when the engine would evaluate fn at x again, unless the engine
+            # widens the tensors (float16: fn then computes in float32 and its loss may differ)
+            reused = reads_f0(options.get("method", "central"), options.get("antithetic", True)) and all(
+                t.dtype in (torch.float32, torch.float64) for t in tensors)
+            run = {**options, "f0": float(loss)} if reused else options
+            value = _NumericalFunction.apply(value, (wrapped, fn, data, run), *tensors)
         return (value, out[1]) if loss is not out else value
 
     wrapped.last_result = None  # type: ignore[attr-defined]
