@@ -120,11 +120,13 @@ class ComposedLoss:
 
     def __call__(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[Any, Dict[str, float]]:
         """(loss, metrics): loss a 0-d tensor whose backward() gives d(total)/d(logprobs); metrics flat floats."""
+        _require_torch()
         inputs, value, flat, output = self._evaluate(data, logprobs_list)
         return self._loss_tensor(inputs, value, flat), output.flat()
 
     async def acall(self, data: Sequence[Any], logprobs_list: Sequence[Any]) -> Tuple[Any, Dict[str, float]]:
         """`__call__` for callers already inside an event loop: async terms run on that loop."""
+        _require_torch()
         inputs, value, flat, output = await self._aevaluate(data, logprobs_list)
         return self._loss_tensor(inputs, value, flat), output.flat()
 
@@ -417,6 +419,18 @@ class ComposedLoss:
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _TotalGrad.apply(value_t, torch.from_numpy(flat), inputs.sizes, inputs.batch.shapes, *tensors)
         return value_t
+
+
+def _require_torch() -> None:
+    """Calling a composed loss returns a torch tensor (Tinker's loss_fn contract): without torch, say so
+    (and what to call instead) before any term runs."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "calling a composed loss returns a torch tensor and torch is not installed; use "
+            "loss_fn.evaluate(data, logprobs_list) for (value, grads, telemetry) with numpy arrays"
+        ) from err
 
 
 def _norm(flat: np.ndarray) -> float:

@@ -44,6 +44,8 @@ def l2(
     squared: bool = True,
 ) -> KernelResult:
     """Σx² per datum (gradient 2x); with squared=False the norm √Σx² (gradient x/‖x‖, 0 at 0)."""
+    if not isinstance(squared, (bool, np.bool_)):  # "False" would read as True (as regrad.l2 checks)
+        raise TypeError(f"squared must be True or False, got {squared!r}")
     return regularizer("l2" if squared else "l2_norm", logprobs_list, reduction=reduction, mask=mask)
 
 

@@ -249,8 +249,10 @@ def _real_option(value: Any, what: str) -> np.ndarray:
         raise InputError(f"{what} must be a positive number or an array of them; got {err}") from None
 
 
-def _check_options(method: str, structure: str, vectorized: bool, executor: Any, max_batch_bytes: Any,
-                   num_samples: Any, seed: Any) -> str:
+def check_options(method: str, structure: str, vectorized: bool, executor: Any, max_batch_bytes: Any,
+                  num_samples: Any, seed: Any, progress: Any = None) -> str:
+    """The canonical structure, once the option values are checked (numerical_grad, regrad.numerical and
+    specs share the rule); each bad value is an InputError naming it."""
     if not isinstance(method, str) or method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     canonical = canonical_structure(structure)
@@ -271,6 +273,8 @@ def _check_options(method: str, structure: str, vectorized: bool, executor: Any,
         raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not _is_int(seed) or not 0 <= seed < 2**64:
         raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):  # "no" would read as True
+        raise InputError(f"progress must be True, False or None, got {progress!r}")
     return canonical
 
 
@@ -341,7 +345,8 @@ def numerical_grad(
     if not callable(fn):
         raise InputError(f"fn must be callable, got {type(fn).__name__}")
     data = reusable(data)
-    structure_name = _check_options(method, structure, vectorized, executor, max_batch_bytes, num_samples, seed)
+    structure_name = check_options(method, structure, vectorized, executor, max_batch_bytes, num_samples, seed,
+                                   progress)
     if not isinstance(antithetic, (bool, np.bool_)):  # a string or None would be read by truth value (or fail in C++)
         raise InputError(f"antithetic must be True or False, got {antithetic!r}")
     inputs = _prepare_inputs(logprobs_list)
@@ -859,8 +864,9 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
             "regrad.numerical wraps a plain fn(data, logprobs_list) -> loss; for structure='datum'/'token' or "
             "vectorized fns call regrad.numerical_grad directly"
         )
-    _check_options(options.get("method", "central"), "batch", False, options.get("executor"),
-                   options.get("max_batch_bytes", 256 << 20), options.get("num_samples", 64), options.get("seed", 0))
+    check_options(options.get("method", "central"), "batch", False, options.get("executor"),
+                  options.get("max_batch_bytes", 256 << 20), options.get("num_samples", 64), options.get("seed", 0),
+                  options.get("progress"))
 
     @functools.wraps(fn)
     def wrapped(data: Any, logprobs_list: Sequence[Any]) -> Any:

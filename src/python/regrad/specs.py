@@ -18,6 +18,7 @@ import numpy as np
 from . import _core, kernels
 from ._arrays import as_array_batch, token_mask
 from .data import loss_input
+from .errors import InputError
 from .grad import NUMERICAL_OPTIONS, NUMERICAL_ROUTES, ROUTES, has_analytic, scalar_value
 
 __all__ = ["RegularizerSpec", "SpecLike", "as_spec", "as_specs", "l1", "l2", "entropy", "KernelRegularizer"]
@@ -25,7 +26,7 @@ __all__ = ["RegularizerSpec", "SpecLike", "as_spec", "as_specs", "l1", "l2", "en
 LossFn = Callable[[Sequence[Any], List[Any]], Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RegularizerSpec:
     """A validated regularizer: name, weight ≥ 0, fn, route (`grad`), and route / timing options.
 
@@ -113,6 +114,20 @@ class RegularizerSpec:
         options = dict(options or {})
         return cls(spec["name"], spec["weight"], fn, is_async, grad, grad_fn, timeout, options)
 
+    def __eq__(self, other: object) -> bool:
+        """Field by field, as the dataclass did; option values that are arrays or tensors (a per-element
+        `step=` or `sigma=`) compare by value, not through their ambiguous truth value."""
+        if type(other) is not type(self):
+            return NotImplemented
+        names = ("name", "weight", "fn", "is_async", "grad", "grad_fn", "timeout")
+        if any(getattr(self, f) != getattr(other, f) for f in names):
+            return False
+        mine, theirs = self.numerical_options, other.numerical_options
+        return mine.keys() == theirs.keys() and all(_same_option(mine[k], theirs[k]) for k in mine)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.weight, self.fn, self.is_async, self.grad, self.grad_fn, self.timeout))
+
     def validate(self) -> None:
         """Checks name, weight, fn arity, async flag, route and options; every message names the spec."""
         _check_name(self.name)
@@ -163,6 +178,30 @@ class RegularizerSpec:
             hint = ("spsa / gaussian perturb by sigma=" if randomized
                     else "they apply to grad='spsa' / 'gaussian' (or method='spsa' / 'gaussian')")
             raise ValueError(f"{label}: numerical options {unused} are unused by method {method!r}; {hint}")
+        if self.grad in NUMERICAL_ROUTES or self.numerical_options:  # the values too, as regrad.numerical does
+            from .numerical import check_options  # (lazy: numerical imports the engine)
+
+            opts = self.numerical_options
+            try:
+                check_options(method, opts.get("structure", "batch"), bool(opts.get("vectorized", False)),
+                              opts.get("executor"), opts.get("max_batch_bytes", 256 << 20),
+                              opts.get("num_samples", 64), opts.get("seed", 0), opts.get("progress"))
+            except InputError as err:
+                raise ValueError(f"{label}: {err}") from None
+
+
+def _same_option(a: Any, b: Any) -> bool:
+    """Option values by value: arrays and tensors element-wise (their == is per element), lists of
+    them (one step array per datum) item by item."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(_same_option, a, b))
+    try:
+        same = a == b
+        if isinstance(same, (bool, np.bool_)):
+            return bool(same)
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except (TypeError, ValueError, RuntimeError):  # (tensors of other shapes, tensors requiring grad)
+        return False
 
 
 _DICT_KEYS = frozenset({"fn", "weight", "name", "grad", "grad_fn", "timeout", "numerical_options"})
