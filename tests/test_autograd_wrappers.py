@@ -127,3 +127,25 @@ def test_forward_mode_ad_raises_instead_of_a_zero_tangent(name: str) -> None:
     assert torch.isfinite(jac).all() and (jac != 0).all()
     with fwAD.dual_level():  # a dual level open but plain (tangent-free) inputs: fine
         assert torch.isfinite(f(x.clone()))
+
+
+@pytest.mark.parametrize("name", ["kernel", "compose", "numerical", "numerical_grad"])
+def test_torch_func_transforms_are_refused_by_name(name: str) -> None:
+    """torch.func's tensors have no storage: regrad names the transform (it was "Cannot access data
+    pointer of Tensor that doesn't have storage"); ordinary tensors inside a transform still work."""
+    cases = {**_forward_cases(),
+             "numerical_grad": lambda t: regrad.numerical_grad(lambda d, lps: float((lps[0] ** 3).sum()), None, [t]).nfev}
+    f = cases[name]
+    x = torch.tensor([-0.5, -1.0, -2.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.grad(f)(x)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.vmap(f)(x[None].repeat(2, 1))
+    # numpy inputs inside a transform are read as usual (its value is a constant to the transform)
+    arrays = [x.numpy().copy()]
+    value = {"kernel": lambda: kernels.l2(arrays, reduction="sum").value,
+             "numerical_grad": lambda: regrad.numerical_grad(lambda d, lps: float((lps[0] ** 3).sum()), None, arrays).nfev,
+             }.get(name)
+    if value is not None:
+        out = torch.func.grad(lambda a: a * float(value()))(torch.tensor(2.0, dtype=torch.float64))
+        assert float(out) == pytest.approx(float(value()))

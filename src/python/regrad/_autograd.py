@@ -21,6 +21,24 @@ FORWARD_MODE = (
 )
 
 
+FUNCTORCH = (
+    "regrad computes this loss outside torch's operators (C++ kernels, numpy, finite differences), so torch.func "
+    "transforms (grad, vmap, jacrev, jvp, ...) cannot trace it; differentiate with loss.backward() or "
+    "torch.autograd.grad instead"
+)
+
+
+def refuse_functorch(tensors: Sequence[Any]) -> None:
+    """Raises FUNCTORCH for torch tensors inside a torch.func transform: there no tensor's memory can be
+    read (torch's own error said only "Cannot access data pointer of Tensor that doesn't have storage");
+    numpy inputs are fine. One global read outside transforms."""
+    functorch = getattr(getattr(sys.modules.get("torch"), "_C", None), "_functorch", None)
+    if functorch is not None and functorch.peek_interpreter_stack() is not None and any(
+        hasattr(t, "detach") for t in tensors
+    ):
+        raise RuntimeError(FUNCTORCH)
+
+
 def refuse_forward_mode(tensors: Sequence[Any]) -> None:
     """Raises FORWARD_MODE when a tensor carries a forward-mode tangent: regrad's value would carry
     none, which torch reads as a zero derivative. One global read when no dual level is open."""

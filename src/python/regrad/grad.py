@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 
 from ._arrays import ArrayBatch, as_array_batch, listed
+from ._autograd import refuse_functorch
 from ._f0 import reads_f0
 from .errors import InputError, NonFiniteError
 
@@ -90,6 +91,7 @@ class CallInputs:
         call: int = 0,
     ) -> "CallInputs":
         logprobs = listed(logprobs_list, "logprobs_list", "arrays")
+        refuse_functorch(logprobs)
         data = listed(data, "data", "data (any objects)")
         if len(data) != len(logprobs):
             raise InputError(f"data has {len(data)} entries but logprobs_list has {len(logprobs)}; one per datum")

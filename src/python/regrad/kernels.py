@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from . import _core, _gpu
-from ._autograd import LazyFunction, refuse_forward_mode, scaled_first_order
+from ._autograd import LazyFunction, refuse_forward_mode, refuse_functorch, scaled_first_order
 from ._arrays import ArrayBatch, as_array_batch, reusable, split_packed, token_mask
 from .errors import InputError
 
@@ -63,6 +63,7 @@ def regularizer(
     if kind not in KERNELS:
         raise ValueError(f"unknown kernel {kind!r}; expected one of {KERNELS}")
     logprobs_list = reusable(logprobs_list)  # read twice below (the batch, then the autograd inputs)
+    refuse_functorch(logprobs_list)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if _gpu.on_cuda(logprobs_list):

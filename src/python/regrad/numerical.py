@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequ
 import numpy as np
 
 from . import _core
-from ._autograd import LazyFunction, refuse_forward_mode, scaled_first_order
+from ._autograd import LazyFunction, refuse_forward_mode, refuse_functorch, scaled_first_order
 from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, listed, reusable, split_packed
 from ._evaluate import (
     POINT_LABELS,
@@ -134,6 +134,7 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
     if isinstance(logprobs_list, np.ndarray) or is_torch_tensor(logprobs_list):
         raise InputError("logprobs_list must be a list with one array per datum, not a single array")
     items = listed(logprobs_list, "logprobs_list", "arrays")
+    refuse_functorch(items)
     try:  # float32 / float64 throughout, the common case: nothing to widen
         return _Inputs(as_array_batch(items, keep_tensors=False), [], None)
     except InputError:
@@ -876,6 +877,7 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
             return fn(data, tensors)  # (the list: logprobs_list may have been a one-shot iterator)
         import torch
 
+        refuse_functorch(tensors)
         refuse_forward_mode(tensors)
         detached = [t.detach() for t in tensors]
         with torch.no_grad():
