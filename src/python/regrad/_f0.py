@@ -3,12 +3,14 @@ approx_derivative takes it) so the one-sided methods skip evaluating it again.""
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Mapping
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from ._evaluate import NotRealNumbers, Problem, _float_view, real_array
+from ._evaluate import _SHAPE, NotRealNumbers, Problem, _float_view, real_array
 from .errors import InputError, NonFiniteError
 
 
@@ -39,7 +41,8 @@ def given_f0(f0: Any, problem: Problem, method: str, antithetic: Any, vectorized
     if problem.structure == "batch":
         return [_one_loss(f0, "f0", problem)]
     count = len(problem.sizes)
-    if isinstance(f0, (str, bytes, Mapping)) or not hasattr(f0, "__len__") or np.ndim(f0) != 1 or len(f0) != count:
+    # a list (of numbers, 0-d or shape-(1,) losses: what a vectorized fn returns per datum) or a 1-D array
+    if isinstance(f0, (str, bytes, Mapping)) or not hasattr(f0, "__len__") or getattr(f0, "ndim", 1) != 1 or len(f0) != count:
         raise InputError(
             f"f0 for structure='datum' must hold one loss per datum ({count}), got {_described(f0)}"
         )
@@ -48,27 +51,49 @@ def given_f0(f0: Any, problem: Problem, method: str, antithetic: Any, vectorized
 
 def _one_loss(value: Any, what: str, problem: Problem) -> float:
     """One real, finite loss: a number, a 0-d array or tensor, or one of shape (1,) (a vectorized fn's)."""
-    try:
-        a = real_array(value)
-    except NotRealNumbers as err:
-        raise InputError(f"{what} must be a real number, fn's loss at the unperturbed log-probs; got {err}") from None
-    if a.size != 1 or a.ndim > 1:
-        raise InputError(f"{what} must be one loss, got shape {tuple(a.shape)}")
-    loss = float(a.reshape(()))
-    if not np.isfinite(loss):
+    if type(value) is float:
+        loss = value
+    elif _one_float_tensor(value):  # (fn's own output, the common case: ~1 us, not real_array's ~4)
+        loss = value.item()
+    else:
+        try:
+            a = real_array(value)
+        except NotRealNumbers as err:
+            raise InputError(f"{what} must be a real number, fn's loss at the unperturbed log-probs; got {err}") from None
+        if a.size != 1 or a.ndim > 1:
+            raise InputError(f"{what} must be one loss, got shape {tuple(a.shape)}")
+        loss = float(a.reshape(()))
+    if not math.isfinite(loss):
         raise NonFiniteError(f"{what} is {loss}, not a finite loss")
     problem.see_loss(value)
     return loss
 
 
+def _one_float_tensor(value: Any) -> bool:
+    """A CPU torch float tensor of one element, 0-d or shape (1,)."""
+    torch = sys.modules.get("torch")
+    return (torch is not None and type(value) is torch.Tensor and value.is_floating_point() and value.dim() <= 1
+            and value.numel() == 1 and value.device.type == "cpu")
+
+
 def _token_f0(f0: Any, problem: Problem) -> List[np.ndarray]:
-    """One contiguous float32 / float64 array per datum, shaped like its log-probs, every value finite."""
+    """One float32 / float64 array per datum, shaped like its log-probs. The common case (fn's own
+    output: float tensors or arrays of the right shapes) in C-level passes, its values checked finite by
+    the core's quotient pass; anything else checked here datum by datum (a per-datum Python pass cost
+    as much as the call f0 saves)."""
     shapes = problem.batch.shapes
     if not isinstance(f0, (list, tuple)) or len(f0) != len(shapes):
         raise InputError(
             f"f0 for structure='token' must be a list of {len(shapes)} per-token loss arrays shaped like the "
             f"log-probs (what fn returns at them), got {_described(f0)}"
         )
+    try:
+        views = _plain_views(f0) if list(map(_SHAPE, f0)) == shapes else None
+    except AttributeError:
+        views = None
+    if views is not None:
+        problem.see_loss(views[0])  # (one look at the precision, as for fn's own per-token losses)
+        return views
     out = []
     for j, (value, shape) in enumerate(zip(f0, shapes)):
         try:
@@ -83,6 +108,20 @@ def _token_f0(f0: Any, problem: Problem) -> List[np.ndarray]:
         problem.see_loss(value)
         out.append(np.require(a, None, "CA"))
     return out
+
+
+def _plain_views(f0: Sequence[Any]) -> Optional[List[np.ndarray]]:
+    """numpy float arrays as they are, CPU float tensors without grad as numpy views; else None."""
+    if all(type(v) is np.ndarray and v.dtype.kind == "f" for v in f0):
+        return list(f0)
+    torch = sys.modules.get("torch")
+    if torch is None or not all(type(v) is torch.Tensor for v in f0):
+        return None
+    try:
+        views = list(map(torch.Tensor.numpy, f0))
+    except (RuntimeError, TypeError):  # grad, CUDA, negative views, bfloat16: the checked path
+        return None
+    return views if all(v.dtype.kind == "f" for v in views) else None
 
 
 def _described(value: Any) -> str:

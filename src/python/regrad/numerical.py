@@ -709,6 +709,9 @@ def _token_gradient(
         call, e = divmod(bad, n)
         j = int(np.searchsorted(problem.offsets, e, side="right") - 1)
         value = values[call][j].reshape(-1)[e - int(problem.offsets[j])]
+        if given is not None and call == len(ks) - 1:  # the caller's f0 (its finiteness is checked here, in C++)
+            raise NonFiniteError(f"f0[{j}] holds the non-finite loss {value} at element {e - int(problem.offsets[j])} "
+                                 f"of datum {j}")
         raise NonFiniteError(
             f"{problem.name} returned a non-finite per-token loss ({value}) at {_token_where(method, ks[call])}, "
             f"{problem.describe_element(e)}"
