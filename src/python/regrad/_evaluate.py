@@ -12,6 +12,7 @@ import contextlib
 import functools
 import math
 import operator
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -113,6 +114,21 @@ def _torch_bool() -> Any:
     import torch
 
     return torch.bool
+
+
+def float_views(values: Sequence[Any]) -> Optional[List[np.ndarray]]:
+    """Per-token losses in C-level passes: numpy float arrays as they are, CPU float tensors without grad
+    as numpy views; None for anything else (the caller's checked per-datum path)."""
+    if all(type(v) is np.ndarray and v.dtype.kind == "f" for v in values):
+        return list(values)
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        views = list(map(torch.Tensor.numpy, values))
+    except (RuntimeError, TypeError):  # not tensors, grad, CUDA, negative views, bfloat16
+        return None
+    return views if all(v.dtype.kind == "f" for v in views) else None
 
 
 def _float_view(value: Any) -> np.ndarray:
@@ -339,12 +355,9 @@ class Problem:
             dtype = plain_cpu_dtype(out) if stacked else None
             if dtype is not None:
                 return list(map(torch.Tensor.data_ptr, out)), "float64" if dtype == np.float64 else "float32"
-            try:
-                views = list(map(torch.Tensor.numpy, out))
-            except (RuntimeError, TypeError):
-                views = None
-            if views is not None and all(v.dtype.kind == "f" for v in views):
-                return views
+        views = float_views(out)
+        if views is not None:
+            return views
         return [self._token_floats(p, f"{where} (datum {j})") for j, p in enumerate(out)]
 
     def _token_floats(self, p: Any, where: str) -> np.ndarray:

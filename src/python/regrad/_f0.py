@@ -10,7 +10,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from ._evaluate import _SHAPE, NotRealNumbers, Problem, _float_view, real_array
+from ._evaluate import _SHAPE, NotRealNumbers, Problem, _float_view, float_views, real_array
 from .errors import InputError, NonFiniteError
 
 
@@ -88,7 +88,7 @@ def _token_f0(f0: Any, problem: Problem) -> List[np.ndarray]:
             f"log-probs (what fn returns at them), got {_described(f0)}"
         )
     try:
-        views = _plain_views(f0) if list(map(_SHAPE, f0)) == shapes else None
+        views = float_views(f0) if list(map(_SHAPE, f0)) == shapes else None
     except AttributeError:
         views = None
     if views is not None:
@@ -108,20 +108,6 @@ def _token_f0(f0: Any, problem: Problem) -> List[np.ndarray]:
         problem.see_loss(value)
         out.append(np.require(a, None, "CA"))
     return out
-
-
-def _plain_views(f0: Sequence[Any]) -> Optional[List[np.ndarray]]:
-    """numpy float arrays as they are, CPU float tensors without grad as numpy views; else None."""
-    if all(type(v) is np.ndarray and v.dtype.kind == "f" for v in f0):
-        return list(f0)
-    torch = sys.modules.get("torch")
-    if torch is None or not all(type(v) is torch.Tensor for v in f0):
-        return None
-    try:
-        views = list(map(torch.Tensor.numpy, f0))
-    except (RuntimeError, TypeError):  # grad, CUDA, negative views, bfloat16: the checked path
-        return None
-    return views if all(v.dtype.kind == "f" for v in views) else None
 
 
 def _described(value: Any) -> str:
