@@ -5,18 +5,17 @@ from __future__ import annotations
 import collections.abc
 import functools
 import operator
-from operator import attrgetter, methodcaller
-from typing import Any, List, Optional, Sequence
+from operator import attrgetter
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import InputError
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_DTYPE, _SHAPE, _SIZE = attrgetter("dtype"), attrgetter("shape"), attrgetter("size")
+_DTYPE, _SHAPE = attrgetter("dtype"), attrgetter("shape")
 _IS_CPU = attrgetter("is_cpu")
 _ALIGNED = attrgetter("flags.aligned")
-_NUMEL = methodcaller("numel")
 
 
 def is_torch_tensor(x: Any) -> bool:
@@ -32,12 +31,16 @@ class ArrayBatch:
     """
 
     def __init__(self, arrays: Optional[List[np.ndarray]], is_torch: bool, dtype: np.dtype, shapes: List[tuple],
-                 tensors: Optional[List[Any]] = None) -> None:
+                 tensors: Optional[List[Any]] = None, addresses: Optional[List[int]] = None) -> None:
         self._arrays = arrays
         self.is_torch = is_torch
         self.dtype = dtype
         self.shapes = shapes
         self.tensors = tensors  # torch input: the detached tensors (or plain ones), so callers need not detach again
+        # Elements per datum, from the shapes (every datum is [T] or every one [T, K]).
+        self.sizes: List[int] = [s[0] * s[1] for s in shapes] if shapes and len(shapes[0]) == 2 else [s[0] for s in shapes]
+        self._addresses = addresses  # plain torch batch: the tensors' data pointers, read once by the checks
+        self._core: Any = None
 
     @property
     def arrays(self) -> List[np.ndarray]:
@@ -47,28 +50,27 @@ class ArrayBatch:
             self._arrays = list(map(torch.Tensor.numpy, map(torch.Tensor.detach, self.tensors or [])))
         return self._arrays
 
-    @functools.cached_property
-    def sizes(self) -> List[int]:
-        if self._arrays is None:
-            return list(map(_NUMEL, self.tensors or []))
-        return list(map(_SIZE, self._arrays))
-
-    @functools.cached_property
+    @property
     def core_arrays(self) -> Any:
         """What the C++ core reads: the numpy views, or (addresses, sizes, width, dtype) of the tensors."""
-        if self._arrays is not None:
-            return self._arrays
-        import torch
+        core = self._core
+        if core is None:
+            core = self._core = self._arrays if self._arrays is not None else self._tensor_addresses()
+        return core
 
+    def _tensor_addresses(self) -> Any:
+        addresses = self._addresses
+        if addresses is None:
+            import torch
+
+            addresses = list(map(torch.Tensor.data_ptr, self.tensors or []))
         width = self.shapes[0][1] if self.shapes and len(self.shapes[0]) == 2 else 1
         name = "float64" if self.dtype == _FLOAT_DTYPES[1] else "float32"  # (dtype.name is a slow Python property)
-        return list(map(torch.Tensor.data_ptr, self.tensors or [])), self.sizes, width, name
+        return addresses, self.sizes, width, name
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__, _arrays=self.arrays, tensors=None)  # pickled as numpy arrays
-        state.pop("sizes", None)
-        state.pop("core_arrays", None)
-        return state
+        # pickled as numpy arrays; addresses mean nothing in another process
+        return dict(self.__dict__, _arrays=self.arrays, tensors=None, _addresses=None, _core=None)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -176,10 +178,10 @@ def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[
 
     if not keep_tensors:
         # The caller needs only memory to read: no numpy views (made on first use) and no detach.
-        dtype = plain_cpu_dtype(items)
-        if dtype is None:
+        layout = plain_cpu_layout(items)
+        if layout is None:
             return None
-        return _checked_ranks(None, items, list(map(tuple, map(_SHAPE, items))), dtype)
+        return _checked_ranks(None, items, list(map(tuple, map(_SHAPE, items))), *layout)
     if set(map(type, items)) != {torch.Tensor} or not all(map(torch.Tensor.is_contiguous, items)):
         return None
     try:  # numpy() itself refuses other devices, layouts, dtypes numpy lacks and tensors requiring grad
@@ -193,11 +195,11 @@ def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[
     return _checked_ranks(arrays, tensors, list(map(_SHAPE, arrays)), arrays[0].dtype)
 
 
-def plain_cpu_dtype(items: Sequence[Any]) -> Optional[np.dtype]:
-    """The numpy dtype of plain contiguous CPU torch tensors of one float dtype (float32 / float64),
-    checked in C-level passes, whose memory can be read by address; else None. A negative view
-    (torch._neg_view) is refused: its memory holds the un-negated values; so is memory not aligned to
-    the dtype (torch.frombuffer at an odd offset), which the core must not read by address."""
+def plain_cpu_layout(items: Sequence[Any]) -> Optional[Tuple[np.dtype, List[int]]]:
+    """The numpy dtype and data addresses of plain contiguous CPU torch tensors of one float dtype
+    (float32 / float64), checked in C-level passes, whose memory can be read by address; else None. A
+    negative view (torch._neg_view) is refused: its memory holds the un-negated values; so is memory
+    not aligned to the dtype (torch.frombuffer at an odd offset), which the core must not read by address."""
     import torch
 
     if not items or set(map(type, items)) != {torch.Tensor} or not all(map(torch.Tensor.is_contiguous, items)):
@@ -206,13 +208,14 @@ def plain_cpu_dtype(items: Sequence[Any]) -> Optional[np.dtype]:
     if len(dtypes) != 1 or not all(map(_IS_CPU, items)) or any(map(torch.Tensor.is_neg, items)):
         return None
     dtype = _TORCH_TO_NUMPY.get(dtypes.pop())
-    if dtype is None or functools.reduce(operator.or_, map(torch.Tensor.data_ptr, items)) % dtype.itemsize:
+    addresses = list(map(torch.Tensor.data_ptr, items))
+    if dtype is None or functools.reduce(operator.or_, addresses) % dtype.itemsize:
         return None  # (itemsize is a power of 2: the OR of the addresses has a low bit set iff one does)
-    return dtype
+    return dtype, addresses
 
 
 def _checked_ranks(arrays: Optional[List[np.ndarray]], tensors: List[Any], shapes: List[tuple],
-                   dtype: np.dtype) -> Optional[ArrayBatch]:
+                   dtype: np.dtype, addresses: Optional[List[int]] = None) -> Optional[ArrayBatch]:
     """The batch if every datum is [T] or every datum is [T, K] with one K; else None."""
     ranks = set(map(len, shapes))
     if ranks == {2}:
@@ -220,7 +223,7 @@ def _checked_ranks(arrays: Optional[List[np.ndarray]], tensors: List[Any], shape
             return None
     elif ranks != {1}:
         return None
-    return ArrayBatch(arrays, True, dtype, shapes, tensors)
+    return ArrayBatch(arrays, True, dtype, shapes, tensors, addresses)
 
 
 _TORCH_FLOAT_DTYPES: tuple = ()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, T
 import numpy as np
 
 from . import _core
-from ._arrays import ArrayBatch, _torch_float_dtypes, plain_cpu_dtype
+from ._arrays import ArrayBatch, _torch_float_dtypes, plain_cpu_layout
 from .errors import InputError, NonFiniteError, NumericalError
 
 POINT_LABELS = {
@@ -349,12 +349,10 @@ class Problem:
             same = False
         if not same:
             self._check_token_shapes(out, shapes, where, bool(stacked))
-        if self.is_torch:
-            import torch
-
-            dtype = plain_cpu_dtype(out) if stacked else None
-            if dtype is not None:
-                return list(map(torch.Tensor.data_ptr, out)), "float64" if dtype == np.float64 else "float32"
+        if self.is_torch and stacked:
+            layout = plain_cpu_layout(out)
+            if layout is not None:
+                return layout[1], "float64" if layout[0] == np.float64 else "float32"
         views = float_views(out)
         if views is not None:
             return views
