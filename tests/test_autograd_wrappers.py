@@ -149,3 +149,29 @@ def test_torch_func_transforms_are_refused_by_name(name: str) -> None:
     if value is not None:
         out = torch.func.grad(lambda a: a * float(value()))(torch.tensor(2.0, dtype=torch.float64))
         assert float(out) == pytest.approx(float(value()))
+
+
+def test_numerical_wrapper_names_a_batch_backward_would_refuse_at_forward() -> None:
+    """regrad.numerical checks the tensors that need a gradient as numerical_grad will in backward
+    (here [T] beside [T, K]) when the loss is computed, before fn runs, instead of only in backward
+    after the rest of the step; tensors that need no gradient are not differentiated, so they may differ."""
+    calls = []
+
+    def fn(data, lps):
+        calls.append(len(lps))
+        return sum((lp ** 2).sum() for lp in lps)
+
+    wrapped = regrad.numerical(fn)
+    a = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(regrad.InputError, match=r"logprobs_list\[1\] has shape \(3, 2\)"):
+        wrapped(None, [a, b])
+    assert calls == []  # named before fn ran
+    c = b.detach()  # the same [3, 2] tensor, held fixed: fine, and only a is differentiated
+    wrapped(None, [a, c]).backward()
+    torch.testing.assert_close(a.grad, 2 * a.detach(), rtol=1e-6, atol=1e-8)
+    d = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(regrad.InputError, match=r"datum 0 is logprobs_list\[0\], 1 is logprobs_list\[2\]"):
+        wrapped(None, [a, c, d])  # a and d need gradients: named by their places in logprobs_list
+    with torch.no_grad():  # no gradient needed: fn's own business
+        assert float(wrapped(None, [a, b])) == pytest.approx(float((a ** 2).sum() + (b ** 2).sum()))

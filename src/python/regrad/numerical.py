@@ -882,6 +882,9 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
 
         refuse_functorch(tensors)
         refuse_forward_mode(tensors)
+        differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if differentiated:
+            _check_batch_wrt(tensors)
         detached = [t.detach() for t in tensors]
         with torch.no_grad():
             out = fn(data, detached)
@@ -894,7 +897,7 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
             value = torch.as_tensor(float(loss), dtype=dtype)
         except (TypeError, ValueError) as err:
             raise NumericalError(f"{fn_name(fn)} returned {type(loss).__name__}; expected a scalar loss") from err
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if differentiated:
             # forward's loss is backward's f0 when the engine would evaluate fn at x again, unless the engine
             # widens the tensors (float16: fn then computes in float32 and its loss may differ)
             reused = reads_f0(options.get("method", "central"), options.get("antithetic", True)) and all(
@@ -930,6 +933,16 @@ def _numerical_function() -> Any:
             return (None, None, *scaled_first_order(grad_output, result.grads, saved))  # outside no_grad: see there
 
     return NumericalFunction
+
+
+def _check_batch_wrt(tensors: List[Any]) -> None:
+    """Raises what backward's numerical_grad would for the tensors that require grad (the ones it
+    differentiates): named when the loss is computed, not after the rest of the step."""
+    wrt = [i for i, t in enumerate(tensors) if t.requires_grad]
+    try:
+        _prepare_inputs([tensors[i] for i in wrt])
+    except InputError as err:
+        raise (err if len(wrt) == len(tensors) else _renumbered(err, wrt)) from None
 
 
 def _numerical_grad_wrt(fn: Callable[..., Any], data: Any, tensors: List[Any], wrt: List[int],
