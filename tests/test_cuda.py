@@ -55,7 +55,8 @@ def test_status_words_read_as_the_cpu_errors():
     _gpu._raise_status(torch.tensor([0, -1, -1]), "l1")
     for words, message, where in (([1, 2, 7], "non-finite input at datum 2, element 7", (2, 7)),
                                   ([2, 3, -1], "the regularizer value of datum 3 is not finite", (3, -1)),
-                                  ([2, -1, -1], "the regularizer value of the batch .* is not finite", (-1, -1))):
+                                  ([2, -1, -1], "the regularizer value of the batch .* is not finite", (-1, -1)),
+                                  ([7, 1, 2], r"the gradient at datum 1, element 2 is not finite \(overflow", (1, 2))):
         with pytest.raises(NonFiniteError, match=message) as info:
             _gpu._raise_status(torch.tensor(words), "regularizer 'l1'")
         assert (info.value.datum, info.value.position) == where
@@ -277,6 +278,59 @@ def test_gpu_float32_value_beyond_flt_max_is_named_as_on_cpu():
         kernels.l1(_cuda_list([np.full(1, -3e38, np.float32)] * 2), reduction="sum")
     assert info.value.datum == -1
     assert kernels.l1(_cuda_list([np.full(1, -3e38, np.float64)] * 2), reduction="sum").value.item() == 6e38
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("magnitude", ["huge", "tiny", "denormal", "largest", "usual"])
+def test_gpu_l2_norm_rescales_as_the_cpu(rng, dtype, magnitude):
+    """Squares that overflow or underflow the dtype: the GPU redoes such a datum as BLAS nrm2 would,
+    as the CPU does (it took sqrt of the lane sum: inf or 0); ordinary data are unchanged."""
+    info = np.finfo(dtype)
+    scale = {"huge": np.sqrt(info.max) * 4, "tiny": np.sqrt(info.tiny) / 64, "denormal": info.tiny * 2**-10,
+             "largest": info.max / 16, "usual": 1.0}[magnitude]
+    arrays = [(rng.uniform(-1, 1, size=n) * scale).astype(dtype) for n in (5, 13, 40, 20000)]
+    arrays[2][::4] = 0.0
+    arrays.append(np.zeros(3, dtype))
+    if magnitude != "usual":
+        arrays.append(rng.uniform(-1, 1, size=7).astype(dtype))  # an ordinary datum beside the rescaled ones
+    mask = [rng.integers(0, 2, size=a.size) for a in arrays]
+    for m in (None, mask):
+        cpu = kernels.l2(arrays, squared=False, mask=m)
+        gpu = kernels.l2(_cuda_list(arrays), squared=False, mask=m)
+        np.testing.assert_allclose(gpu.per_datum.cpu().numpy(), cpu.per_datum, rtol=TOL[dtype]["rtol"])
+        np.testing.assert_allclose(gpu.value.item(), cpu.value, rtol=TOL[dtype]["rtol"])
+        for g_gpu, g_cpu in zip(gpu.grads, cpu.grads):
+            np.testing.assert_allclose(g_gpu.cpu().numpy(), g_cpu, rtol=TOL[dtype]["rtol"], atol=1e-30)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype, x", [(np.float32, 84.2773), (np.float64, 703.226)])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gpu_entropy_gradient_that_overflows_is_named_as_on_cpu(dtype, x, reduction):
+    """-exp(x)(1 + x) beyond the dtype while the value fits: NonFiniteError at that element (it was -inf)."""
+    arrays = [np.full(3, -1.0, dtype), np.array([-2.0, -3.0, x, -4.0, -1.0], dtype)]
+    with pytest.raises(NonFiniteError, match=r"gradient at datum 1, element 2 is not finite") as info:
+        kernels.entropy(_cuda_list(arrays), reduction=reduction)
+    assert (info.value.datum, info.value.position) == (1, 2)
+    masked = kernels.entropy(_cuda_list(arrays), reduction=reduction, mask=[np.ones(3), [1, 1, 0, 0, 1]])
+    assert all(torch.isfinite(g).all() for g in masked.grads)
+    nan = [arrays[0], np.array([-2.0, np.nan, x, -4.0, -1.0], dtype)]  # a non-finite input is named first
+    with pytest.raises(NonFiniteError, match="non-finite input at datum 1, element 1"):
+        kernels.entropy(_cuda_list(nan), reduction=reduction)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_mean_of_float64_values_whose_sum_overflows():
+    """Each datum and the mean fit float64 though their sum does not: the GPU returns the mean, as the CPU."""
+    arrays = [np.full(1, 1e308), np.full(1, 1.5e308), np.full(2, -2e307)]
+    expected = float(np.mean([np.abs(a.astype(np.longdouble)).sum() for a in arrays]))
+    assert kernels.l1(_cuda_list(arrays)).value.item() == pytest.approx(expected, rel=1e-15)
+    with pytest.raises(NonFiniteError, match="value of the batch .the sum over data"):
+        kernels.l1(_cuda_list(arrays), reduction="sum")
 
 
 @pytest.mark.gpu

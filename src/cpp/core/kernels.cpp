@@ -130,19 +130,20 @@ bool fused(ChunkOp op, const RaggedBatch<T>& batch, const std::vector<Chunk>& ch
     return reduce_pass<T>(op, grad != nullptr, batch, chunks, mask, scales.data(), per_datum, grad);
 }
 
-/// True when a datum's sum of squares, summed in T's lanes, cannot give its L2 norm and gradient: the
-/// squares overflowed T, or were so small that those lost to underflow may matter (below n tiny / eps),
-/// or scale / norm falls outside T's normal range (the gradient x * (scale / norm) would lose bits or
-/// overflow). Such data are redone by l2_norm_rescaled.
+/// Scalar libm for the shared formulas' host-side helpers.
+struct HostMath {
+    static double sqrt(double x) { return std::sqrt(x); }
+};
+
 template <class T>
-bool l2_norm_needs_rescale(double sum_squares, int64_t n, double scale) {
+constexpr bool range_is_numeric_limits() {
     using limits = std::numeric_limits<T>;
-    const double lower = static_cast<double>(n) * (static_cast<double>(limits::min()) / limits::epsilon());
-    if (!(sum_squares >= lower && sum_squares <= std::numeric_limits<double>::max())) return true;
-    if (sum_squares == 0.0) return false;  // n == 0 (a zero datum has sum_squares 0 < lower)
-    const double s = scale / std::sqrt(sum_squares);
-    return !(s >= static_cast<double>(limits::min()) && s <= static_cast<double>(limits::max()));
+    return formulas::Range<T>::tiny == static_cast<double>(limits::min()) &&
+           formulas::Range<T>::epsilon == static_cast<double>(limits::epsilon()) &&
+           formulas::Range<T>::largest == static_cast<double>(limits::max());
 }
+static_assert(range_is_numeric_limits<float>() && range_is_numeric_limits<double>(),
+              "formulas::Range must be the float and double limits");
 
 /// The L2 norm of datum i from its values divided by their largest magnitude (as BLAS nrm2 does), in
 /// double, and with grad its gradient (x / norm) * scale: no overflow or underflow on the way. One
@@ -185,7 +186,7 @@ void l2_norm(const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, cons
     std::vector<int64_t> rescaled;
     int64_t rescaled_elements = 0;
     for (int64_t i = 0; i < batch.batch; ++i) {
-        if (l2_norm_needs_rescale<T>(per_datum[i], batch.length(i), scale)) {
+        if (formulas::l2_norm_needs_rescale<T, HostMath>(per_datum[i], batch.length(i), scale)) {
             rescaled.push_back(i);
             rescaled_elements += batch.length(i);
             scales[i] = T(0);  // the gradient pass writes zeros, l2_norm_rescaled the gradient

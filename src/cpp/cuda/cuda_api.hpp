@@ -30,6 +30,7 @@ enum StatusCode : int64_t {
     kStatusStepUnderflow = 4,   ///< datum, position (difference_points: x + h == x)
     kStatusStepOverflow = 5,    ///< datum, position (difference_points: |x + h - x| >= 1e300, inf or NaN)
     kStatusStepsCoincide = 6,   ///< datum, position (difference_points, richardson: x ± h/2 rounds onto x ± h)
+    kStatusGradientOverflow = 7,  ///< datum, position (regularizer: finite input, gradient beyond the dtype)
 };
 
 /// Device count, the runtime and driver versions (0 devices is not an error).

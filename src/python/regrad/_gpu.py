@@ -39,7 +39,8 @@ BUILD_HINT = (
 )
 
 # Status codes written by the kernels (src/cpp/cuda/cuda_api.hpp).
-_OK, _NON_FINITE_INPUT, _NON_FINITE_VALUE, _BAD_STEP, _STEP_UNDERFLOW, _STEP_OVERFLOW, _STEPS_COINCIDE = range(7)
+(_OK, _NON_FINITE_INPUT, _NON_FINITE_VALUE, _BAD_STEP, _STEP_UNDERFLOW, _STEP_OVERFLOW, _STEPS_COINCIDE,
+ _GRADIENT_OVERFLOW) = range(8)
 
 
 def on_cuda(logprobs_list: Any) -> bool:
@@ -160,6 +161,10 @@ def _raise_status(status: Any, what: str, reduction: str = "sum") -> None:
         of = f"datum {datum}" if datum >= 0 else f"the batch (the {reduction} over data)"  # as the CPU core says
         err = NonFiniteError(f"the regularizer value of {of} is not finite (overflow of the input's dtype)")
         position = -1
+    elif code == _GRADIENT_OVERFLOW:
+        err = NonFiniteError(
+            f"the gradient at datum {datum}, element {position} is not finite (overflow of the input's dtype; {what})"
+        )
     elif code == _BAD_STEP:
         raise ValueError(f"step at datum {datum}, element {position} is not positive and finite")
     elif code == _STEP_UNDERFLOW:

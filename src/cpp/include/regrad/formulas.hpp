@@ -65,6 +65,36 @@ struct Entropy {  ///< v = -exp(x) x, g = -exp(x) (1 + x)
 /// Gradient scale of the L2 norm of one datum: scale / ||x||, 0 at 0 (the subgradient we pick).
 REGRAD_HD inline double l2_norm_grad_scale(double norm, double scale) { return norm > 0 ? scale / norm : 0.0; }
 
+/// The range of float and double as doubles (usable in device code, unlike std::numeric_limits).
+template <class T>
+struct Range;
+template <>
+struct Range<float> {
+    static constexpr double tiny = 1.17549435082228750797e-38;  // FLT_MIN
+    static constexpr double epsilon = 1.1920928955078125e-07;   // FLT_EPSILON
+    static constexpr double largest = 3.40282346638528859812e+38;  // FLT_MAX
+};
+template <>
+struct Range<double> {
+    static constexpr double tiny = 2.2250738585072014e-308;   // DBL_MIN
+    static constexpr double epsilon = 2.220446049250313e-16;  // DBL_EPSILON
+    static constexpr double largest = 1.7976931348623157e+308;  // DBL_MAX
+};
+
+/// True when a datum's sum of squares (n elements of T, squared in T, summed in double) cannot give
+/// its L2 norm and gradient: the squares overflowed T, or were so small that those lost to underflow
+/// may matter (below n tiny / eps), or scale / norm falls outside T's normal range (the gradient
+/// x * (scale / norm) would lose bits or overflow). CPU and GPU then redo the datum as BLAS nrm2 does:
+/// values divided by their largest magnitude, in double. Math supplies sqrt.
+template <class T, class Math>
+REGRAD_HD inline bool l2_norm_needs_rescale(double sum_squares, int64_t n, double scale) {
+    const double lower = static_cast<double>(n) * (Range<T>::tiny / Range<T>::epsilon);
+    if (!(sum_squares >= lower && sum_squares <= Range<double>::largest)) return true;
+    if (sum_squares == 0.0) return false;  // n == 0 (a zero datum has sum_squares 0 < lower)
+    const double s = scale / Math::sqrt(sum_squares);
+    return !(s >= Range<T>::tiny && s <= Range<T>::largest);
+}
+
 // ---- Finite differences: the same arithmetic as core/numerical.cpp (kept in step with it). ----
 
 /// Fraction of h at point k: +h, -h, +h/2, -h/2 (forward uses the first, central two, Richardson four).
