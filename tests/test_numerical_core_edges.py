@@ -147,3 +147,25 @@ def test_difference_diagonal_refuses_an_element_offset_that_wraps():
     with pytest.raises(ValueError, match="points has shape"):
         _core.difference_diagonal(buffer, _points_view(), 2**63 - 1, 1)
     np.testing.assert_array_equal(buffer, 0.0)
+
+
+def test_core_refuses_stacked_token_losses_not_aligned_to_their_dtype():
+    """token_quotients reads whole floats: stacked per-token losses (numpy arrays or addresses) at an
+    odd address are refused, as every other array the core reads (the engine then copies them)."""
+    import torch
+
+    lps = [np.linspace(-2.0, -0.5, 5), np.linspace(-1.0, -0.1, 3)]
+    points, _ = _core.difference_points(lps, "central", 1e-3, None, False, True)
+    aligned = [np.ascontiguousarray(np.tile(a, 2)) for a in lps]  # R = 2 rows per datum
+    grad_error, bad = _core.token_quotients("central", lps, points, aligned, 1e-16, True)
+    assert bad == -1 and grad_error.shape == (16,)
+    odd = [aligned[0], np.frombuffer(b"\0" + aligned[1].tobytes(), dtype=np.float64, count=6, offset=1)]
+    assert not odd[1].flags.aligned
+    with pytest.raises(ValueError, match=r"loss values\[1\] is not aligned to its dtype"):
+        _core.token_quotients("central", lps, points, odd, 1e-16, True)
+    tensors = [torch.from_numpy(a) for a in aligned]
+    addresses = [t.data_ptr() for t in tensors]
+    again, _ = _core.token_quotients("central", lps, points, (addresses, "float64"), 1e-16, True)
+    np.testing.assert_array_equal(again, grad_error)
+    with pytest.raises(ValueError, match=r"loss values\[0\] is not aligned to its dtype"):
+        _core.token_quotients("central", lps, points, ([addresses[0] + 4, addresses[1]], "float64"), 1e-16, True)

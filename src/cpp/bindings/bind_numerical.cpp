@@ -282,6 +282,9 @@ LossValues values_stacked(const py::sequence& values, const RaggedArrays& x, int
         if (j == 0) v.is_double = f64;
         if (f64 != v.is_double) throw py::type_error(name + ": every datum's values must share one dtype");
         if (!(a.flags() & py::array::c_style)) throw py::value_error(name + " is not C-contiguous");
+        if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {  // the core reads whole T, never bytes
+            throw py::value_error(name + " is not aligned to its dtype");
+        }
         const int64_t len = x.offsets[static_cast<size_t>(j) + 1] - x.offsets[static_cast<size_t>(j)];
         if (a.size() != nf * len) {
             throw py::value_error(name + " has " + std::to_string(a.size()) + " elements; expected " + std::to_string(nf) +
@@ -318,6 +321,9 @@ LossValues values_addresses(const py::tuple& values, const RaggedArrays& x, int 
         const int64_t len = x.offsets[static_cast<size_t>(j) + 1] - x.offsets[static_cast<size_t>(j)];
         const auto* base = reinterpret_cast<const char*>(addresses[static_cast<size_t>(j)]);
         if (len > 0 && base == nullptr) throw py::value_error("loss values[" + std::to_string(j) + "] has no data");
+        if (len > 0 && addresses[static_cast<size_t>(j)] % static_cast<uintptr_t>(itemsize) != 0) {
+            throw py::value_error("loss values[" + std::to_string(j) + "] is not aligned to its dtype");
+        }
         for (int k = 0; k < nf && len > 0; ++k) v.data[static_cast<size_t>(k)][static_cast<size_t>(j)] = base + k * len * itemsize;
     }
     return v;
