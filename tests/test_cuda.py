@@ -288,8 +288,10 @@ def test_gpu_l2_norm_rescales_as_the_cpu(rng, dtype, magnitude):
     """Squares that overflow or underflow the dtype: the GPU redoes such a datum as BLAS nrm2 would,
     as the CPU does (it took sqrt of the lane sum: inf or 0); ordinary data are unchanged."""
     info = np.finfo(dtype)
+    # "largest": near the top of the dtype, yet every norm fits it (sqrt(20000 / 3) ~ 82 < 1024); with
+    # max / 16 the 20000-element datum's norm is ~5 max, a NonFiniteError on the CPU before the GPU runs
     scale = {"huge": np.sqrt(info.max) * 4, "tiny": np.sqrt(info.tiny) / 64, "denormal": info.tiny * 2**-10,
-             "largest": info.max / 16, "usual": 1.0}[magnitude]
+             "largest": info.max / 1024, "usual": 1.0}[magnitude]
     arrays = [(rng.uniform(-1, 1, size=n) * scale).astype(dtype) for n in (5, 13, 40, 20000)]
     arrays[2][::4] = 0.0
     arrays.append(np.zeros(3, dtype))
@@ -303,6 +305,12 @@ def test_gpu_l2_norm_rescales_as_the_cpu(rng, dtype, magnitude):
         np.testing.assert_allclose(gpu.value.item(), cpu.value, rtol=TOL[dtype]["rtol"])
         for g_gpu, g_cpu in zip(gpu.grads, cpu.grads):
             np.testing.assert_allclose(g_gpu.cpu().numpy(), g_cpu, rtol=TOL[dtype]["rtol"], atol=1e-30)
+    if magnitude == "largest":  # a norm beyond the dtype (8 * max / 4): the same error on both
+        big = [np.full(64, info.max / 4, dtype)]
+        for where in (big, _cuda_list(big)):
+            with pytest.raises(NonFiniteError, match="value of datum 0 is not finite") as err:
+                kernels.l2(where, squared=False)
+            assert err.value.datum == 0
 
 
 @pytest.mark.gpu

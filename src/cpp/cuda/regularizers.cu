@@ -116,55 +116,52 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-/// One block: each datum's L2 norm from its chunks' sums of squares, or, where those cannot give it
-/// (formulas::l2_norm_needs_rescale: squares that overflowed or underflowed T), from its kept values
-/// divided by their largest magnitude, in double, as the CPU (and BLAS nrm2) does; rescaled[i] says
-/// which. Rescaled data are rare and take the whole block one after another.
+/// One block per datum: its L2 norm from its chunks' sums of squares, or, where those cannot give it
+/// (formulas::l2_norm_needs_rescale: squares that overflowed or underflowed T, a zero or fully masked
+/// datum included), from its kept values divided by their largest magnitude, in double, as the CPU
+/// (and BLAS nrm2) does; rescaled[i] says which. Every thread sums the chunks in the same order, so
+/// all take the same branch and the barriers are uniform.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     l2_norms(Meta meta, int64_t width, const uint8_t* mask, const double* partial, double scale, double* norms,
              uint8_t* rescaled) {
     __shared__ double sh[kThreads];
-    __shared__ int any;
+    const int64_t i = blockIdx.x;
     const int64_t* offsets = meta.offsets();
     const int64_t* chunk_first = meta.chunk_first();
-    if (threadIdx.x == 0) any = 0;
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < meta.batch; i += kThreads) {
-        double v = 0.0;
-        for (int64_t c = chunk_first[i]; c < chunk_first[i + 1]; ++c) v += partial[c];
-        const bool redo = formulas::l2_norm_needs_rescale<T, DeviceMath>(v, offsets[i + 1] - offsets[i], scale);
-        rescaled[i] = redo ? 1 : 0;
-        norms[i] = redo ? 0.0 : sqrt(v);
-        if (redo) any = 1;
+    const int64_t n = offsets[i + 1] - offsets[i];
+    double v = 0.0;
+    for (int64_t c = chunk_first[i]; c < chunk_first[i + 1]; ++c) v += partial[c];
+    if (!formulas::l2_norm_needs_rescale<T, DeviceMath>(v, n, scale)) {
+        if (threadIdx.x == 0) {
+            norms[i] = sqrt(v);
+            rescaled[i] = 0;
+        }
+        return;
     }
-    __syncthreads();
-    if (!any) return;
-    for (int64_t i = 0; i < meta.batch; ++i) {  // every thread takes the same branches: the barriers are uniform
-        if (!rescaled[i]) continue;
-        const T* x = meta.data<T>(i);
-        const int64_t n = offsets[i + 1] - offsets[i];
-        const uint8_t* m = mask == nullptr ? nullptr : mask + offsets[i] / width;
-        double largest = 0.0;
+    const T* x = meta.data<T>(i);
+    const uint8_t* m = mask == nullptr ? nullptr : mask + offsets[i] / width;
+    double largest = 0.0;
+    for (int64_t e = threadIdx.x; e < n; e += kThreads) {
+        if (m == nullptr || m[e / width]) largest = fmax(largest, fabs(static_cast<double>(x[e])));
+    }
+    sh[threadIdx.x] = largest;
+    tree_max(sh);
+    largest = sh[0];
+    __syncthreads();  // every thread has read sh[0] before sh is reused
+    double sum = 0.0;
+    if (largest > 0.0) {
         for (int64_t e = threadIdx.x; e < n; e += kThreads) {
-            if (m == nullptr || m[e / width]) largest = fmax(largest, fabs(static_cast<double>(x[e])));
+            if (m != nullptr && !m[e / width]) continue;
+            const double q = static_cast<double>(x[e]) / largest;
+            sum += q * q;
         }
-        sh[threadIdx.x] = largest;
-        tree_max(sh);
-        largest = sh[0];
-        __syncthreads();  // every thread has read sh[0] before sh is reused
-        double sum = 0.0;
-        if (largest > 0.0) {
-            for (int64_t e = threadIdx.x; e < n; e += kThreads) {
-                if (m != nullptr && !m[e / width]) continue;
-                const double q = static_cast<double>(x[e]) / largest;
-                sum += q * q;
-            }
-        }
-        sh[threadIdx.x] = sum;
-        tree_sum(sh);
-        if (threadIdx.x == 0) norms[i] = largest > 0.0 ? largest * sqrt(sh[0]) : 0.0;
-        __syncthreads();
+    }
+    sh[threadIdx.x] = sum;
+    tree_sum(sh);
+    if (threadIdx.x == 0) {
+        norms[i] = largest > 0.0 ? largest * sqrt(sh[0]) : 0.0;
+        rescaled[i] = 1;
     }
 }
 
@@ -179,7 +176,9 @@ __global__ void __launch_bounds__(kThreads)
     const uint8_t* m = mask == nullptr ? nullptr : mask + r.base / width;
     const double norm = norms[r.j];
     const bool redo = rescaled[r.j] != 0;
-    const T s = static_cast<T>(formulas::l2_norm_grad_scale(norm, scale));
+    // scale / norm only where the datum was not rescaled: there l2_norm_needs_rescale kept it inside T's
+    // range; for a rescaled one it may not be (1e41 for float32 subnormal data), an undefined conversion.
+    const T s = redo ? T(0) : static_cast<T>(formulas::l2_norm_grad_scale(norm, scale));
     for (int64_t e = r.begin + threadIdx.x; e < r.end; e += kThreads) {
         const bool keep = m == nullptr || m[width == 1 ? e : e / width];
         T g = T(0);
@@ -316,7 +315,7 @@ void regularizer_value_and_grad(Regularizer kind, const RaggedBatch<T>& batch, c
         nchunks += (batch.length(i) + step - 1) / step;
     }
     table.push_back(nchunks);
-    if (nchunks > INT_MAX) throw std::invalid_argument("batch too large for one launch");
+    if (nchunks > INT_MAX || b > INT_MAX) throw std::invalid_argument("batch too large for one launch");
 
     const bool norm = kind == Regularizer::L2Norm;
     const bool with_grad = grad_dev != nullptr;
@@ -351,9 +350,11 @@ void regularizer_value_and_grad(Regularizer kind, const RaggedBatch<T>& batch, c
         case Regularizer::L2Norm:  // pass 1: sums of squares; then the norms (rescaled where needed)
             launch_chunks<formulas::L2Squared, T>(false, nchunks, stream, meta, batch.width, step, mask_dev, scale,
                                                   partial, first_bad, nullptr, nullptr);
-            l2_norms<T><<<1, kThreads, 0, stream>>>(meta, batch.width, mask_dev, partial, static_cast<double>(scale),
-                                                    norms, rescaled);
-            check_launch("regularizer norm kernel (l2 norm)");
+            if (b > 0) {
+                l2_norms<T><<<static_cast<unsigned>(b), kThreads, 0, stream>>>(
+                    meta, batch.width, mask_dev, partial, static_cast<double>(scale), norms, rescaled);
+                check_launch("regularizer norm kernel (l2 norm)");
+            }
             break;
     }
     finalize<T><<<1, kThreads, 0, stream>>>(meta, nchunks, partial, first_bad, first_bad_grad, norms, mean,
