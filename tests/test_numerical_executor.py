@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import regrad  # noqa: E402
 import regrad._progress as progress_module  # noqa: E402
 from regrad import NumericalError, numerical_grad  # noqa: E402
 
@@ -205,3 +206,100 @@ def test_randomized_scalar_route_refuses_in_place_fn(method, structure):
 
     with pytest.raises(NumericalError, match="modified its input log-probs in place"):
         numerical_grad(fn, [0, 1], lps, method=method, structure=structure, num_samples=4)
+
+
+# ---- process pickling (torch's ForkingPickler), without starting processes --------------------------
+
+from multiprocessing.reduction import ForkingPickler  # noqa: E402
+
+
+def _roundtrip(obj):
+    return pickle.loads(ForkingPickler.dumps(obj))
+
+
+class _ForkingPicklerExecutor:
+    """Each call and its result through multiprocessing's ForkingPickler (torch's tensor reductions
+    included, which move a CPU tensor's storage into shared memory in place), as
+    concurrent.futures.ProcessPoolExecutor does, without starting processes."""
+
+    def map(self, fn, *iterables):
+        return [_roundtrip(_roundtrip(fn)(*_roundtrip(args))) for args in zip(*iterables)]
+
+
+def _squares_and_sines(data, lps):  # top level: picklable, as process executors need
+    return sum((lp ** 2).sum() + lp.sin().sum() for lp in lps)
+
+
+def _token_squares(data, lps):
+    return [lp ** 2 for lp in lps]
+
+
+def _datum_squares(d, lp):
+    return (lp ** 2).sum()
+
+
+@pytest.mark.parametrize("structure", ["batch", "token", "datum"])
+def test_process_pickler_moving_the_callers_tensors_leaves_the_run_exact(structure):
+    """data holding the log-prob tensors themselves: pickling them for a process pool moves their storage
+    into shared memory; the engine reads its own copies (it read the freed memory: a false "modified in
+    place" error, wrong values or heap corruption)."""
+    fn = {"batch": _squares_and_sines, "token": _token_squares, "datum": _datum_squares}[structure]
+
+    def batch():
+        return [torch.linspace(-1, 1, 6, dtype=torch.float64), torch.linspace(0, 2, 4, dtype=torch.float64)]
+
+    ref = numerical_grad(fn, batch() if structure == "datum" else None, batch(), structure=structure)
+    lps = batch()
+    data = list(lps) if structure == "datum" else {"held": lps}
+    got = numerical_grad(fn, data, lps, structure=structure, executor=_ForkingPicklerExecutor())
+    for a, b in zip(ref.grads, got.grads):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(lps, batch()))  # the caller's values, wherever they live now
+
+
+@pytest.mark.parametrize("requires", [(True, True, True), (True, False, True), (False, True, False)])
+@pytest.mark.parametrize("method", ["central", "spsa"])
+def test_numerical_wrapper_with_a_pickling_executor_same_bits_as_sequential(requires, method):
+    """regrad.numerical with some tensors held fixed: backward's fn of the differentiated ones pickles by
+    value (it was a closure carrying fn's name, a PicklingError for a process pool)."""
+    def grads(executor):
+        xs = [torch.linspace(-1.0, 1.0, n, dtype=torch.float64).requires_grad_(r) for n, r in zip((4, 3, 5), requires)]
+        options = {"method": method, "num_samples": 6} if method == "spsa" else {}
+        if executor is not None:
+            options["executor"] = executor
+        wrapped = regrad.numerical(_squares_and_sines, **options)
+        wrapped(None, xs).backward()
+        return [x.grad for x in xs], wrapped.last_result
+
+    ref, ref_result = grads(None)
+    got, got_result = grads(_ForkingPicklerExecutor())
+    assert got_result.info.get("wrt") == ref_result.info.get("wrt")
+    for a, b in zip(ref, got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_numerical_wrapper_process_executor_leaves_the_callers_fixed_tensors_in_place():
+    """The tensors held fixed go to the workers as copies: the caller's (here a view sharing memory with
+    the differentiated tensor) are not moved into shared memory by the process pickler."""
+    base = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+    x = base[:3].clone().requires_grad_(True)
+    fixed = base[3:]
+    address = fixed.data_ptr()
+    regrad.numerical(_squares_and_sines, executor=_ForkingPicklerExecutor())(None, [x, fixed]).backward()
+    assert fixed.data_ptr() == address and not fixed.is_shared()
+    torch.testing.assert_close(x.grad, 2 * x.detach() + x.detach().cos(), rtol=1e-7, atol=1e-9)
+
+
+def test_numerical_wrapper_errors_name_fn_when_some_tensors_require_grad():
+    """fn of the differentiated tensors carries fn's name into the engine's errors."""
+    def bad_later(data, lps):
+        if lps[0].abs().max() > 0:
+            raise ValueError("boom")
+        return sum(lp.sum() for lp in lps)
+
+    ok = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    loss = regrad.numerical(bad_later)(None, [ok, torch.zeros(2, dtype=torch.float64)])
+    with pytest.raises(regrad.NumericalError, match=r"fn '.*bad_later' raised ValueError: boom"):
+        loss.backward()

@@ -68,6 +68,12 @@ class ArrayBatch:
         name = "float64" if self.dtype == _FLOAT_DTYPES[1] else "float32"  # (dtype.name is a slow Python property)
         return addresses, self.sizes, width, name
 
+    def owned(self) -> "ArrayBatch":
+        """The same batch over copies of the values: for runs whose calls an executor may pickle. A
+        process pool's pickler (torch's ForkingPickler) moves a CPU tensor's storage into shared memory
+        in place, so views or addresses of the caller's tensors (held by fn or data) would dangle."""
+        return ArrayBatch([a.copy() for a in self.arrays], self.is_torch, self.dtype, self.shapes)
+
     def __getstate__(self) -> dict:
         # pickled as numpy arrays; addresses mean nothing in another process
         return dict(self.__dict__, _arrays=self.arrays, tensors=None, _addresses=None, _core=None)

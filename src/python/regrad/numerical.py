@@ -351,6 +351,8 @@ def numerical_grad(
     if not isinstance(antithetic, (bool, np.bool_)):  # a string or None would be read by truth value (or fail in C++)
         raise InputError(f"antithetic must be True or False, got {antithetic!r}")
     inputs = _prepare_inputs(logprobs_list)
+    if executor is not None and inputs.batch.is_torch:
+        inputs.batch = inputs.batch.owned()
     batch = inputs.batch
     shapes = batch.shapes
     offsets = np.array(list(itertools.accumulate(batch.sizes, initial=0)), np.int64)
@@ -952,14 +954,8 @@ def _numerical_grad_wrt(fn: Callable[..., Any], data: Any, tensors: List[Any], w
     if len(wrt) == len(tensors):
         return numerical_grad(fn, data, tensors, **options)
 
-    @functools.wraps(fn)
-    def some_of(data: Any, moving: Sequence[Any]) -> Any:
-        full = list(tensors)
-        for i, t in zip(wrt, moving):
-            full[i] = t
-        return fn(data, full)
-
     try:
+        some_of = _SomeOf(fn, tensors, wrt, copy_fixed=options.get("executor") is not None)
         result = numerical_grad(some_of, data, [tensors[i] for i in wrt], **_per_datum_options_wrt(options, tensors, wrt))
     except (InputError, NumericalError, NonFiniteError) as err:
         raise _renumbered(err, wrt) from err
@@ -974,6 +970,26 @@ def _numerical_grad_wrt(fn: Callable[..., Any], data: Any, tensors: List[Any], w
 
     return dataclasses.replace(result, grads=spread(result.grads), error=spread(result.error),
                                variance=spread(result.variance), info={**result.info, "wrt": list(wrt)})
+
+
+class _SomeOf:
+    """fn of the tensors listed in `wrt`, the others held at their values: a module-level class, not a
+    closure under fn's name, so process executors can pickle it. With an executor it holds copies of the
+    fixed tensors: a process pool's pickler moves a tensor's storage into shared memory in place."""
+
+    def __init__(self, fn: Callable[..., Any], tensors: List[Any], wrt: List[int], copy_fixed: bool) -> None:
+        moving = set(wrt)
+        self.fn, self.wrt = fn, list(wrt)
+        self.fixed = [None if i in moving else t.clone() if copy_fixed and is_torch_tensor(t) else t
+                      for i, t in enumerate(tensors)]
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+        self.__qualname__ = self.__name__ = name  # errors name fn
+
+    def __call__(self, data: Any, moving: Sequence[Any]) -> Any:
+        full = list(self.fixed)
+        for i, t in zip(self.wrt, moving):
+            full[i] = t
+        return self.fn(data, full)
 
 
 def _per_datum_options_wrt(options: Dict[str, Any], tensors: List[Any], wrt: List[int]) -> Dict[str, Any]:
