@@ -92,32 +92,12 @@ FORMULAS_CHECK = r"""
 #include <cmath>
 #include <cstdio>
 #include "regrad/formulas.hpp"
-#include "regrad/rng.hpp"
 
 struct HostMath {
     static double exp(double x) { return std::exp(x); }
-    static double log(double x) { return std::log(x); }
-    static double sqrt(double x) { return std::sqrt(x); }
-    static double cos(double x) { return std::cos(x); }
 };
 
 int main() {
-    int bad = 0;
-    // The device RNG (formulas.hpp) must be the CPU's stream (rng.hpp), bit for bit on one libm.
-    const unsigned long long seeds[] = {0ull, 1ull, 1234ull, 0xDEADBEEFCAFEull, ~0ull};
-    for (unsigned long long seed : seeds) {
-        for (unsigned long long sample = 0; sample < 40; sample += 3) {
-            for (unsigned long long index = 0; index < 5000; index += 7) {
-                const unsigned long long big = index + (sample << 33);
-                for (int g = 0; g < 2; ++g) {
-                    const auto kind = g ? regrad::Direction::Gaussian : regrad::Direction::Rademacher;
-                    const double a = regrad::random_direction(kind, seed, sample, big);
-                    const double b = regrad::formulas::random_direction<HostMath>(g == 1, seed, sample, big);
-                    if (a != b) ++bad;
-                }
-            }
-        }
-    }
     // The scalar instantiation of the ops (what the GPU runs), printed for the Python side.
     const double xs[] = {-3.5, -1.0, -0.0, 0.0, 0.25, 2.0};
     for (double x : xs) {
@@ -129,24 +109,76 @@ int main() {
         std::printf("%.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g %.17g\n", x, v[0], g[0], v[1], g[1], v[2], g[2],
                     v[3], g[3]);
     }
-    std::printf("mismatches %d\n", bad);
-    return bad == 0 ? 0 : 1;
+    return 0;
+}
+"""
+
+# The GPU's quotient kernel is formulas::quotient, scalar, one element per thread (--fmad=false).
+# Here it is built for the host from the test's own scalar -O0 loop and must give the CPU engine's
+# bits (its loops: baseline or AVX2, OpenMP), which the GPU tests then compare the device with.
+QUOTIENTS_CHECK = r"""
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include "regrad/formulas.hpp"
+
+struct Abs {
+    static double abs(double x) { return std::fabs(x); }
+};
+
+template <int NP>
+void run(long n, const double* s, const double* f, const double* f0, double eps, double* out) {
+    for (long e = 0; e < n; ++e) {
+        double sk[NP], vk[NP];
+        for (int k = 0; k < NP; ++k) {
+            sk[k] = s[k * n + e];
+            vk[k] = f[e * NP + k];
+        }
+        const auto q = regrad::formulas::quotient<NP, Abs>(sk, vk, NP == 1 ? f0[e] : 0.0, eps);
+        out[e] = q.grad;
+        out[n + e] = q.error;
+    }
+}
+
+int main(int argc, char** argv) {
+    const int np = std::atoi(argv[1]);
+    const long n = std::atol(argv[2]);
+    std::vector<double> s(4 * n), f(4 * n), f0(n), out(2 * n);
+    std::FILE* in = std::fopen(argv[3], "rb");
+    if (std::fread(s.data(), 8, np * n, in) != static_cast<size_t>(np * n)) return 2;
+    if (std::fread(f.data(), 8, np * n, in) != static_cast<size_t>(np * n)) return 2;
+    if (std::fread(f0.data(), 8, n, in) != static_cast<size_t>(n)) return 2;
+    std::fclose(in);
+    if (np == 1) run<1>(n, s.data(), f.data(), f0.data(), 1e-16, out.data());
+    if (np == 2) run<2>(n, s.data(), f.data(), f0.data(), 1e-16, out.data());
+    if (np == 4) run<4>(n, s.data(), f.data(), f0.data(), 1e-16, out.data());
+    std::FILE* o = std::fopen(argv[4], "wb");
+    std::fwrite(out.data(), 8, 2 * n, o);
+    std::fclose(o);
+    return 0;
 }
 """
 
 
-@pytest.mark.skipif(_host_compiler() is None, reason="needs a host C++ compiler")
-def test_shared_formulas_and_device_rng_match_the_cpu(tmp_path):
-    src = tmp_path / "formulas_check.cpp"
-    src.write_text(FORMULAS_CHECK)
-    exe = tmp_path / "formulas_check"
-    subprocess.run(
-        [_host_compiler(), "-std=c++17", "-O1", "-I", str(ROOT / "src/cpp/include"), str(src), "-o", str(exe)],
-        check=True, capture_output=True, text=True,
+def _compile_host(tmp_path, name, source):
+    src = tmp_path / f"{name}.cpp"
+    src.write_text(source)
+    exe = tmp_path / name
+    built = subprocess.run(
+        [_host_compiler(), "-std=c++17", "-O0", "-I", str(ROOT / "src/cpp/include"), str(src), "-o", str(exe)],
+        capture_output=True, text=True,
     )
+    assert built.returncode == 0, built.stderr
+    return exe
+
+
+@pytest.mark.skipif(_host_compiler() is None, reason="needs a host C++ compiler")
+def test_shared_formulas_match_numpy(tmp_path):
+    exe = _compile_host(tmp_path, "formulas_check", FORMULAS_CHECK)
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = np.array([[float(v) for v in line.split()] for line in out.stdout.splitlines()[:-1]])
+    rows = np.array([[float(v) for v in line.split()] for line in out.stdout.splitlines()])
     x = rows[:, 0]
     np.testing.assert_array_equal(rows[:, 1], np.abs(x))
     np.testing.assert_array_equal(rows[:, 2], np.sign(x))
@@ -155,6 +187,35 @@ def test_shared_formulas_and_device_rng_match_the_cpu(tmp_path):
     np.testing.assert_allclose(rows[:, 5], -np.exp(x) * x, rtol=1e-15)
     np.testing.assert_allclose(rows[:, 6], -np.exp(x) * (1 + x), rtol=1e-15)
     np.testing.assert_array_equal(rows[:, 8], x)
+
+
+@pytest.mark.skipif(_host_compiler() is None, reason="needs a host C++ compiler")
+@pytest.mark.parametrize("method, npoints", [("forward", 1), ("central", 2), ("richardson", 4)])
+def test_shared_quotients_are_the_cpu_engines_bits(tmp_path, rng, method, npoints):
+    """The GPU's quotient formula, built for the host, gives _core.difference_quotients' bits (and
+    matches the textbook quotient to rounding): the CPU/GPU bit-equality the gpu tests check."""
+    exe = _compile_host(tmp_path, "quotients_check", QUOTIENTS_CHECK)
+    n = 20000
+    x = rng.normal(size=n) * 3
+    h = 6e-6 * np.maximum(1.0, np.abs(x))
+    s = np.stack([(x + frac * h) - x for frac in (1.0, -1.0, 0.5, -0.5)[:npoints]])  # the steps actually taken
+    f = rng.normal(size=(n, npoints)) * 10.0 ** rng.integers(-3, 4, size=(n, 1))
+    f0 = rng.normal(size=n)
+    (tmp_path / "in.bin").write_bytes(s.tobytes() + f.tobytes() + f0.tobytes())
+    subprocess.run([str(exe), str(npoints), str(n), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True)
+    host = np.fromfile(tmp_path / "out.bin", dtype=np.float64)
+    grad, error = _core.difference_quotients(method, np.ascontiguousarray(s), f.reshape(-1), npoints, 1, f0, 1, 1e-16)
+    np.testing.assert_array_equal(host[:n].view(np.uint64), grad.view(np.uint64))
+    np.testing.assert_array_equal(host[n:].view(np.uint64), error.view(np.uint64))
+    if method == "forward":
+        reference = (f[:, 0] - f0) / s[0]
+    else:
+        reference = (f[:, 0] - f[:, 1]) / (s[0] - s[1])
+    if method == "richardson":
+        g2 = (f[:, 2] - f[:, 3]) / (s[2] - s[3])
+        ratio2 = ((s[0] - s[1]) / (s[2] - s[3])) ** 2
+        reference = (ratio2 * g2 - reference) / (ratio2 - 1)
+    np.testing.assert_allclose(grad, reference, rtol=1e-9 if method == "richardson" else 1e-14)
 
 
 def test_cuda_build_without_nvcc_fails_with_a_clear_error(tmp_path):

@@ -130,11 +130,6 @@ bool fused(ChunkOp op, const RaggedBatch<T>& batch, const std::vector<Chunk>& ch
     return reduce_pass<T>(op, grad != nullptr, batch, chunks, mask, scales.data(), per_datum, grad);
 }
 
-/// Scalar libm for the shared formulas' host-side helpers.
-struct HostMath {
-    static double sqrt(double x) { return std::sqrt(x); }
-};
-
 template <class T>
 constexpr bool range_is_numeric_limits() {
     using limits = std::numeric_limits<T>;
@@ -186,7 +181,7 @@ void l2_norm(const RaggedBatch<T>& batch, const std::vector<Chunk>& chunks, cons
     std::vector<int64_t> rescaled;
     int64_t rescaled_elements = 0;
     for (int64_t i = 0; i < batch.batch; ++i) {
-        if (formulas::l2_norm_needs_rescale<T, HostMath>(per_datum[i], batch.length(i), scale)) {
+        if (formulas::l2_norm_needs_rescale<T, formulas::HostMath>(per_datum[i], batch.length(i), scale)) {
             rescaled.push_back(i);
             rescaled_elements += batch.length(i);
             scales[i] = T(0);  // the gradient pass writes zeros, l2_norm_rescaled the gradient

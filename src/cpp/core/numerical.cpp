@@ -264,7 +264,7 @@ namespace {
 template <DifferenceMethod M>
 void quotients_loop(int64_t n, const double* spacing, const double* f, int64_t f_stride_e, int64_t f_stride_k,
                     const double* f0, int64_t f0_stride, double loss_eps, double* grad, double* error) {
-    constexpr int NP = M == DifferenceMethod::Forward ? 1 : (M == DifferenceMethod::Central ? 2 : 4);
+    constexpr int NP = kPoints<M>;
     const bool parallel = n >= kParallelElements;
     (void)parallel;
 #pragma omp parallel for schedule(static) if (parallel)
@@ -275,7 +275,7 @@ void quotients_loop(int64_t n, const double* spacing, const double* f, int64_t f
             s[k] = spacing[k * n + e];
             v[k] = f[e * f_stride_e + k * f_stride_k];
         }
-        const Quotient q = quotient<M>(s, v, M == DifferenceMethod::Forward ? f0[e * f0_stride] : 0.0, loss_eps);
+        const formulas::Quotient<double> q = quotient<M>(s, v, M == DifferenceMethod::Forward ? f0[e * f0_stride] : 0.0, loss_eps);
         grad[e] = q.grad;
         error[e] = q.error;
     }
@@ -418,19 +418,9 @@ void random_estimate(Direction kind, uint64_t seed, int64_t n, int64_t index_off
     (void)parallel;
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t e = 0; e < n; ++e) {
-        double mean = 0.0;
-        double m2 = 0.0;  // Welford's running sum of squared deviations
-        for (int64_t s = 0; s < samples; ++s) {
-            const double u = random_direction(kind, seed, static_cast<uint64_t>(s), static_cast<uint64_t>(index_offset + e));
-            const double g = antithetic ? (f[2 * s] - f[2 * s + 1]) * u / (2.0 * scale[e])
-                                        : (f[s] - f0) * u / scale[e];
-            const double delta = g - mean;
-            mean += delta / static_cast<double>(s + 1);
-            m2 += delta * (g - mean);
-        }
-        grad[e] = mean;
-        variance[e] = samples > 1 ? m2 / static_cast<double>(samples - 1) / static_cast<double>(samples)
-                                  : std::numeric_limits<double>::infinity();
+        formulas::random_estimate<formulas::HostMath>(kind == Direction::Gaussian, seed,
+                                                      static_cast<uint64_t>(index_offset + e), scale[e], f, samples,
+                                                      antithetic, f0, grad[e], variance[e]);
     }
 }
 

@@ -102,32 +102,19 @@ bool fill_points_np(int np, const T* xj, int64_t len, int64_t base, int64_t kstr
     }
 }
 
-/// One element's quotient and its error estimate from the steps s[k] actually taken and the loss
-/// values v[k] at the points (fb: the loss at x, forward only). Shared by both quotient entry points.
-template <class C = double>
-struct Quotient {
-    C grad;
-    C error;
-};
+/// formulas::HostMath under a type local to this build: the quotients instantiated with it have
+/// internal linkage, so the linker never swaps the AVX2 build's copy into the baseline build.
+struct LoopMath : formulas::HostMath {};
 
-/// C: the arithmetic type (double, or float for the token structure's float32 values).
+/// Points per element: 1 forward, 2 central, 4 Richardson.
+template <DifferenceMethod M>
+inline constexpr int kPoints = M == DifferenceMethod::Forward ? 1 : (M == DifferenceMethod::Central ? 2 : 4);
+
+/// One element's quotient and error estimate (formulas::quotient, the GPU's arithmetic too) in the
+/// arithmetic type C (double, or float for the token structure's float32 values).
 template <DifferenceMethod M, class C = double>
-inline Quotient<C> quotient(const C* s, const C* v, C fb, C loss_eps) {
-    if constexpr (M == DifferenceMethod::Forward) {
-        return {(v[0] - fb) / s[0], loss_eps * (std::fabs(v[0]) + std::fabs(fb)) / s[0]};
-    }
-    const C d1 = s[0] - s[1];
-    const C inv1 = C(1) / d1;  // one division per element, not two
-    const C g1 = (v[0] - v[1]) * inv1;
-    const C r1 = loss_eps * (std::fabs(v[0]) + std::fabs(v[1])) * inv1;
-    if constexpr (M == DifferenceMethod::Central) return {g1, r1};
-    const C d2 = s[2] - s[3];
-    const C g2 = (v[2] - v[3]) / d2;
-    const C r2 = loss_eps * (std::fabs(v[2]) + std::fabs(v[3])) / d2;
-    // Steps are the rounded ones, so their ratio is only about 2: extrapolate with the true ratio.
-    const C ratio2 = (d1 / d2) * (d1 / d2);
-    const C extrapolated = (ratio2 * g2 - g1) / (ratio2 - C(1));
-    return {extrapolated, std::fabs(extrapolated - g2) + (ratio2 * r2 + r1) / (ratio2 - C(1))};
+inline formulas::Quotient<C> quotient(const C* s, const C* v, C fb, C loss_eps) {
+    return formulas::quotient<kPoints<M>, LoopMath>(s, v, fb, loss_eps);
 }
 
 /// Structure "token", one datum: steps recomputed from the points (point k of element i at
@@ -139,7 +126,7 @@ template <DifferenceMethod M, class C, class T, class F>
 bool token_datum_in(const T* __restrict xj, int64_t len, int64_t kstride, const T* __restrict points,
                     const F* const* fj, const F* __restrict f0j, double loss_eps, T* __restrict grad,
                     T* __restrict error, int64_t& unsafe) {
-    constexpr int NP = M == DifferenceMethod::Forward ? 1 : (M == DifferenceMethod::Central ? 2 : 4);
+    constexpr int NP = kPoints<M>;
     const C eps = static_cast<C>(loss_eps);
     int64_t bad = 0;  // an integer count vectorises; a floating-point sum would serialise the loop
     int64_t out_of_range = 0;
@@ -156,7 +143,7 @@ bool token_datum_in(const T* __restrict xj, int64_t len, int64_t kstride, const 
         const C fb = M == DifferenceMethod::Forward ? static_cast<C>(f0j[i]) : C(0);
         check += fb - fb;
         bad += static_cast<int64_t>(check != 0);
-        const Quotient<C> q = quotient<M, C>(s, v, fb, eps);
+        const formulas::Quotient<C> q = quotient<M, C>(s, v, fb, eps);
         // s[0] - s[1] overflowing C (its reciprocal then reads 0), or a quotient that is not finite
         // (the gradient: once rounded to T, where a float32 result past FLT_MAX becomes inf)
         C span = s[0];

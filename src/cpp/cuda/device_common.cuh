@@ -108,6 +108,9 @@ struct DeviceMath {
     __device__ static double log(double x) { return ::log(x); }
     __device__ static double sqrt(double x) { return ::sqrt(x); }
     __device__ static double cos(double x) { return ::cos(x); }
+    __device__ static float abs(float x) { return fabsf(x); }
+    __device__ static double abs(double x) { return fabs(x); }
+    __device__ static double infinity() { return INFINITY; }
 };
 
 }  // namespace regrad::cuda

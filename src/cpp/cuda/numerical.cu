@@ -1,8 +1,9 @@
 // The finite-difference engine on the GPU: points and steps, perturbation blocks, difference
-// quotients, random blocks and estimates. Same arithmetic as core/numerical.cpp (the module is
-// built with --fmad=false so no multiply-add is contracted differently from the CPU): the points,
-// blocks and quotients are the CPU's bits, Rademacher directions too; Gaussian directions differ
-// only by the CUDA math library's last-ulp rounding of log and cos.
+// quotients, random blocks and estimates. The quotients, estimates and directions are formulas.hpp's,
+// the code the CPU runs, and the module is built with --fmad=false so no multiply-add is contracted
+// differently from the CPU: the points, blocks and quotients are the CPU's bits, Rademacher
+// directions too; Gaussian directions differ only by the CUDA math library's last-ulp rounding of
+// log and cos.
 #include <climits>
 #include <cmath>
 
@@ -129,32 +130,22 @@ __global__ void scatter_rows(Ragged x, const T* points, int64_t points_stride, i
     }
 }
 
-__global__ void quotients_kernel(DifferenceMethod method, int64_t n, const double* spacing, const double* f,
-                                 int64_t f_stride_e, int64_t f_stride_k, const double* f0, int64_t f0_stride,
-                                 double loss_eps, double* grad, double* error) {
+template <int NP>
+__global__ void quotients_kernel(int64_t n, const double* spacing, const double* f, int64_t f_stride_e,
+                                 int64_t f_stride_k, const double* f0, int64_t f0_stride, double loss_eps,
+                                 double* grad, double* error) {
     for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
          e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-        const double* fe = f + e * f_stride_e;
-        if (method == DifferenceMethod::Forward) {
-            const double fb = f0[e * f0_stride];
-            const double d = spacing[e];
-            grad[e] = (fe[0] - fb) / d;
-            error[e] = loss_eps * (fabs(fe[0]) + fabs(fb)) / d;
-            continue;
+        double s[NP];
+        double v[NP];
+        for (int k = 0; k < NP; ++k) {
+            s[k] = spacing[k * n + e];
+            v[k] = f[e * f_stride_e + k * f_stride_k];
         }
-        double g1, r1;
-        formulas::central_quotient(fe[0], fe[f_stride_k], spacing[e], spacing[n + e], loss_eps, g1, r1);
-        if (method == DifferenceMethod::Central) {
-            grad[e] = g1;
-            error[e] = r1;
-            continue;
-        }
-        double g2, r2;
-        formulas::central_quotient(fe[2 * f_stride_k], fe[3 * f_stride_k], spacing[2 * n + e], spacing[3 * n + e],
-                                   loss_eps, g2, r2);
-        const double d1 = spacing[e] - spacing[n + e];
-        const double d2 = spacing[2 * n + e] - spacing[3 * n + e];
-        formulas::richardson_quotient(g1, r1, d1, g2, r2, d2, grad[e], error[e]);
+        const formulas::Quotient<double> q =
+            formulas::quotient<NP, DeviceMath>(s, v, NP == 1 ? f0[e * f0_stride] : 0.0, loss_eps);
+        grad[e] = q.grad;
+        error[e] = q.error;
     }
 }
 
@@ -183,18 +174,8 @@ __global__ void estimate_kernel(bool gaussian, uint64_t seed, int64_t n, int64_t
                                 double* variance) {
     for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
          e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-        double mean = 0.0;
-        double m2 = 0.0;  // Welford, in sample order as on the CPU
-        for (int64_t s = 0; s < samples; ++s) {
-            const double u = formulas::random_direction<DeviceMath>(gaussian, seed, static_cast<uint64_t>(s),
-                                                                    static_cast<uint64_t>(index_offset + e));
-            const double g = antithetic ? (f[2 * s] - f[2 * s + 1]) * u / (2.0 * scale[e]) : (f[s] - f0) * u / scale[e];
-            const double delta = g - mean;
-            mean += delta / static_cast<double>(s + 1);
-            m2 += delta * (g - mean);
-        }
-        grad[e] = mean;
-        variance[e] = samples > 1 ? m2 / static_cast<double>(samples - 1) / static_cast<double>(samples) : INFINITY;
+        formulas::random_estimate<DeviceMath>(gaussian, seed, static_cast<uint64_t>(index_offset + e), scale[e], f,
+                                              samples, antithetic, f0, grad[e], variance[e]);
     }
 }
 
@@ -269,8 +250,16 @@ void difference_quotients(DifferenceMethod method, int64_t n, const double* spac
         throw std::invalid_argument("forward differences need the loss at x (f0)");
     }
     if (n <= 0) return;
-    quotients_kernel<<<grid_for(n), kThreads, 0, as_stream(stream_handle)>>>(
-        method, n, spacing_dev, f_dev, f_stride_e, f_stride_k, f0_dev, f0_stride, loss_eps, grad_dev, error_dev);
+    const cudaStream_t stream = as_stream(stream_handle);
+    const auto launch = [&](auto kernel) {
+        kernel<<<grid_for(n), kThreads, 0, stream>>>(n, spacing_dev, f_dev, f_stride_e, f_stride_k, f0_dev, f0_stride,
+                                                   loss_eps, grad_dev, error_dev);
+    };
+    switch (method) {
+        case DifferenceMethod::Forward: launch(quotients_kernel<1>); break;
+        case DifferenceMethod::Central: launch(quotients_kernel<2>); break;
+        case DifferenceMethod::Richardson: launch(quotients_kernel<4>); break;
+    }
     check_launch("difference quotients kernel");
 }
 

@@ -4,7 +4,9 @@
 // a GCC vector of them: the same source serves the SIMD loops, the scalar tails and the GPU.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define REGRAD_HD __host__ __device__
@@ -81,6 +83,17 @@ struct Range<double> {
     static constexpr double largest = 1.7976931348623157e+308;  // DBL_MAX
 };
 
+/// Math for the host compilers: libm. Loops built twice for two ISAs wrap it in a type local to each
+/// build (numerical_loops.hpp), so their instantiations never merge across the builds.
+struct HostMath {
+    static float abs(float x) { return std::fabs(x); }
+    static double abs(double x) { return std::fabs(x); }
+    static double sqrt(double x) { return std::sqrt(x); }
+    static double log(double x) { return std::log(x); }
+    static double cos(double x) { return std::cos(x); }
+    static constexpr double infinity() { return std::numeric_limits<double>::infinity(); }
+};
+
 /// True when a datum's sum of squares (n elements of T, squared in T, summed in double) cannot give
 /// its L2 norm and gradient: the squares overflowed T, or were so small that those lost to underflow
 /// may matter (below n tiny / eps), or scale / norm falls outside T's normal range (the gradient
@@ -95,7 +108,7 @@ REGRAD_HD inline bool l2_norm_needs_rescale(double sum_squares, int64_t n, doubl
     return !(s >= Range<T>::tiny && s <= Range<T>::largest);
 }
 
-// ---- Finite differences: the same arithmetic as core/numerical.cpp (kept in step with it). ----
+// ---- Finite differences: one definition for the CPU loops (core/numerical_loops.hpp) and the GPU. ----
 
 /// Fraction of h at point k: +h, -h, +h/2, -h/2 (forward uses the first, central two, Richardson four).
 REGRAD_HD inline double point_fraction(int k) { return k == 0 ? 1.0 : k == 1 ? -1.0 : k == 2 ? 0.5 : -0.5; }
@@ -106,26 +119,41 @@ REGRAD_HD inline double default_step(double x, double scale) {
     return scale * (ax > 1.0 ? ax : 1.0);
 }
 
-/// Central quotient and its rounding-error bound from f(x + s_plus) and f(x + s_minus) (s_minus < 0).
-REGRAD_HD inline void central_quotient(double fp, double fm, double s_plus, double s_minus, double loss_eps,
-                                       double& grad, double& error) {
-    const double d = s_plus - s_minus;
-    grad = (fp - fm) / d;
-    error = loss_eps * ((fp < 0 ? -fp : fp) + (fm < 0 ? -fm : fm)) / d;
+/// A quotient and its error estimate in the arithmetic type C (double; float for float32 token losses).
+template <class C>
+struct Quotient {
+    C grad;
+    C error;
+};
+
+/// One element's quotient from the steps s[k] actually taken (the points are x + s[k], at +h, -h,
+/// +h/2, -h/2) and the losses v[k] there; fb is the loss at x (forward only). NP: 1 forward, 2
+/// central, 4 Richardson. error: the rounding bound loss_eps (|v0| + |v1|) / (s0 - s1), and for
+/// Richardson also the truncation estimate |R - g2|. Math supplies abs (fabs).
+template <int NP, class Math, class C>
+REGRAD_HD inline Quotient<C> quotient(const C* s, const C* v, C fb, C loss_eps) {
+    if constexpr (NP == 1) {
+        return {(v[0] - fb) / s[0], loss_eps * (Math::abs(v[0]) + Math::abs(fb)) / s[0]};
+    } else {
+        const C d1 = s[0] - s[1];
+        const C inv1 = C(1) / d1;  // one division per element, not two
+        const C g1 = (v[0] - v[1]) * inv1;
+        const C r1 = loss_eps * (Math::abs(v[0]) + Math::abs(v[1])) * inv1;
+        if constexpr (NP == 2) {
+            return {g1, r1};
+        } else {
+            const C d2 = s[2] - s[3];
+            const C g2 = (v[2] - v[3]) / d2;
+            const C r2 = loss_eps * (Math::abs(v[2]) + Math::abs(v[3])) / d2;
+            // Steps are the rounded ones, so their ratio is only about 2: extrapolate with the true ratio.
+            const C ratio2 = (d1 / d2) * (d1 / d2);
+            const C extrapolated = (ratio2 * g2 - g1) / (ratio2 - C(1));
+            return {extrapolated, Math::abs(extrapolated - g2) + (ratio2 * r2 + r1) / (ratio2 - C(1))};
+        }
+    }
 }
 
-/// Richardson extrapolation of central quotients g1 (step d1) and g2 (step d2 ~ d1 / 2), using the
-/// true ratio of the rounded steps; error = |R - g2| plus the propagated rounding bounds.
-REGRAD_HD inline void richardson_quotient(double g1, double r1, double d1, double g2, double r2, double d2,
-                                          double& grad, double& error) {
-    const double ratio2 = (d1 / d2) * (d1 / d2);
-    const double extrapolated = (ratio2 * g2 - g1) / (ratio2 - 1.0);
-    const double diff = extrapolated - g2;
-    grad = extrapolated;
-    error = (diff < 0 ? -diff : diff) + (ratio2 * r2 + r1) / (ratio2 - 1.0);
-}
-
-// ---- Counter-based RNG: Philox4x32-10, the stream of regrad/rng.hpp, usable on the device. ----
+// ---- Counter-based RNG: Philox4x32-10 (Salmon et al., SC'11), on the CPU (regrad/rng.hpp) and the GPU. ----
 
 /// Philox4x32 with 10 rounds on plain arrays: c (4 counter words) is replaced by the output.
 REGRAD_HD inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
@@ -156,7 +184,7 @@ REGRAD_HD inline constexpr double max_spacing() { return 1e300; }
 /// point (|x + h - x| subnormal, or 0) is a "step underflow" on CPU and GPU.
 REGRAD_HD inline constexpr double min_spacing() { return 2.2250738585072014e-308; }
 
-/// 128 random bits for element `index` of stream `sample` under `seed` (as regrad::random_bits).
+/// 128 random bits for element `index` of stream `sample` (e.g. a sample number) under `seed`.
 REGRAD_HD inline void random_bits(uint64_t seed, uint64_t sample, uint64_t index, uint32_t out[4]) {
     out[0] = static_cast<uint32_t>(index);
     out[1] = static_cast<uint32_t>(index >> 32);
@@ -181,6 +209,26 @@ REGRAD_HD inline double random_direction(bool gaussian, uint64_t seed, uint64_t 
     const double u1 = 1.0 - uniform01(r[0], r[1]);
     const double u2 = uniform01(r[2], r[3]);
     return Math::sqrt(-2.0 * Math::log(u1)) * Math::cos(6.283185307179586 * u2);
+}
+
+/// Element `index`'s randomized estimate from the losses f of `samples` directions (antithetic: f
+/// holds f(x + sigma u), f(x - sigma u) per sample, g_s = (f+ - f-) u / (2 sigma); else g_s = (f_s -
+/// f0) u / sigma): grad = the mean of g_s and variance = the variance of that mean (Welford, in sample
+/// order; infinite for one sample).
+template <class Math>
+REGRAD_HD inline void random_estimate(bool gaussian, uint64_t seed, uint64_t index, double sigma, const double* f,
+                                      int64_t samples, bool antithetic, double f0, double& grad, double& variance) {
+    double mean = 0.0;
+    double m2 = 0.0;  // Welford's running sum of squared deviations
+    for (int64_t s = 0; s < samples; ++s) {
+        const double u = random_direction<Math>(gaussian, seed, static_cast<uint64_t>(s), index);
+        const double g = antithetic ? (f[2 * s] - f[2 * s + 1]) * u / (2.0 * sigma) : (f[s] - f0) * u / sigma;
+        const double delta = g - mean;
+        mean += delta / static_cast<double>(s + 1);
+        m2 += delta * (g - mean);
+    }
+    grad = mean;
+    variance = samples > 1 ? m2 / static_cast<double>(samples - 1) / static_cast<double>(samples) : Math::infinity();
 }
 
 }  // namespace formulas
