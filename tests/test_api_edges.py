@@ -113,3 +113,13 @@ def test_composed_loss_called_without_torch_says_to_use_evaluate(monkeypatch):
     value, grads, _ = loss_fn.evaluate([0], [np.arange(3.0)])  # the numpy path still works
     assert value == pytest.approx(3.0)
     np.testing.assert_allclose(grads[0], np.ones(3), rtol=1e-6)
+
+
+def test_public_names_are_the_api_and_its_modules():
+    """dir(regrad) shows the API and its submodules, not the helpers its __init__ imports (os, Any, Dict)."""
+    import types
+
+    public = {name for name in dir(regrad) if not name.startswith("_")}
+    modules = {name for name in public if isinstance(getattr(regrad, name), types.ModuleType)}
+    assert public - modules == {name for name in regrad.__all__ if name != "__version__"} - modules
+    assert all(getattr(regrad, name).__name__ == f"regrad.{name}" for name in modules)

@@ -1,9 +1,8 @@
 """regrad: fast, correct gradients for custom training losses on token log-probabilities."""
 
-from __future__ import annotations
-
-import os
-from typing import Any, Dict
+import os as _os
+from typing import Any as _Any
+from typing import Dict as _Dict
 
 try:
     from . import _core
@@ -26,8 +25,8 @@ def _serial_openmp_in_forked_child() -> None:
         pass
 
 
-if _core.build_info().get("openmp") and hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_serial_openmp_in_forked_child)
+if _core.build_info().get("openmp") and hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_serial_openmp_in_forked_child)
 
 try:
     from . import _cuda  # type: ignore[attr-defined]
@@ -65,14 +64,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     """Names that need torch, asked for without it: say how to get it (not a bare AttributeError)."""
     if name in _NEEDS_TORCH:
         raise ImportError(f"regrad.{name} needs torch, which is not installed: pip install 'regrad[torch]'")
     raise AttributeError(f"module 'regrad' has no attribute {name!r}")
 
 
-def build_info() -> Dict[str, Any]:
+def build_info() -> _Dict[str, _Any]:
     """What this build has: version, openmp (bool), max_threads, cuda (bool), compiler, simd."""
     info = dict(_core.build_info())
     info["cuda"] = _cuda is not None
