@@ -465,6 +465,18 @@ def test_gpu_step_underflow_raises(rng):
 
 @pytest.mark.gpu
 @gpu_only
+@pytest.mark.parametrize("scale", [2.0, 0.0, float("inf"), float("nan")])
+def test_gpu_relative_step_is_checked_as_on_cpu(scale):
+    """One check for both builders (check_point_steps): the GPU accepted a relative step above 1."""
+    x = [torch.ones(4, dtype=torch.float64, device="cuda")]
+    for build in (lambda: _gpu.difference_points(x, "central", scale),
+                  lambda: _core.difference_points([x[0].cpu().numpy()], "central", scale)):
+        with pytest.raises(ValueError, match=r"relative step must be in \(0, 1\]"):
+            build()
+
+
+@pytest.mark.gpu
+@gpu_only
 @pytest.mark.parametrize("dtype,x,step", [(torch.float32, 3e38, 1e38), (torch.float64, 1.0, 1e301)])
 def test_gpu_step_overflow_is_named_as_on_cpu(dtype, x, step):
     xs = [torch.tensor([0.5, x], dtype=dtype, device="cuda")]

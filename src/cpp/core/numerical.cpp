@@ -74,13 +74,7 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
     const bool stacked = layout == PointLayout::Stacked;
     const int rows = stacked ? stacked_rows(method) : np;
     if (stacked && spacing != nullptr) throw std::invalid_argument("the stacked point layout has no spacing array");
-    if (step != nullptr && step_len != 1 && step_len != n) {
-        throw std::invalid_argument("step has " + std::to_string(step_len) + " entries; expected 1 or " +
-                                    std::to_string(n) + " (one per log-prob)");
-    }
-    if (step == nullptr && !(scale > 0 && scale <= 1)) {
-        throw std::invalid_argument("relative step must be in (0, 1], got " + std::to_string(scale));
-    }
+    check_point_steps(n, scale, step, step_len);
     // First problem per datum (element index, kind); scanned in datum order after the loop.
     std::vector<int64_t> bad_at(static_cast<size_t>(x.batch), -1);
     std::vector<int> bad_kind(static_cast<size_t>(x.batch), 0);
@@ -182,6 +176,16 @@ template void difference_points<float>(const RaggedBatch<float>&, DifferenceMeth
                                        float*, double*, PointLayout);
 template void difference_points<double>(const RaggedBatch<double>&, DifferenceMethod, double, const double*,
                                         int64_t, double*, double*, PointLayout);
+
+void check_point_steps(int64_t n, double scale, const double* step, int64_t step_len) {
+    if (step != nullptr && step_len != 1 && step_len != n) {
+        throw std::invalid_argument("step has " + std::to_string(step_len) + " entries; expected 1 or " +
+                                    std::to_string(n) + " (one per log-prob)");
+    }
+    if (step == nullptr && !(scale > 0 && scale <= 1)) {
+        throw std::invalid_argument("relative step must be in (0, 1], got " + std::to_string(scale));
+    }
+}
 
 void check_difference_block(int64_t n, int64_t capacity, int npoints, int64_t points_stride, int64_t q_begin,
                             int64_t count, bool full, int64_t prev_begin, int64_t prev_count) {

@@ -8,7 +8,7 @@
 #include <cmath>
 
 #include "device_common.cuh"
-#include "regrad/numerical.hpp"  // check_difference_block, shared with the CPU builder
+#include "regrad/numerical.hpp"  // check_point_steps, check_difference_block: shared with the CPU builder
 
 namespace regrad::cuda {
 
@@ -195,13 +195,7 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
                        std::uintptr_t stream_handle) {
     check_batch(x);
     const int64_t n = x.size();
-    if (step_dev != nullptr && step_len != 1 && step_len != n) {
-        throw std::invalid_argument("step has " + std::to_string(step_len) + " entries; expected 1 or " +
-                                    std::to_string(n) + " (one per log-prob)");
-    }
-    if (step_dev == nullptr && !(scale > 0 && std::isfinite(scale))) {
-        throw std::invalid_argument("relative step must be positive and finite, got " + std::to_string(scale));
-    }
+    check_point_steps(n, scale, step_dev, step_len);  // as the CPU (a relative step above 1 ran here before)
     const cudaStream_t stream = as_stream(stream_handle);
     Scratch scratch(Scratch::bytes_for<int64_t>(2 * x.batch + 1) + Scratch::bytes_for<unsigned long long>(1), stream);
     const Ragged ragged = upload_ragged<T>(x, nullptr, scratch, stream);

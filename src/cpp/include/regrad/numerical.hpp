@@ -67,6 +67,10 @@ void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double 
 /// block [prev_begin, prev_begin + prev_count) and only those elements are restored, so a block
 /// costs O(rows) instead of O(rows * n). Throws std::invalid_argument if count > capacity or a
 /// perturbation index is out of range.
+/// Checks the step arguments of difference_points (shared by the CPU and CUDA builders): a relative
+/// step scale in (0, 1] when step is null, else step_len 1 or n.
+void check_point_steps(int64_t n, double scale, const double* step, int64_t step_len);
+
 /// Checks a difference block's arguments (shared by the CPU and CUDA builders) before any memory is touched.
 void check_difference_block(int64_t n, int64_t capacity, int npoints, int64_t points_stride, int64_t q_begin,
                             int64_t count, bool full, int64_t prev_begin, int64_t prev_count);
