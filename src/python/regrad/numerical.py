@@ -81,7 +81,8 @@ class NumericalGrad:
     the log-probs (None for a log-prob that `regrad.numerical` left out: it needs no gradient). error is
     a per-element error estimate (finite differences: a rounding-error bound, plus the truncation
     estimate |R - D(h/2)| for Richardson, so only Richardson's bounds the actual error; randomized:
-    the standard error of the mean; docs/numerical.md measures how far each can be trusted). nfev counts loss evaluations (perturbed copies, plus unperturbed ones), ncalls calls to fn.
+    the standard error of the mean; docs/numerical.md measures how far each can be trusted). nfev
+    counts loss evaluations (perturbed copies, plus unperturbed ones), ncalls calls to fn.
     """
 
     grads: List[Any]
