@@ -54,19 +54,12 @@ private:
 /// minus x_e in double (the step actually taken; spacing may be null when the caller does not need it,
 /// and must be null for the stacked layout, which places the points as PointLayout says). h_e = scale * max(1, |x_e|) when step is null,
 /// else step[e] (step_len == n) or step[0] (step_len == 1). Throws NonFiniteError for a
-/// non-finite x, std::invalid_argument for a step that is not positive and finite, and
+/// non-finite x, std::invalid_argument for a step that is not positive and finite (check_point_steps), and
 /// StepUnderflowError where a point rounds back to x_e.
 template <class T>
 void difference_points(const RaggedBatch<T>& x, DifferenceMethod method, double scale, const double* step,
                        int64_t step_len, T* points, double* spacing, PointLayout layout = PointLayout::Rows);
 
-/// Writes perturbations [q_begin, q_begin + count) of `x` into `out`: row r of datum j's buffer
-/// (out[j], `capacity` rows of x.length(j) elements) is x_j with element (q_begin + r) / P set to
-/// its point. `points` holds the batch's points at points[k * points_stride + e].
-/// full: copy x into every row first. Otherwise the buffers are assumed to hold the previous
-/// block [prev_begin, prev_begin + prev_count) and only those elements are restored, so a block
-/// costs O(rows) instead of O(rows * n). Throws std::invalid_argument if count > capacity or a
-/// perturbation index is out of range.
 /// Checks the step arguments of difference_points (shared by the CPU and CUDA builders): a relative
 /// step scale in (0, 1] when step is null, else step_len 1 or n.
 void check_point_steps(int64_t n, double scale, const double* step, int64_t step_len);
@@ -75,6 +68,13 @@ void check_point_steps(int64_t n, double scale, const double* step, int64_t step
 void check_difference_block(int64_t n, int64_t capacity, int npoints, int64_t points_stride, int64_t q_begin,
                             int64_t count, bool full, int64_t prev_begin, int64_t prev_count);
 
+/// Writes perturbations [q_begin, q_begin + count) of `x` into `out`: row r of datum j's buffer
+/// (out[j], `capacity` rows of x.length(j) elements) is x_j with element (q_begin + r) / P set to
+/// its point. `points` holds the batch's points at points[k * points_stride + e].
+/// full: copy x into every row first. Otherwise the buffers are assumed to hold the previous
+/// block [prev_begin, prev_begin + prev_count) and only those elements are restored, so a block
+/// costs O(rows) instead of O(rows * n). Throws std::invalid_argument if count > capacity or a
+/// perturbation index is out of range (check_difference_block).
 template <class T>
 void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capacity, const T* points,
                             int64_t points_stride, int npoints, int64_t q_begin, int64_t count, bool full,
