@@ -49,6 +49,7 @@ def test_kernel_l2_refuses_non_bool_squared():
     ({"grad": "numerical", "max_batch_bytes": 0}, "max_batch_bytes"),
     ({"grad": "spsa", "structure": "token"}, "token"),
     ({"grad": "numerical", "progress": "no"}, "progress"),
+    ({"grad": "numerical", "vectorized": "no"}, "vectorized"),
 ])
 def test_spec_numerical_option_values_are_checked_when_built(opts, match):
     with pytest.raises(ValueError, match=rf"regularizer 'reg'.*{match}"):
@@ -68,6 +69,23 @@ def test_progress_must_be_a_bool_or_none(progress):
         regrad.numerical_grad(_f, None, [np.zeros(3)], progress=progress)
     with pytest.raises(InputError, match="progress must be True, False or None"):
         regrad.numerical(_f, progress=progress)
+
+
+@pytest.mark.parametrize("structure", ["batch", "datum", "token"])
+@pytest.mark.parametrize("value", [None, "no", "yes", 0.0, [True]])
+def test_vectorized_must_be_a_bool(structure, value):
+    """vectorized="no" ran the vectorized route (fn got [P, T] blocks) by its truth value; with
+    structure="token", None and strings raised a bare TypeError / ValueError from int()."""
+    lps = [np.array([-0.5, -1.0])]
+    fn = (lambda d, xs: [x ** 2 for x in xs]) if structure == "token" else (lambda d, x: 1.0)
+    with pytest.raises(InputError, match="vectorized must be True or False"):
+        regrad.numerical_grad(fn, [0] if structure == "datum" else None, lps, structure=structure, vectorized=value)
+    if not value:  # (truthy values are refused by regrad.numerical for another reason: it wraps plain fns)
+        with pytest.raises(InputError, match="vectorized must be True or False"):
+            regrad.numerical(_f, vectorized=value)
+    token = regrad.numerical_grad(lambda d, xs: [x ** 2 for x in xs], None, lps, structure="token",
+                                  vectorized=np.bool_(True))
+    np.testing.assert_allclose(token.grads[0], 2 * lps[0], rtol=1e-8)  # numpy's bool is still a bool
 
 
 def test_client_batch_mixing_k_is_named_by_regrad_losses():

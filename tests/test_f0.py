@@ -95,6 +95,19 @@ def test_one_sided_randomized_with_f0(method, structure):
     assert given.calls == plain.calls - terms and got.nfev == ref.nfev - terms
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_f0_on_an_empty_batch(case, kind):
+    """An empty batch gives empty results with f0 as without it (the token structure's f0 of no
+    per-token losses raised IndexError)."""
+    fn, options, f0_of, _ = CASES[case]
+    empty = batch(kind)[:0]
+    f0 = f0_of(empty) if case != "batch vectorized" else np.zeros(1)
+    plain = regrad.numerical_grad(fn, [], empty, method="forward", **options)
+    given = regrad.numerical_grad(fn, [], empty, method="forward", f0=f0, **options)
+    assert given.grads == plain.grads == [] and given.error == [] and (given.nfev, given.ncalls) == (0, 0)
+
+
 def test_f0_is_what_the_differences_use():
     """A loss 1.0 above fn's moves every forward quotient by -1 / h: f0 is read, not only checked."""
     lps = batch()

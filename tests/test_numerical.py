@@ -94,6 +94,33 @@ def test_numpy_inputs_give_numpy_outputs_and_fn_sees_numpy():
     np.testing.assert_allclose(packed(result.grads), 2 * packed(lps), rtol=1e-8)
 
 
+@pytest.mark.parametrize("structure", ["batch", "datum"])
+@pytest.mark.parametrize("method", ["central", "forward", "richardson", "spsa"])
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_ndarray_subclass_inputs_are_read_as_plain_arrays(structure, method):
+    """np.matrix passes the input checks, but its reshape(-1) stays 2-D: the scalar loop indexed rows
+    (IndexError). It is read as a plain array view, on every route."""
+    plain = np.array([[-0.5, -1.0], [-0.25, -2.0]])
+    seen = []
+
+    def fn(data, lps):
+        seen.append(type(lps[0]))
+        return float(sum(np.sum(lp**2) for lp in lps))
+
+    def datum_fn(datum, lp):
+        return fn(None, [lp])
+
+    data = [0] if structure == "datum" else None
+    f = datum_fn if structure == "datum" else fn
+    got = numerical_grad(f, data, [np.matrix(plain)], structure=structure, method=method, num_samples=4)
+    ref = numerical_grad(f, data, [plain], structure=structure, method=method, num_samples=4)
+    assert type(got.grads[0]) is np.ndarray and got.grads[0].shape == plain.shape
+    np.testing.assert_array_equal(got.grads[0], ref.grads[0])
+    assert set(seen) == {np.ndarray}
+    if method != "spsa":
+        np.testing.assert_allclose(got.grads[0], 2 * plain, rtol=1e-5)
+
+
 def test_fn_inputs_are_read_only_numpy():
     def fn(data, lps):
         lps[0][0] = 0.0

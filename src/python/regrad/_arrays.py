@@ -148,6 +148,8 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
                     f"{what}[{i}] is a numpy masked array; regrad reads all its values (pass mask= to the "
                     "kernels, or np.ma.filled(a, 0.0))"
                 )
+            if type(a) is not np.ndarray:  # a subclass (np.matrix: reshape(-1) stays 2-D) as a plain view
+                a = a.view(np.ndarray)
             if a.dtype.kind == "f" and not a.dtype.isnative:  # big-endian float32 / float64: one native copy
                 a = a.astype(a.dtype.newbyteorder("="))
             if a.dtype not in _FLOAT_DTYPES:

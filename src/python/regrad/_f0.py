@@ -92,7 +92,8 @@ def _token_f0(f0: Any, problem: Problem) -> List[np.ndarray]:
     except AttributeError:
         views = None
     if views is not None:
-        problem.see_loss(views[0])  # (one look at the precision, as for fn's own per-token losses)
+        if views:  # one look at the precision, as for fn's own per-token losses (an empty batch has none)
+            problem.see_loss(views[0])
         return views
     out = []
     for j, (value, shape) in enumerate(zip(f0, shapes)):

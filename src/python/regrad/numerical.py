@@ -265,6 +265,8 @@ def check_options(method: str, structure: str, vectorized: bool, executor: Any, 
             f"method {method!r} applies to structure 'batch' or 'datum'; with per-token losses "
             "structure='token' gives the central difference of every token in 2 calls"
         )
+    if not isinstance(vectorized, (bool, np.bool_)):  # "no" would run the vectorized route by its truth value
+        raise InputError(f"vectorized must be True or False, got {vectorized!r}")
     if vectorized and executor is not None:
         raise InputError("executor applies to vectorized=False (a vectorized fn already gets whole blocks)")
     if executor is not None and not callable(getattr(executor, "map", None)):
@@ -894,7 +896,7 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
             "regrad.numerical wraps a plain fn(data, logprobs_list) -> loss; for structure='datum'/'token' or "
             "vectorized fns call regrad.numerical_grad directly"
         )
-    check_options(options.get("method", "central"), "batch", False, options.get("executor"),
+    check_options(options.get("method", "central"), "batch", options.get("vectorized", False), options.get("executor"),
                   options.get("max_batch_bytes", 256 << 20), options.get("num_samples", 64), options.get("seed", 0),
                   options.get("progress"))
 

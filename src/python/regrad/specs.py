@@ -183,7 +183,7 @@ class RegularizerSpec:
 
             opts = self.numerical_options
             try:
-                check_options(method, opts.get("structure", "batch"), bool(opts.get("vectorized", False)),
+                check_options(method, opts.get("structure", "batch"), opts.get("vectorized", False),
                               opts.get("executor"), opts.get("max_batch_bytes", 256 << 20),
                               opts.get("num_samples", 64), opts.get("seed", 0), opts.get("progress"))
             except InputError as err:
