@@ -1,6 +1,7 @@
-"""Concurrency edge cases (from an audit; each test failed before its fix): a composed call's
+"""Concurrency edge cases (from audits; each test failed before its fix): a composed call's
 background terms after it failed, forked children (multiprocessing's default start method on Linux),
-and a loss_fn waiting on its own client."""
+a loss_fn waiting on its own client, state a run leaves for the next one on its thread, and a run
+nested in a chunk of its own executor."""
 
 import multiprocessing as mp
 import sys
@@ -12,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import regrad  # noqa: E402
-from regrad import RegularizerError, RegularizerSpec  # noqa: E402
+from regrad import RegularizerError, RegularizerSpec, numerical_grad  # noqa: E402
+from regrad.errors import NumericalError  # noqa: E402
 
 # Python 3.12+ warns about fork() in a process with threads; the tests fork on purpose.
 _FORK = [
@@ -181,3 +183,133 @@ def test_closing_the_client_from_inside_a_request():
     assert "loss:sum" in out.metrics
     with pytest.raises(RuntimeError, match="closed"):
         client.forward([DATUM])
+
+
+# ---- The per-thread stacked copies (token structure, vectorized) and fn's views of them are kept for the
+# next run on the thread: what fn did to the views (in place, autograd state) must not reach that run.
+
+def _token(fn, xs):
+    return numerical_grad(fn, None, xs, structure="token", vectorized=True)
+
+
+def test_stacked_views_changed_in_place_by_a_failed_run_are_not_reused():
+    """fn transposing its [2, 2] stacked copies in place is refused; the next, correct run on the same
+    shapes must not get the transposed views (it returned ~1e5 instead of cos(x), without an error)."""
+    xs = [torch.tensor([0.3, -1.2], dtype=torch.float64), torch.tensor([0.5, 2.0], dtype=torch.float64)]
+    good = lambda d, v: [t.sin() for t in v]  # noqa: E731
+    fresh = _token(good, xs).grads
+
+    def bad(d, v):
+        v[0].t_()
+        return [t.sin() for t in v]
+
+    with pytest.raises(NumericalError, match="in place"):
+        _token(bad, xs)
+    got = _token(good, xs).grads
+    for g, f, x in zip(got, fresh, xs):
+        torch.testing.assert_close(g, f, rtol=0, atol=0)
+        torch.testing.assert_close(g, x.cos(), rtol=1e-6, atol=1e-8)
+
+
+def test_stacked_views_unsqueezed_by_a_failed_run_do_not_break_the_next_run():
+    xs = [torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+
+    def bad(d, v):
+        for t in v:
+            t.unsqueeze_(0)
+        return [t.sin().squeeze(0) for t in v]
+
+    with pytest.raises(NumericalError, match="in place"):
+        _token(bad, xs)
+    got = _token(lambda d, v: [t.sin() for t in v], xs).grads  # raised "shape (1, 2, 5)" before the fix
+    for g, x in zip(got, xs):
+        torch.testing.assert_close(g, x.cos(), rtol=1e-6, atol=1e-8)
+
+
+def test_stacked_views_carry_no_autograd_state_into_the_next_run():
+    """A per-token fn reading x.grad after a backward on its input gets the same answer every run
+    (it accumulated into the cached views: 1x, 2x, 3x the gradient)."""
+    xs = [torch.tensor([0.3, -1.2], dtype=torch.float64)]
+
+    def fn(d, v):
+        out = []
+        with torch.enable_grad():
+            for t in v:
+                t.requires_grad_(True)
+                (t ** 3).sum().backward()
+                out.append(t.grad.detach().clone())  # 3 x^2 per token: gradient 6 x
+        return out
+
+    runs = [_token(fn, xs).grads[0] for _ in range(3)]
+    for g in runs:
+        torch.testing.assert_close(g, 6 * xs[0], rtol=1e-6, atol=1e-8)
+
+
+# ---- compose's in-place check watches what fns are handed: a non-contiguous tensor itself, not the copy
+# the checks read.
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_compose_in_place_change_of_a_strided_tensor_is_caught_and_undone(parallel):
+    base = torch.arange(1.0, 9.0, dtype=torch.float64)
+    lp = base[::2]  # non-contiguous: as_array_batch copies it, fns get the tensor itself
+    before = lp.clone()
+
+    def bad(d, xs):
+        xs[0].mul_(2.0)
+        return float(xs[0].pow(2).sum())
+
+    specs = [RegularizerSpec.with_grad("bad", 1.0, bad, lambda d, xs: [2 * x for x in xs]),
+             RegularizerSpec.sync("ok", 1.0, lambda d, xs: float(sum(x.sum() for x in xs)), grad="numerical")]
+    loss = regrad.compose(None, specs, parallel=parallel)
+    with pytest.raises(RegularizerError, match="changed in place"):
+        loss.evaluate([None], [lp])
+    assert torch.equal(lp, before)
+    assert torch.equal(base[1::2], torch.arange(2.0, 9.0, 2.0, dtype=torch.float64))  # the rest untouched
+
+
+# ---- A run nested in a chunk of its own thread-pool executor.
+
+def test_nested_run_on_the_outer_runs_executor_completes_instead_of_hanging():
+    """fn of a run mapped over a ThreadPoolExecutor calling numerical_grad with the same executor: the
+    inner chunks queued behind the outer ones, whose workers waited for them, forever."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex = ThreadPoolExecutor(2)
+    inner = [np.linspace(-1, 1, 4)]
+    seen = []
+
+    def fn(d, xs):
+        seen.append(numerical_grad(lambda d2, ys: float((ys[0] ** 2).sum()), None, inner, executor=ex).grads[0])
+        return float(sum((x ** 3).sum() for x in xs))
+
+    box = {}
+    x = np.linspace(-1, 1, 6)
+    t = threading.Thread(target=lambda: box.update(r=numerical_grad(fn, None, [x], executor=ex)), daemon=True)
+    t.start()
+    t.join(30)
+    ex.shutdown(wait=False, cancel_futures=True)  # (on a failure: frees the stuck workers, so pytest can exit)
+    assert not t.is_alive(), "numerical_grad deadlocked on its own executor"
+    np.testing.assert_allclose(box["r"].grads[0], 3 * x ** 2, atol=1e-6)
+    fresh = numerical_grad(lambda d2, ys: float((ys[0] ** 2).sum()), None, inner).grads[0]
+    assert all(np.array_equal(g, fresh) for g in seen)  # the same bits as a run without an executor
+
+
+def test_numpy_stacked_views_reshaped_by_fn_are_not_reused():
+    """numpy's views take a new .shape in place (no version counter to see it): the next run gets
+    fresh views of the right shape."""
+    xs = [np.array([0.3, -1.2, 0.7]), np.array([0.5, 2.0])]
+
+    def reshaping(d, v):
+        shapes = [a.shape for a in v]
+        for a in v:
+            a.shape = (a.size,)  # flat now, in place
+        return [np.sin(a).reshape(s) for a, s in zip(v, shapes)]
+
+    first = numerical_grad(reshaping, None, xs, structure="token", vectorized=True).grads
+    seen = []
+    second = numerical_grad(lambda d, v: seen.extend(a.shape for a in v) or [np.sin(a) for a in v], None, xs,
+                            structure="token", vectorized=True).grads
+    assert seen == [(2, 3), (2, 2)]
+    for a, b, x in zip(first, second, xs):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(b, np.cos(x), rtol=1e-6)

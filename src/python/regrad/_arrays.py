@@ -31,7 +31,8 @@ class ArrayBatch:
     """
 
     def __init__(self, arrays: Optional[List[np.ndarray]], is_torch: bool, dtype: np.dtype, shapes: List[tuple],
-                 tensors: Optional[List[Any]] = None, addresses: Optional[List[int]] = None) -> None:
+                 tensors: Optional[List[Any]] = None, addresses: Optional[List[int]] = None,
+                 copied: bool = False) -> None:
         self._arrays = arrays
         self.is_torch = is_torch
         self.dtype = dtype
@@ -41,6 +42,7 @@ class ArrayBatch:
         self.sizes: List[int] = [s[0] * s[1] for s in shapes] if shapes and len(shapes[0]) == 2 else [s[0] for s in shapes]
         self._addresses = addresses  # plain torch batch: the tensors' data pointers, read once by the checks
         self._core: Any = None
+        self.copied = copied  # torch input: some array is a copy of its tensor (non-contiguous, unaligned)
 
     @property
     def arrays(self) -> List[np.ndarray]:
@@ -124,6 +126,7 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
     shapes: List[tuple] = []
     tensors: List[Any] = []
     first: Optional[np.ndarray] = None
+    copied = False
     for i, x in enumerate(items):
         # One pass, cheapest checks first: this runs on every loss call for every datum.
         if first_torch and is_torch_tensor(x):
@@ -138,9 +141,12 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
                 )
             t = x.detach().resolve_neg()  # a negative view (torch._neg_view) has no numpy() of its own
             tensors.append(t)
-            a = (t if t.is_contiguous() else t.contiguous()).numpy()
+            contiguous = t.is_contiguous()
+            a = (t if contiguous else t.contiguous()).numpy()
             if not a.flags.aligned:  # torch.frombuffer at an odd offset: the core reads whole elements
                 a = a.copy()
+                contiguous = False
+            copied = copied or not contiguous
         elif not first_torch and isinstance(x, np.ndarray):
             a = x
             if isinstance(a, np.ma.MaskedArray):  # its mask would be ignored: masked values summed
@@ -177,7 +183,7 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
         arrays.append(a)
         shapes.append(shape)
     dtype = first.dtype if first is not None else np.dtype(np.float64)
-    return ArrayBatch(arrays, first_torch, dtype, shapes, tensors if first_torch else None)
+    return ArrayBatch(arrays, first_torch, dtype, shapes, tensors if first_torch else None, copied=copied)
 
 
 def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[ArrayBatch]:

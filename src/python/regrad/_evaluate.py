@@ -32,6 +32,7 @@ POINT_LABELS = {
 
 _SHAPE = operator.attrgetter("shape")
 _VERSION = operator.attrgetter("_version")  # a torch tensor's in-place modification counter
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 def fn_name(fn: Any) -> str:
@@ -510,9 +511,22 @@ class StackedPoints:
             held.key = key if held.points.nbytes <= BufferPool.KEEP_BYTES else None
         return held
 
-    def release(self) -> None:
+    def untouched(self) -> bool:
+        """Whether fn, in a run that succeeded, left its views fit for the next run on this thread. torch:
+        no autograd state (requires_grad_(), then a .grad from a backward) that the next fn would inherit;
+        in-place changes of shape or values are refused by the run itself (the version counter). numpy:
+        the shapes (fn may assign .shape to a view). One C-level pass, ~0.5 us for 8 views."""
+        views = self.views
+        if views and hasattr(views[0], "requires_grad"):
+            return not any(map(_REQUIRES_GRAD, views))
+        return list(map(_SHAPE, views)) == self.shapes
+
+    def release(self, keep: bool = True) -> None:
+        """Ends a run; keep=False (the run failed, or fn changed its views) drops the buffer and views,
+        so the next run on this thread makes fresh ones instead of inheriting what fn did to them."""
         self.busy = False
-        if self.key is None:  # too large to keep
+        if self.key is None or not keep:  # too large to keep, or not as handed out
+            self.key = None
             self.points, self.views = np.empty(0), []
 
 
@@ -782,6 +796,7 @@ class _InFlight:
         self._cond = threading.Condition()
         self._running = 0
         self._stopped = False
+        self.executor: Optional[int] = None  # id() of the executor the run maps its chunks over
 
     def __reduce__(self) -> tuple:
         return (_InFlight, ())
@@ -806,14 +821,20 @@ class _InFlight:
                 self._cond.wait()
 
 
+_RUNNING = threading.local()  # .executors: ids of the executors whose chunks this thread is running now
+
+
 def _remote(func: Callable[..., Any], flight: _InFlight, problem: "Problem", *args: Any) -> Tuple[Any, float]:
     """One chunk on an executor: its losses and the precision of fn's losses seen there (a process
     worker's Problem is a copy, so the caller's would not learn a float16 or bfloat16 fn otherwise)."""
     if not flight.enter():
         return None, 0.0  # the run already stopped: never read
+    outer = getattr(_RUNNING, "executors", ())
+    _RUNNING.executors = outer + (flight.executor,)
     try:
         return func(problem, *args), problem.loss_eps
     finally:
+        _RUNNING.executors = outer
         flight.leave()
 
 
@@ -824,7 +845,13 @@ def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], size
     name = f"executor {type(executor).__name__}"
     problem = calls[0][0] if calls else None
     flight = _InFlight()
-    results = executor.map(_remote, [func] * len(calls), [flight] * len(calls), *zip(*calls))  # (sized: Dask refuses iterators)
+    # Inside a chunk this executor runs (fn of a run on it calling numerical_grad with it again) the chunks
+    # run here, in order: queued behind the outer run's chunks, whose workers wait for them, they would
+    # never start. The same bits either way.
+    flight.executor = id(executor)
+    nested = flight.executor in getattr(_RUNNING, "executors", ())
+    mapper = map if nested else executor.map
+    results = mapper(_remote, [func] * len(calls), [flight] * len(calls), *zip(*calls))  # (sized: Dask refuses iterators)
     try:
         results = iter(results)
     except TypeError:

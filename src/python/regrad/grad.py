@@ -105,6 +105,7 @@ class CallInputs:
         self._original: Optional[np.ndarray] = None
         self._original_lock = threading.Lock()
         self._abandoned = False  # the call has returned: its memory is the caller's again
+        self._handed: Optional[List[np.ndarray]] = None  # numpy views of what fns get (see handed_arrays)
 
     def abandon(self) -> None:
         """The call failed and returns: a term still running in the background (a thread cannot be
@@ -115,7 +116,20 @@ class CallInputs:
     def restore_changed(self, saved: Optional[np.ndarray]) -> List[int]:
         """_restore_changed on the caller's memory, unless the call has already returned."""
         with self._original_lock:  # (abandon waits for a restore in progress)
-            return [] if self._abandoned else _restore_changed(self.batch.arrays, saved)
+            return [] if self._abandoned else _restore_changed(self.handed_arrays(), saved)
+
+    def handed_arrays(self) -> List[np.ndarray]:
+        """numpy views of the memory fns are handed (`detached`), which the in-place check watches.
+        batch.arrays, except where as_array_batch copied a tensor (non-contiguous, unaligned): a change
+        fn made to the tensor itself would go unseen in the copy."""
+        if self._handed is None:
+            if self.batch.copied:
+                import torch
+
+                self._handed = list(map(torch.Tensor.numpy, self.detached))
+            else:
+                self._handed = self.batch.arrays
+        return self._handed
 
     def engine_copy(self) -> List[Any]:
         """A private copy of the log-probs for the numerical engine, whose own in-place check writes
@@ -133,7 +147,7 @@ class CallInputs:
         place must not take that change for the original). None for an empty batch."""
         with self._original_lock:
             if self._original is None and self.batch.arrays:
-                self._original = np.concatenate(self.batch.arrays, axis=None)  # one C-level pass
+                self._original = np.concatenate(self.handed_arrays(), axis=None)  # one C-level pass
             return self._original
 
     def describe(self, e: int) -> str:

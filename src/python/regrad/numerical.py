@@ -768,14 +768,16 @@ def _token_gradient_stacked(
     # progress=True makes one (and this hot path pays nothing otherwise).
     bar = Progress.for_run(1, True, method, problem.structure) if progress else None
     held = StackedPoints.acquire(problem, rows)
+    keep = False  # a failed run (fn raised, or changed its views in place) leaves nothing for the next one
     try:
         points = _difference_points(problem, method, scale, step, False, True, held.points)[0]
         both = _stacked_call(problem, method, points, held, loss_eps)
+        keep = held.untouched()
         if bar is not None:
             bar.update(1)
         return both, rows
     finally:
-        held.release()
+        held.release(keep)
         if bar is not None:
             bar.close()
 
