@@ -520,3 +520,101 @@ def test_gpu_random_stream_and_estimates_match_cpu(rng, kind, antithetic):
                                         antithetic, 0.3)
     np.testing.assert_allclose(g_gpu.cpu().numpy(), g_cpu, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(v_gpu.cpu().numpy(), v_cpu, rtol=1e-10, atol=1e-12)
+
+
+# ---- From a differential fuzz of the GPU path against the CPU one (on the host emulation): inputs whose
+# data_ptr() is not their values, and the CPU path's named errors.
+
+
+def _neg_view(values):
+    """A contiguous tensor reading `values` whose memory holds -values (torch._neg_view; also what
+    z.conj().imag of a one-element complex z is): its data_ptr() is the un-negated storage."""
+    view = torch._neg_view(-values)
+    assert view.is_neg() and view.is_contiguous()
+    return view
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("kind", ["l1", "entropy"])
+def test_gpu_kernels_read_negative_views_as_the_cpu(kind):
+    """The kernels read the storage: l1's gradient came back +1 for -x, entropy's value -18.3 for 0.94."""
+    x = -np.array([0.5, 1.0, 2.0])
+    cpu = kernels.regularizer(kind, [x], reduction="sum")
+    gpu = kernels.regularizer(kind, [_neg_view(torch.from_numpy(x).cuda())], reduction="sum")
+    np.testing.assert_allclose(gpu.value.item(), cpu.value, rtol=1e-12)
+    np.testing.assert_allclose(gpu.grads[0].cpu().numpy(), cpu.grads[0], rtol=1e-12)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_engine_helpers_read_negative_views_as_the_cpu():
+    x = np.array([1.0, 2.0, 3.0])
+    tensors = [torch.from_numpy(x).cuda()]
+    step = np.array([1e-3, 2e-3, 4e-3])
+    p_cpu, s_cpu = _core.difference_points([x], "central", 1e-3, step)
+    p_gpu, s_gpu = _gpu.difference_points(tensors, "central", 1e-3, step=_neg_view(torch.from_numpy(step).cuda()))
+    np.testing.assert_array_equal(p_gpu.cpu().numpy(), p_cpu)
+
+    out_cpu, out_gpu = [np.zeros((2, 3))], [torch.zeros((2, 3), dtype=torch.float64, device="cuda")]
+    _core.difference_block([x], out_cpu, p_cpu, 0, 2, 0, 2, True)
+    _gpu.difference_block(tensors, out_gpu, _neg_view(torch.from_numpy(p_cpu).cuda()), 0, 2, 0, 2, True)
+    np.testing.assert_array_equal(out_gpu[0].cpu().numpy(), out_cpu[0])
+    with pytest.raises(InputError, match="output buffer 0"):  # writing through it would store -value
+        _gpu.difference_block(tensors, [_neg_view(torch.zeros((2, 3), dtype=torch.float64, device="cuda"))],
+                              p_gpu, 0, 2, 0, 2, True)
+
+    f = np.array([1.0, 2.0, 3.0, 5.0, 8.0, 13.0])
+    g_cpu, e_cpu = _core.difference_quotients("central", s_cpu, f, 2, 1)
+    g_gpu, e_gpu = _gpu.difference_quotients("central", _neg_view(torch.from_numpy(s_cpu).cuda()),
+                                             _neg_view(torch.from_numpy(f).cuda()), 2, 1)
+    np.testing.assert_array_equal(g_gpu.cpu().numpy(), g_cpu)
+    np.testing.assert_array_equal(e_gpu.cpu().numpy(), e_cpu)
+
+    out_cpu, out_gpu = [np.zeros((2, 3))], [torch.zeros((2, 3), dtype=torch.float64, device="cuda")]
+    _core.random_block([x], step, "rademacher", 3, 0, False, out_cpu, 0, 2)
+    _gpu.random_block(tensors, _neg_view(torch.from_numpy(step).cuda()), "rademacher", 3, 0, False, out_gpu, 0, 2)
+    np.testing.assert_array_equal(out_gpu[0].cpu().numpy(), out_cpu[0])
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("step", [np.zeros(0), [], "tensor"])
+def test_gpu_empty_step_is_refused_as_on_cpu(step):
+    """An empty step tensor has data_ptr() 0, which the module reads as "no step": the default step was used."""
+    x = np.array([1.0, 2.0, 3.0])
+    step = torch.zeros(0, dtype=torch.float64, device="cuda") if isinstance(step, str) else step
+    with pytest.raises(ValueError, match="step has 0 entries"):
+        _core.difference_points([x], "central", 1e-3, np.zeros(0))
+    with pytest.raises(ValueError, match="step has 0 entries"):
+        _gpu.difference_points([torch.from_numpy(x).cuda()], "central", 1e-3, step=step)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("case", ["K = 0", "mask not a list", "sparse"])
+def test_gpu_input_errors_are_the_cpu_paths(case):
+    """ValueError / TypeError / RuntimeError before, where the CPU path names the input (InputError)."""
+    def both(arrays, **kw):
+        for data in (arrays, _cuda_list(arrays)):
+            with pytest.raises(InputError):
+                kernels.l1(data, **kw)
+
+    if case == "K = 0":
+        both([np.zeros((3, 0))])
+    elif case == "mask not a list":
+        both([np.zeros(3)], mask=5)
+    else:
+        with pytest.raises(InputError, match="dense"):
+            kernels.l1([torch.zeros(3).to_sparse()])
+        with pytest.raises(InputError, match="dense"):
+            kernels.l1([torch.zeros(3, device="cuda").to_sparse()])
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_tiny_float64_mask_weights_keep_their_tokens_as_on_cpu():
+    x = np.array([1.0, 2.0, 3.0])
+    w = np.array([1e-50, 1.0, -1e-50])  # > 0 keeps a token: 1e-50 is kept (float32 would round it to 0)
+    for mask in ([w], [torch.from_numpy(w)], [torch.from_numpy(w).cuda()]):
+        assert float(kernels.l1([torch.from_numpy(x).cuda()], mask=mask, reduction="sum").value) == 3.0

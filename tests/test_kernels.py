@@ -254,6 +254,15 @@ def test_big_endian_masks_and_empty_batches():
         regrad.l1(0.1, name="sparsity", reduction="none")
 
 
+def test_tiny_float64_torch_mask_weights_keep_their_tokens():
+    """> 0 keeps a token: a torch float64 weight of 1e-50 was read through float32 (0: dropped), a numpy
+    one was not."""
+    x = [np.array([1.0, 2.0, 3.0])]
+    w = np.array([1e-50, 1.0, -1e-50])
+    assert kernels.l1(x, mask=[w], reduction="sum").value == 3.0
+    assert kernels.l1(x, mask=[torch.from_numpy(w)], reduction="sum").value == 3.0
+
+
 @pytest.mark.parametrize(
     "arrays, match",
     [

@@ -292,7 +292,7 @@ def mask_keeps(m: Any, i: int, tokens: int) -> np.ndarray:
     if is_torch_tensor(m) and m.is_complex():  # .float() would drop the imaginary part
         raise InputError(f"mask[{i}] has dtype {m.dtype}; expected booleans or numbers (> 0 keeps a token)")
     try:
-        m = np.asarray(m.detach().cpu().float().numpy() if is_torch_tensor(m) else m)
+        m = np.asarray(m.detach().cpu().double().numpy() if is_torch_tensor(m) else m)  # .float() drops weights < 2**-149
     except (TypeError, ValueError, RuntimeError) as err:
         raise InputError(f"mask[{i}] cannot be read as numbers ({type(m).__name__}: {err})") from None
     if m.shape != (tokens,):

@@ -104,15 +104,19 @@ def cuda_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list") -> Cud
             raise InputError(f"{what}[{i}] has dtype {x.dtype}; expected float32 or float64 (cast it first)")
         if x.dtype != logprobs_list[0].dtype:
             raise InputError(f"{what}[{i}] has dtype {x.dtype} but {what}[0] has {logprobs_list[0].dtype}; use one dtype")
+        if x.layout != torch.strided:  # as the CPU path (a sparse tensor has no data_ptr() of its values)
+            raise InputError(f"{what}[{i}] is a {x.layout} tensor; pass a dense one (.to_dense())")
         if x.dim() not in (1, 2):
             raise InputError(f"{what}[{i}] has shape {tuple(x.shape)}; expected [T] or [T, K]")
+        if x.dim() == 2 and x.shape[1] == 0:
+            raise InputError(f"{what}[{i}] has shape {tuple(x.shape)}; K (log-probs per token) must be at least 1")
         first = logprobs_list[0]
         if x.dim() != first.dim() or (x.dim() == 2 and x.shape[1] != first.shape[1]):
             raise InputError(
                 f"{what}[{i}] has shape {tuple(x.shape)} but {what}[0] has {tuple(first.shape)}; "
                 "all data must be [T_i] or all [T_i, K] with one K"
             )
-        t = x.detach()
+        t = x.detach().resolve_neg()  # a negative view: data_ptr() is the un-negated storage (as _arrays does)
         tensors.append(t if t.is_contiguous() else t.contiguous())
         offsets.append(offsets[-1] + t.numel())
     first = tensors[0]
@@ -131,7 +135,10 @@ def _device_mask(mask: Optional[Sequence[Any]], batch: CudaBatch) -> Optional[An
         return None
     import torch
 
-    masks = list(mask)
+    try:
+        masks = list(mask)
+    except TypeError:  # as the CPU path's token_mask
+        raise InputError(f"mask must be a list with one [T_i] mask per datum, got {type(mask).__name__}") from None
     if len(masks) != len(batch.tensors):
         raise InputError(f"mask has {len(masks)} entries but the batch has {len(batch.tensors)} data")
     parts = []
@@ -232,7 +239,9 @@ def difference_points(
         points = torch.empty((npoints, batch.size), dtype=batch.dtype, device=dev)
         spacing = torch.empty((npoints, batch.size), dtype=torch.float64, device=dev)
         status = torch.empty(3, dtype=torch.int64, device=dev)
-        step_t = None if step is None else torch.as_tensor(step, dtype=torch.float64, device=dev).contiguous().view(-1)
+        step_t = None if step is None else _f64(step, dev)
+        if step_t is not None and step_t.numel() not in (1, batch.size):  # an empty one would pass as no step
+            raise ValueError(f"step has {step_t.numel()} entries; expected 1 or {batch.size} (one per log-prob)")
         cuda.difference_points(
             method, batch.dtype_name, batch.pointers, batch.offsets, batch.width, float(scale),
             0 if step_t is None else step_t.data_ptr(), 0 if step_t is None else step_t.numel(),
@@ -249,8 +258,9 @@ def _out_pointers(outs: Sequence[Any], batch: CudaBatch) -> Tuple[List[int], int
         raise InputError(f"got {len(outs)} output buffers for {len(batch.tensors)} data")
     rows = int(outs[0].shape[0]) if outs else 0
     for j, (o, n) in enumerate(zip(outs, (b - a for a, b in zip(batch.offsets, batch.offsets[1:])))):
-        if o.device != batch.device or o.dtype != batch.dtype or not o.is_contiguous():
-            raise InputError(f"output buffer {j} must be a contiguous {batch.dtype} tensor on {batch.device}")
+        if o.device != batch.device or o.dtype != batch.dtype or not o.is_contiguous() or o.is_neg():
+            raise InputError(f"output buffer {j} must be a contiguous {batch.dtype} tensor on {batch.device} "
+                             "(not a negative view: writes through it would store -value)")
         if o.dim() < 1 or o.shape[0] != rows or o.numel() != rows * n:
             raise InputError(f"output buffer {j} has shape {tuple(o.shape)}; expected {rows} rows of {n} elements")
     return [o.data_ptr() for o in outs], rows
@@ -266,6 +276,7 @@ def difference_block(
     cuda = cuda_module()
     batch = cuda_batch(list(logprobs_list))
     addresses, rows = _out_pointers(outs, batch)
+    points = points.resolve_neg()
     if points.device != batch.device or points.dtype != batch.dtype or points.dim() != 2 or not points.is_contiguous():
         raise InputError(f"points must be a contiguous [P, n] {batch.dtype} tensor on {batch.device}")
     stride = int(points.shape[1])
@@ -287,7 +298,7 @@ def _f64(x: Any, device: Any) -> Any:
     import torch
 
     t = torch.as_tensor(x, dtype=torch.float64, device=device)
-    return t.contiguous().view(-1)
+    return t.resolve_neg().contiguous().view(-1)  # data_ptr() of a negative view is the un-negated storage
 
 
 def difference_quotients(
@@ -304,7 +315,7 @@ def difference_quotients(
     dev = spacing.device
     if spacing.dim() != 2 or spacing.shape[0] != npoints or spacing.dtype != torch.float64:
         raise InputError(f"spacing must be a float64 [{npoints}, n] tensor for method {method!r}")
-    spacing = spacing.contiguous()
+    spacing = spacing.resolve_neg().contiguous()
     n = int(spacing.shape[1])
     f_t = _f64(f, dev)
     f0_t = None if f0 is None else _f64(f0, dev)

@@ -46,6 +46,7 @@ inline void sync(int line) {
     if (!sync_line.compare_exchange_strong(expected, line) && expected != line) {
         ++sync_mismatch;
         std::fprintf(stderr, "EMU: divergent __syncthreads (line %d vs %d)\n", line, expected);
+        std::abort();  // pytest captures stderr: a message alone lets the test pass (UB on a GPU)
     }
     bar->arrive_and_wait();
     sync_line.store(-1);
