@@ -898,9 +898,9 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
             "regrad.numerical wraps a plain fn(data, logprobs_list) -> loss; for structure='datum'/'token' or "
             "vectorized fns call regrad.numerical_grad directly"
         )
-    check_options(options.get("method", "central"), "batch", options.get("vectorized", False), options.get("executor"),
-                  options.get("max_batch_bytes", 256 << 20), options.get("num_samples", 64), options.get("seed", 0),
-                  options.get("progress"))
+    check_options(options.get("method", "central"), "batch", options.get("vectorized", False),
+                  options.get("executor"), options.get("max_batch_bytes", 256 << 20), options.get("num_samples", 64),
+                  options.get("seed", 0), options.get("progress"))
 
     @functools.wraps(fn)
     def wrapped(data: Any, logprobs_list: Sequence[Any]) -> Any:
