@@ -38,7 +38,10 @@ class RequestFuture(Generic[T]):
                 "on the client's one worker thread, so this request could never start; use the client's "
                 "results outside the request"
             )
-        return self._future.result(timeout)
+        try:
+            return self._future.result(timeout)
+        finally:  # the request's error holds this frame: no cycle error -> frame -> self -> future -> error
+            self = None  # type: ignore[assignment]  # (as concurrent.futures.Future.result does)
 
     async def result_async(self, timeout: Optional[float] = None) -> T:
         """Waits without blocking the event loop; a timeout or a cancelled wait leaves the request running
@@ -80,22 +83,28 @@ class MappedFuture(Generic[U]):
                     self._state = ("error", err)
             kind, value = self._state
         if kind == "error":
-            raise value
+            try:
+                raise value
+            finally:  # (no cycle error -> traceback -> this frame -> error / self, which holds the error)
+                del value, self, get_inner
         return value
 
     def result(self, timeout: Optional[float] = None) -> U:
         """Blocks until the inner request finished, then returns the mapped value."""
-        if self._state is None:
-            try:
-                inner_value = self._inner.result(timeout)
-            except concurrent.futures.TimeoutError:
-                raise
-            except BaseException as err:  # noqa: BLE001 - the inner error becomes this future's error
-                if not self._request_failed(err):
-                    raise  # the wait was interrupted (Ctrl-C, a cancelled task): ask again later
-                return self._finish(lambda: _raise(err))
-            return self._finish(lambda: inner_value)
-        return self._finish(lambda: None)
+        try:
+            if self._state is None:
+                try:
+                    inner_value = self._inner.result(timeout)
+                except concurrent.futures.TimeoutError:
+                    raise
+                except BaseException as err:  # noqa: BLE001 - the inner error becomes this future's error
+                    if not self._request_failed(err):
+                        raise  # the wait was interrupted (Ctrl-C, a cancelled task): ask again later
+                    return self._finish(lambda: _raise(err))
+                return self._finish(lambda: inner_value)
+            return self._finish(lambda: None)
+        finally:  # the stored error's traceback holds this frame: no cycle through self (see _finish)
+            self = None  # type: ignore[assignment]
 
     async def result_async(self, timeout: Optional[float] = None) -> U:
         """Waits without blocking the event loop; a timeout or a cancelled wait leaves the request running."""
@@ -172,4 +181,7 @@ def _inner_done(inner: Any) -> Optional[bool]:
 
 
 def _raise(err: BaseException) -> Any:
-    raise err
+    try:
+        raise err
+    finally:  # (no cycle err -> traceback -> this frame -> err)
+        del err

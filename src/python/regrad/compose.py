@@ -107,6 +107,7 @@ class ComposedLoss:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_pid = 0  # the process that started the pool's threads (a forked child has none of them)
         self._pool_lock = threading.Lock()
+        self._pool_finalizer: Optional[weakref.finalize] = None  # shuts the pool down if self is dropped unclosed
         self._calls = itertools.count(1)  # numbers the calls, for their events
         if self.base_spec is not None and self.base_spec.name in {spec.name for spec in self.regularizers}:
             raise ValueError(f"the base loss and a regularizer are both named {self.base_spec.name!r}; "
@@ -146,6 +147,9 @@ class ComposedLoss:
         """Stops the worker threads (a later call starts new ones)."""
         with self._pool_lock:
             pool, self._pool = self._pool, None
+            finalizer, self._pool_finalizer = self._pool_finalizer, None
+        if finalizer is not None:
+            finalizer.detach()  # (else each close() + reuse left one finalizer, holding its dead pool, until self died)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -197,9 +201,11 @@ class ComposedLoss:
                 # (in a forked child the parent's pool has no threads: its idle count would take the
                 # work and no thread would ever run it; a fresh pool starts its own)
                 workers = self.max_workers or min(32, max(1, len(self._terms)))
+                if self._pool_finalizer is not None:  # a forked child's copy of the parent's pool
+                    self._pool_finalizer.detach()
                 self._pool = ThreadPoolExecutor(workers, thread_name_prefix="regrad")
                 self._pool_pid = os.getpid()
-                weakref.finalize(self, self._pool.shutdown, wait=False)
+                self._pool_finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
             return self._pool
 
     def _run_threads(self, inputs: CallInputs) -> List[TermResult]:
@@ -227,7 +233,11 @@ class ComposedLoss:
         failed = [f for _, f in sorted(futures.items()) if f.done() and not f.cancelled() and f.exception() is not None]
         if failed:
             _cancel_futures(cancel, futures.values())
-            raise failed[0].exception()  # type: ignore[misc]  # the first failure in spec order
+            error = failed[0].exception()  # the first failure in spec order
+            try:
+                raise error  # type: ignore[misc]
+            finally:  # its traceback holds this frame: no cycle error -> frame -> futures -> error (see _raised)
+                del error, failed, futures
         results.update({i: f.result() for i, f in futures.items()})
         return [results[i] for i in range(count)]
 
@@ -236,10 +246,10 @@ class ComposedLoss:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self._run_on_loop(inputs))
+            return _raised(asyncio.run(_outcome(self._run_on_loop(inputs))))
         # e.g. Tinker calls a custom loss from inside its own event loop
         with ThreadPoolExecutor(1, thread_name_prefix="regrad-loop") as helper:
-            return helper.submit(asyncio.run, self._run_on_loop(inputs)).result()
+            return _raised(helper.submit(asyncio.run, _outcome(self._run_on_loop(inputs))).result())
 
     async def _run_on_loop(self, inputs: CallInputs) -> List[TermResult]:
         """All terms concurrently: async ones as tasks on this loop, sync ones on the pool (inline if not parallel)."""
@@ -264,7 +274,11 @@ class ComposedLoss:
         failed = [i for i, t in sorted(tasks.items()) if t.done() and not t.cancelled() and t.exception() is not None]
         if failed:
             await _cancel_tasks(cancel, tasks.values())
-            raise tasks[failed[0]].exception()  # type: ignore[misc]
+            error = tasks[failed[0]].exception()
+            try:
+                raise error  # type: ignore[misc]
+            finally:  # (as in _run_threads: no cycle through this frame's tasks)
+                del error, failed, tasks
         results.update({i: t.result() for i, t in tasks.items()})
         return [results[i] for i in range(len(self._terms))]
 
@@ -301,6 +315,7 @@ class ComposedLoss:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            task = done = None  # task.result()'s error holds this frame: no cycle through the task
         return self._term_done(scope, spec, result, start, inputs.call)
 
     def _term_error(self, scope: str, spec: RegularizerSpec, err: Exception, start: float, call: int) -> RegularizerError:
@@ -447,6 +462,28 @@ def _norm(flat: np.ndarray) -> float:
                 "telemetry (JSON) cannot report it"
             )
     return norm
+
+
+async def _outcome(coro: Any) -> Tuple[Any, Optional[Exception]]:
+    """(result, None) or (None, error) of coro. An error raised out of asyncio.run is its main task's exception,
+    and asyncio's frames holding that task enter the error's traceback: a reference cycle that kept the failed
+    call (every frame of the failing term, fn's locals included, and the call's inputs) alive until the cyclic
+    GC ran. BaseExceptions (Ctrl-C, cancellation) propagate as they are."""
+    try:
+        return await coro, None
+    except Exception as err:  # noqa: BLE001 - handed to _raised, which raises it
+        return None, err
+
+
+def _raised(outcome: Tuple[Any, Optional[Exception]]) -> Any:
+    """The result of an _outcome, or its error raised without a reference cycle through this frame."""
+    result, error = outcome
+    if error is None:
+        return result
+    try:
+        raise error
+    finally:
+        del error, outcome
 
 
 def _ms_since(start: float) -> float:

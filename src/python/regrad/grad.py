@@ -663,6 +663,8 @@ class _GradEnabledSteps:
                     yielded = step(message)
             except StopIteration as stop:
                 return stop.value
+            finally:  # an error thrown in (a cancellation) that comes back out must not cycle through this frame
+                message = None
             try:
                 message = yield yielded
                 step = self._coro.send
