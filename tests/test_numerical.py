@@ -1303,6 +1303,16 @@ def test_empty_batch_calls_nothing():
     assert result.nfev == 0 and result.grads[0].shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty_batch_reports_the_step_scale_as_any_batch(dtype):
+    # the c of the default step is known without data: the same figure as for a one-element batch
+    for method in ("central", "forward", "richardson"):
+        empty = numerical_grad(lambda d, lps: 0.0, None, [np.zeros(0, dtype)], method=method)
+        one = numerical_grad(lambda d, lps: lps[0].sum(), None, [np.zeros(1, dtype)], method=method)
+        assert empty.step_scale == one.step_scale and one.step_scale is not None
+    assert numerical_grad(lambda d, lps: 0.0, None, [np.zeros(0, dtype)], step=1e-3).step_scale is None
+
+
 def test_exported_from_package():
     for name in ("numerical_grad", "numerical", "check", "NumericalGrad"):
         assert name in regrad.__all__ and getattr(regrad, name) is not None

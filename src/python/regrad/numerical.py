@@ -93,7 +93,7 @@ class NumericalGrad:
     structure: str
     dtype: str  # the working dtype the differences were taken in
     dtype_note: Optional[str] = None  # set when float16/bfloat16 inputs were widened
-    step_scale: Optional[float] = None  # c of h = c * max(1, |x|) (None when `step` was given)
+    step_scale: Optional[float] = None  # c of h = c * max(1, |x|) (None with `step` given, and randomized)
     variance: Optional[List[Any]] = None  # randomized methods: variance of the mean, per element
     num_samples: Optional[int] = None
     seed: Optional[int] = None
@@ -374,7 +374,8 @@ def numerical_grad(
             return NumericalGrad(_as_output(zeros, inputs), _as_output(zeros, inputs), 0, 0, **common,
                                  variance=_as_output(zeros, inputs), num_samples=num_samples, seed=seed,
                                  info={"sigma_default": sigma is None, "antithetic": antithetic})
-        return NumericalGrad(_as_output(zeros, inputs), _as_output(zeros, inputs), 0, 0, **common)
+        return NumericalGrad(_as_output(zeros, inputs), _as_output(zeros, inputs), 0, 0, **common,
+                             step_scale=None if step is not None else scale)
 
     saved = _snapshot(problem, method, vectorized, antithetic)
     try:
