@@ -113,6 +113,21 @@ class ComposedLoss:
             raise ValueError(f"the base loss and a regularizer are both named {self.base_spec.name!r}; "
                              "names key the telemetry and the errors")
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """The configuration, without the thread pool, its lock and the call counter: a pickled loss
+        (shipped to a process worker) or a copy gets a pool of its own on its first call (a copy
+        shared the pool, so closing it broke the original; pickling failed on the lock)."""
+        state = dict(self.__dict__)
+        for name in ("_pool", "_pool_pid", "_pool_lock", "_pool_finalizer", "_calls"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pool, self._pool_pid, self._pool_finalizer = None, 0, None
+        self._pool_lock = threading.Lock()
+        self._calls = itertools.count(1)
+
     def __repr__(self) -> str:
         names = [spec.name for _, spec in self._terms]
         return f"ComposedLoss({names}, parallel={self.parallel})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 from ._core import NonFiniteError
 
 __all__ = ["InputError", "NonFiniteError", "NumericalError", "RegularizerError"]
@@ -24,7 +26,29 @@ class RegularizerError(RuntimeError):
         super().__init__(f"regularizer {name!r} failed: {type(cause).__name__}: {detail}")
 
     def __reduce__(self) -> tuple:
-        return (type(self), (self.name, self.cause))
+        """Rebuilt without __init__ (same message, other attributes kept), and with a cause that survives
+        pickle: executors pickle a worker's exception, and a user exception whose __init__ takes other
+        arguments than its args cannot be unpickled (a process pool then broke: BrokenProcessPool)."""
+        state = {k: v for k, v in vars(self).items() if k != "cause"}
+        return (_rebuilt, (type(self), self.args, _portable(self.cause), state))
+
+
+def _portable(cause: BaseException) -> BaseException:
+    """cause if it survives a pickle round trip, else a RuntimeError with its type and text."""
+    try:
+        pickle.loads(pickle.dumps(cause))
+    except Exception:  # noqa: BLE001 - whatever the cause's pickling raises
+        return RuntimeError(f"{type(cause).__qualname__}: {cause} (the original exception cannot be pickled)")
+    return cause
+
+
+def _rebuilt(cls: type, args: tuple, cause: BaseException, state: dict) -> RegularizerError:
+    """A RegularizerError (or subclass) from its args, cause and attributes, as pickle and copy build it."""
+    err = cls.__new__(cls, *args)
+    err.args = args
+    err.__dict__.update(state)
+    err.cause = cause
+    return err
 
 
 class NumericalError(ValueError):

@@ -178,15 +178,20 @@ def emit(on_event: Optional[EventCallback], phase: str, scope: str, name: str, *
 
 def log_events(logger: Optional[logging.Logger] = None, level: int = logging.DEBUG) -> EventCallback:
     """An `on_event` callback writing each event to `logger` (default "regrad"): exceptions at WARNING."""
-    target = logger if logger is not None else _log
+    return _LogEvents(logger if logger is not None else _log, level)
 
-    def on_event(event: LossEvent) -> None:
+
+class _LogEvents:
+    """log_events' callback: an object, not a closure, so a composed loss using it pickles (process workers)."""
+
+    def __init__(self, logger: logging.Logger, level: int) -> None:
+        self.logger, self.level = logger, level
+
+    def __call__(self, event: LossEvent) -> None:
         what = "loss" if event.scope == "loss" else f"{event.scope} {event.name!r}"
         if event.phase == "start":
-            target.log(level, "%s start", what)
+            self.logger.log(self.level, "%s start", what)
         elif event.phase == "stop":
-            target.log(level, "%s stop: value=%.6g in %.3f ms", what, event.value, event.duration_ms or 0.0)
+            self.logger.log(self.level, "%s stop: value=%.6g in %.3f ms", what, event.value, event.duration_ms or 0.0)
         else:
-            target.warning("%s failed after %.3f ms: %r", what, event.duration_ms or 0.0, event.error)
-
-    return on_event
+            self.logger.warning("%s failed after %.3f ms: %r", what, event.duration_ms or 0.0, event.error)
