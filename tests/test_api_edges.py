@@ -141,3 +141,14 @@ def test_public_names_are_the_api_and_its_modules():
     modules = {name for name in public if isinstance(getattr(regrad, name), types.ModuleType)}
     assert public - modules == {name for name in regrad.__all__ if name != "__version__"} - modules
     assert all(getattr(regrad, name).__name__ == f"regrad.{name}" for name in modules)
+
+
+def test_non_finite_error_about_no_single_element_has_datum_and_position_none():
+    # a NaN loss that fn returned is not about one input element: .datum / .position read None (they raised
+    # AttributeError), while the core's errors keep theirs
+    with pytest.raises(regrad.NonFiniteError) as info:
+        regrad.numerical_grad(lambda d, lps: float("nan"), None, [np.ones(3)])
+    assert info.value.datum is None and info.value.position is None
+    with pytest.raises(regrad.NonFiniteError) as info:
+        regrad.kernels.l1([np.ones(2), np.array([1.0, np.nan])])
+    assert (info.value.datum, info.value.position) == (1, 1)

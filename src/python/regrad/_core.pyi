@@ -6,8 +6,8 @@ import numpy as np
 import numpy.typing as npt
 
 class NonFiniteError(ValueError):
-    datum: int
-    position: int
+    datum: Optional[int]
+    position: Optional[int]
 
 def build_info() -> Dict[str, Any]: ...
 def regularizer(

@@ -8,6 +8,11 @@ from ._core import NonFiniteError
 
 __all__ = ["InputError", "NonFiniteError", "NumericalError", "RegularizerError"]
 
+# The core sets .datum / .position on what it raises; one raised in Python about no single input element
+# (a non-finite loss, a quotient overflow) reads None instead of raising AttributeError.
+NonFiniteError.datum = None  # type: ignore[assignment]
+NonFiniteError.position = None  # type: ignore[assignment]
+
 
 class InputError(ValueError):
     """Input regrad cannot use (wrong type, dtype, shape or device); the message names the datum."""
