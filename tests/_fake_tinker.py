@@ -1,7 +1,10 @@
 """A real tinker.TrainingClient whose only replaced part is the network: `_run_fwd_bwd` (the
 /forward_backward requests) is answered by a regrad.LocalTrainingClient acting as the server.
 Everything else (forward_backward_custom, _compute_custom_loss, _run_custom_backward, the custom-loss
-event loop, chunking, turn/poisoning logic) is tinker's own code."""
+event loop, chunking) is tinker's own code, and the replacement keeps what the real one does before
+the network: each chunk waits for its turn (`_take_turn`, which also refuses every request once a
+custom loss failed) and is serialized with tinker's own proto encoder (which refuses what tinker
+cannot send, e.g. regrad's ModelInput)."""
 import asyncio
 import threading
 
@@ -12,6 +15,7 @@ from tinker import types
 from tinker.lib.public_interfaces.training_client import TrainingClient
 from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
 from tinker.lib.chunked_fwdbwd_helpers import combine_fwd_bwd_output_results
+from tinker.proto.request_conv import forward_backward_request_to_proto
 import regrad
 from regrad.model import ByteLMConfig, default_model
 
@@ -60,6 +64,9 @@ class FakeTinkerTrainingClient(TrainingClient):
         async def run():
             outs = []
             for req in requests:
+                async with self._take_turn(req.request_id):  # tinker's order; refused once poisoned
+                    forward_backward_request_to_proto(types.ForwardBackwardRequest(  # what tinker sends
+                        types.ForwardBackwardInput(req.data, loss_fn, loss_fn_config), self.model_id, req.request_id + 1))
                 data = [to_regrad(d) for d in req.data]
                 self.requests.append((forward_only, data))
                 fut = self.server.forward(data) if forward_only else self.server.forward_backward(data)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._futures import MappedFuture, RequestFuture
-from .data import input_tokens, loss_input
+from .data import Datum, input_tokens, loss_input
 from .errors import InputError, NonFiniteError
 from .losses import weighted_sum
 from .model import ByteLM, default_model
@@ -699,15 +699,21 @@ class CustomLossResult:
 
 
 class _Recorder:
-    """Wraps a loss_fn to keep the log-prob tensors it was given, so their `.grad` can be read afterwards."""
+    """Wraps a loss_fn to keep the log-prob tensors it was given, so their `.grad` can be read afterwards.
 
-    def __init__(self, loss_fn: LossFn) -> None:
+    `sent` / `given`: the data handed to the client and the caller's own; a call with `sent` gets `given`
+    (the caller's regrad Datums, not the tinker copies a Tinker client was sent)."""
+
+    def __init__(self, loss_fn: LossFn, sent: Any = None, given: Any = None) -> None:
         self.loss_fn = loss_fn
         self.__name__ = getattr(loss_fn, "__name__", "loss_fn")
         self.logprobs: Optional[List[torch.Tensor]] = None
+        self._sent, self._given = sent, given
 
     def __call__(self, data: Sequence[Any], logprobs_list: List[torch.Tensor]) -> Tuple[Any, Dict[str, float]]:
         self.logprobs = list(logprobs_list)
+        if self._sent is not None and data is self._sent:
+            data = self._given
         try:
             return self.loss_fn(data, logprobs_list)
         finally:  # its worker threads serve this call only, whatever becomes of the request
@@ -752,10 +758,25 @@ def forward_backward_custom(
         from .losses import cross_entropy
 
         base_loss = cross_entropy
-    recorder = _Recorder(compose(base_loss, regularizers, **compose_options))  # (compose names a single spec or dict)
-    returned = method(data, recorder)
+    sent = _client_data(client, data)
+    recorder = _Recorder(compose(base_loss, regularizers, **compose_options), sent, data)  # (compose names a single spec or dict)
+    returned = method(sent, recorder)
     name = f"{type(client).__name__}.{getattr(method, '__name__', 'forward_backward_custom')}"
     return MappedFuture(_request_future(returned, name), recorder.finish)
+
+
+def _client_data(client: Any, data: Sequence[Any]) -> Sequence[Any]:
+    """data as the client takes it: a list with each regrad.Datum as a tinker.types.Datum for any client but a
+    LocalTrainingClient when tinker is installed (Tinker's client cannot send regrad's types); else data as is."""
+    if isinstance(client, LocalTrainingClient) or not isinstance(data, (list, tuple)):
+        return data
+    if not any(isinstance(d, Datum) for d in data):
+        return data
+    try:
+        import tinker  # noqa: F401
+    except ImportError:  # another duck-typed client: it gets what it was given
+        return data
+    return [d.to_tinker() if isinstance(d, Datum) else d for d in data]
 
 
 def _custom_loss_method(client: Any) -> Callable[..., Any]:

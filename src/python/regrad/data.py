@@ -82,6 +82,18 @@ class Datum:
 
     __hash__ = None  # type: ignore[assignment]  # mutable, as before
 
+    def to_tinker(self) -> Any:
+        """This datum as a `tinker.types.Datum` (needs the tinker SDK): a real Tinker client sends only its
+        own types (its request serializer refuses regrad's ModelInput and numpy arrays). Integer and
+        boolean inputs become int64, floats float32 (`TensorData`), as tinker stores them."""
+        from tinker import types
+
+        inputs: Dict[str, Any] = {}
+        for key, value in self.loss_fn_inputs.items():
+            array = _to_numpy(value)
+            inputs[key] = array.astype(np.int64) if array.dtype.kind in "bu" else array  # (tinker takes i and f only)
+        return types.Datum(model_input=types.ModelInput.from_ints(input_tokens(self)), loss_fn_inputs=inputs)
+
 
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "to_numpy"):  # tinker.types.TensorData
