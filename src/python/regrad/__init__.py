@@ -1,6 +1,7 @@
 """regrad: fast, correct gradients for custom training losses on token log-probabilities."""
 
 import os as _os
+import typing as _typing
 from typing import Any as _Any
 from typing import Dict as _Dict
 
@@ -64,11 +65,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> _Any:
-    """Names that need torch, asked for without it: say how to get it (not a bare AttributeError)."""
-    if name in _NEEDS_TORCH:
-        raise ImportError(f"regrad.{name} needs torch, which is not installed: pip install 'regrad[torch]'")
-    raise AttributeError(f"module 'regrad' has no attribute {name!r}")
+# Hidden from type checkers: with a module __getattr__ they read any unknown `regrad.x` (a typo) as Any.
+if not _typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> _Any:
+        """Names that need torch, asked for without it: say how to get it (not a bare AttributeError)."""
+        if name in _NEEDS_TORCH:
+            raise ImportError(f"regrad.{name} needs torch, which is not installed: pip install 'regrad[torch]'")
+        raise AttributeError(f"module 'regrad' has no attribute {name!r}")
 
 
 def build_info() -> _Dict[str, _Any]:

@@ -54,6 +54,7 @@ class RequestFuture(Generic[T]):
         return self._future
 
     def done(self) -> bool:
+        """True once the request finished (succeeded or failed); never blocks."""
         return self._future.done()
 
     async def coroutine(self) -> T:

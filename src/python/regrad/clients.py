@@ -38,7 +38,8 @@ __all__ = [
     "forward_backward_custom",
 ]
 
-LossFn = Callable[[Sequence[Any], List[torch.Tensor]], Tuple[Any, Dict[str, float]]]
+# data is Any: loss_fn gets `data` as given, so one typed as Tinker's CustomLossFnV1 (List[Datum]) is accepted
+LossFn = Callable[[Any, List[torch.Tensor]], Tuple[Any, Dict[str, float]]]
 _STATE_FORMAT = "regrad.LocalTrainingClient/1"
 
 
@@ -462,6 +463,7 @@ class StatePath(str):
 
     @property
     def path(self) -> str:
+        """The file's path (Tinker's response field)."""
         return str(self)
 
 

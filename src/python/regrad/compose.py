@@ -34,7 +34,7 @@ _DEFAULT = object()
 
 
 def compose(
-    base_loss: Union[Callable[..., Any], RegularizerSpec, None] = losses.cross_entropy,
+    base_loss: Union[Callable[..., Any], SpecLike, None] = losses.cross_entropy,
     regularizers: Iterable[SpecLike] = (),
     *,
     parallel: bool = True,
@@ -80,7 +80,7 @@ class ComposedLoss:
 
     def __init__(
         self,
-        base_loss: Union[Callable[..., Any], RegularizerSpec, None],
+        base_loss: Union[Callable[..., Any], SpecLike, None],
         regularizers: Iterable[SpecLike],
         *,
         parallel: bool = True,

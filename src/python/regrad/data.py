@@ -31,13 +31,16 @@ class ModelInput:
 
     @classmethod
     def from_ints(cls, tokens: Sequence[int]) -> "ModelInput":
+        """Tinker's constructor: integer ids from a list, numpy array or torch tensor (a float id is refused)."""
         return cls(_token_ids(tokens, "ModelInput.from_ints"))
 
     def to_ints(self) -> List[int]:
+        """The token ids, as a new list."""
         return list(self.tokens)
 
     @property
     def length(self) -> int:
+        """The number of input tokens."""
         return len(self.tokens)
 
     @property

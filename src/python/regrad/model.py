@@ -38,6 +38,7 @@ class ByteLMConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
 
     def to_dict(self) -> Dict[str, Any]:
+        """The fields as a plain dict (what save_state stores)."""
         return asdict(self)
 
     @classmethod
@@ -98,6 +99,7 @@ class ByteLM(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab_size] of input ids [B, T] (int64), causal: position t sees ids <= t."""
         t = input_ids.shape[1]
         if t > self.context:
             raise ValueError(f"sequence of {t} tokens is longer than the model's context ({self.context})")

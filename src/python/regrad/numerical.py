@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Protocol, Sequence, Tuple, TypeVar, cast
 
 import numpy as np
 
@@ -109,6 +109,15 @@ class NumericalGrad:
 
 
 NumericalResult = NumericalGrad  # DESIGN.md's name for the same result
+
+
+class NumericalLoss(Protocol):
+    """What `numerical(fn)` returns: fn(data, logprobs_list) made differentiable, with the last NumericalGrad
+    (typed, so `wrapped.last_result` type-checks as documented; a bare Callable has no such attribute)."""
+
+    last_result: Optional[NumericalGrad]
+
+    def __call__(self, data: Any, logprobs_list: Sequence[Any]) -> Any: ...
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -297,9 +306,13 @@ def _dtype_constants(method: str, dtype: np.dtype) -> Tuple[str, float, float]:
 # ---- the engine ---------------------------------------------------------------------------------
 
 
-def _outside_inference_mode(engine: Callable[..., NumericalGrad]) -> Callable[..., NumericalGrad]:
+_Engine = TypeVar("_Engine", bound=Callable[..., NumericalGrad])
+
+
+def _outside_inference_mode(engine: _Engine) -> _Engine:
     """Runs the engine with torch's inference mode off: tensors made there (the perturbed copies) have
-    no version counter, which the in-place checks read. The caller's tensors are only read."""
+    no version counter, which the in-place checks read. The caller's tensors are only read. Typed to
+    keep the engine's signature for type checkers (a `Callable[..., ...]` return accepted any argument)."""
 
     @functools.wraps(engine)
     def run(*args: Any, **kwargs: Any) -> NumericalGrad:
@@ -309,7 +322,7 @@ def _outside_inference_mode(engine: Callable[..., NumericalGrad]) -> Callable[..
                 return engine(*args, **kwargs)
         return engine(*args, **kwargs)
 
-    return run
+    return cast(_Engine, run)
 
 
 @_outside_inference_mode
@@ -876,7 +889,7 @@ _WRAPPER_OPTIONS = frozenset(
 ) - {"f0"}
 
 
-def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+def numerical(fn: Callable[..., Any], **options: Any) -> NumericalLoss:
     """Wraps `fn(data, logprobs_list)` so torch autograd differentiates it numerically.
 
     The wrapper calls fn once (forward) and returns what fn returns, the loss as a 0-d torch tensor:
@@ -938,7 +951,7 @@ def numerical(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
         return (value, out[1]) if loss is not out else value
 
     wrapped.last_result = None  # type: ignore[attr-defined]
-    return wrapped
+    return cast(NumericalLoss, wrapped)
 
 
 def _numerical_function() -> Any:

@@ -23,7 +23,8 @@ from .grad import NUMERICAL_OPTIONS, NUMERICAL_ROUTES, ROUTES, has_analytic, sca
 
 __all__ = ["RegularizerSpec", "SpecLike", "as_spec", "as_specs", "l1", "l2", "entropy", "KernelRegularizer"]
 
-LossFn = Callable[[Sequence[Any], List[Any]], Any]
+# data is Any: fn gets the caller's data as given, so a fn typed for Tinker (List[Datum]) is accepted
+LossFn = Callable[[Any, List[Any]], Any]
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,10 +305,12 @@ class KernelRegularizer:
 
     @property
     def kind(self) -> str:
+        """The kernel: "l1", "l2", "l2_norm" or "entropy"."""
         return self._key[0]
 
     @property
     def reduction(self) -> str:
+        """"mean" (over data) or "sum"."""
         return self._key[1]
 
     @property

@@ -68,10 +68,12 @@ class RegularizerTelemetry(TermTelemetry):
 
     @property
     def contribution(self) -> float:
+        """weight · value: what the term adds to loss_total."""
         return self.weight * self.value + 0.0  # (+ 0.0: weight 0 of a negative value is 0.0, not -0.0)
 
     @property
     def grad_norm_weighted(self) -> Optional[float]:
+        """weight · grad_norm (None with track_grad_norms=False)."""
         return None if self.grad_norm is None else self.weight * self.grad_norm
 
     def to_dict(self) -> Dict[str, Any]:
