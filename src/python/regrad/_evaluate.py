@@ -570,8 +570,11 @@ def _datum_losses(
     call = problem.bind(term, inputs)
     tensor = _torch_tensor() if problem.is_torch else None
     isfinite = math.isfinite
+    flight = chunk_flight()
     losses = []
     for q in range(q_begin, q_end):
+        if flight is not None and flight._stopped:  # (see chunk_flight)
+            raise _Stopped("the run stopped")
         r = q // npoints - first
         flat[i0 + r] = values[q - shift]
         try:
@@ -688,8 +691,11 @@ def block_chunk(
     buffers = (pool or BufferPool()).views(arrays, rows)
     writer.reset()
     out = np.empty(q_end - q_begin) if out is None else out
+    flight = chunk_flight()
     with problem.no_grad():
         for q in range(q_begin, q_end, rows):
+            if flight is not None and flight._stopped:  # (see chunk_flight)
+                raise _Stopped("the run stopped")
             count = min(rows, q_end - q)
             writer.write(arrays, buffers, term, q, count)
             where = functools.partial(writer.describe, problem, term, q, count)
@@ -814,14 +820,27 @@ class _InFlight:
             self._cond.notify_all()
 
     def stop(self) -> None:
-        """No chunk starts calling fn after this; returns once the running ones have finished."""
+        """No chunk calls fn after this (running ones stop before their next call, see chunk_flight);
+        returns once the running ones have finished."""
         with self._cond:
             self._stopped = True
             while self._running:
                 self._cond.wait()
 
 
-_RUNNING = threading.local()  # .executors: ids of the executors whose chunks this thread is running now
+class _Stopped(Exception):
+    """Ends a chunk whose run has stopped (its result is never read)."""
+
+
+# .executors: ids of the executors whose chunks this thread is running now; .flight: the run of the chunk
+_RUNNING = threading.local()
+
+
+def chunk_flight() -> Optional[_InFlight]:
+    """The run of the chunk this thread is running on an executor (None outside one). Its loops check
+    `_stopped` before each call of fn: a chunk is up to 1/64 of the run, and waiting for it to finish
+    delayed Ctrl-C (or a sibling chunk's error) by that much (5 s for 100 calls of 50 ms)."""
+    return getattr(_RUNNING, "flight", None)
 
 
 def _remote(func: Callable[..., Any], flight: _InFlight, problem: "Problem", *args: Any) -> Tuple[Any, float]:
@@ -829,12 +848,12 @@ def _remote(func: Callable[..., Any], flight: _InFlight, problem: "Problem", *ar
     worker's Problem is a copy, so the caller's would not learn a float16 or bfloat16 fn otherwise)."""
     if not flight.enter():
         return None, 0.0  # the run already stopped: never read
-    outer = getattr(_RUNNING, "executors", ())
-    _RUNNING.executors = outer + (flight.executor,)
+    outer, outer_flight = getattr(_RUNNING, "executors", ()), chunk_flight()
+    _RUNNING.executors, _RUNNING.flight = outer + (flight.executor,), flight
     try:
         return func(problem, *args), problem.loss_eps
     finally:
-        _RUNNING.executors = outer
+        _RUNNING.executors, _RUNNING.flight = outer, outer_flight
         flight.leave()
 
 

@@ -262,9 +262,14 @@ class ComposedLoss:
             asyncio.get_running_loop()
         except RuntimeError:
             return _raised(asyncio.run(_outcome(self._run_on_loop(inputs))))
-        # e.g. Tinker calls a custom loss from inside its own event loop
+        # e.g. Tinker calls a custom loss from inside its own event loop (a Jupyter cell too)
+        run = _Stoppable(lambda: _outcome(self._run_on_loop(inputs)))
         with ThreadPoolExecutor(1, thread_name_prefix="regrad-loop") as helper:
-            return _raised(helper.submit(asyncio.run, _outcome(self._run_on_loop(inputs))).result())
+            try:
+                return _raised(helper.submit(run.run).result())  # (no local holding the outcome: see _raised)
+            except BaseException:  # Ctrl-C in this thread: cancel the terms, or leaving the pool waits for all of them
+                run.stop()  # (a no-op once the helper's loop has ended)
+                raise
 
     async def _run_on_loop(self, inputs: CallInputs) -> List[TermResult]:
         """All terms concurrently: async ones as tasks on this loop, sync ones on the pool (inline if not parallel)."""
@@ -305,6 +310,10 @@ class ComposedLoss:
             if cancel.is_set():
                 raise Cancelled("a sibling term failed before this one started")
             result = self._checked(compute_term(spec, inputs, cancel), inputs)
+        except asyncio.CancelledError as err:  # fn's own (no await here receives a cancellation): a failure, as
+            # for async terms; passed on, it read as the cancellation of the caller's task (acall, await fut)
+            own = RuntimeError("fn raised CancelledError (it called code that awaited a cancelled task or future)")
+            raise self._term_error(scope, spec, own, start, inputs.call) from err
         except Exception as err:
             raise self._term_error(scope, spec, err, start, inputs.call) from err
         return self._term_done(scope, spec, result, start, inputs.call)
@@ -330,6 +339,9 @@ class ComposedLoss:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            elif not task.cancelled():
+                task.exception()  # read: a Ctrl-C fn raised left the loop before this frame could, and asyncio
+                # logged "Task exception was never retrieved" with its traceback when the task was collected
             task = done = None  # task.result()'s error holds this frame: no cycle through the task
         return self._term_done(scope, spec, result, start, inputs.call)
 
@@ -488,6 +500,44 @@ async def _outcome(coro: Any) -> Tuple[Any, Optional[Exception]]:
         return await coro, None
     except Exception as err:  # noqa: BLE001 - handed to _raised, which raises it
         return None, err
+
+
+class _Stoppable:
+    """A coroutine run by asyncio.run on a helper thread, which the calling thread can cancel: a Ctrl-C
+    there used to wait for every term to finish (numerical evaluations included; forever for an async
+    term with timeout=None) before it reached the caller."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make  # the coroutine, made on the helper's loop unless stopped before it started
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._task: Optional["asyncio.Task[Any]"] = None
+
+    def run(self) -> Any:
+        """asyncio.run of the coroutine (on the helper thread)."""
+        try:
+            return asyncio.run(self._main())
+        finally:  # the task holds the outcome: no cycle error -> caller's frame -> self -> task -> error
+            with self._lock:
+                self._task = None
+
+    async def _main(self) -> Any:
+        with self._lock:
+            if self._stopped:  # stopped before the helper's loop started
+                raise asyncio.CancelledError
+            self._task = asyncio.current_task()
+        return await self._make()
+
+    def stop(self) -> None:
+        """Cancels the coroutine on its loop (its terms are cancelled as for any failure); asyncio.run then ends."""
+        with self._lock:
+            self._stopped = True
+            task = self._task
+        if task is not None and not task.done():
+            try:
+                task.get_loop().call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # the loop closed meanwhile: nothing left to cancel
+                pass
 
 
 def _raised(outcome: Tuple[Any, Optional[Exception]]) -> Any:
