@@ -759,7 +759,8 @@ def datum_blocks(
             values = out.numpy()
         except (AttributeError, RuntimeError, TypeError):
             values = problem.vector_loss(out, count, functools.partial(writer.describe, problem, term, 0, count))
-        if values.shape != (count,):  # raises the shape error
+        if values.shape != (count,) or values.dtype.kind not in "fiu":  # raises the shape or not-numbers error
+            # (out.numpy() also reads a bool or complex tensor, which vector_loss refuses as block_chunk does)
             problem.vector_loss(out, count, functools.partial(writer.describe, problem, term, 0, count))
         f[term.e0 * npoints : term.e1 * npoints] = values  # now: fn's output may be a view of its input
         problem.see_loss(out)

@@ -626,7 +626,11 @@ def _adam_number(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
         value = value.item()
     is_real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    if not is_real or not math.isfinite(value) or value < 0:
+    try:
+        finite = is_real and math.isfinite(value)
+    except OverflowError:  # an int beyond float64 (10**400): math.isfinite raised it, not a ValueError
+        raise ValueError(f"AdamParams.{name} must be a finite number >= 0, got an integer beyond float64's range") from None
+    if not finite or value < 0:
         raise ValueError(f"AdamParams.{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 

@@ -314,6 +314,8 @@ class ComposedLoss:
             # for async terms; passed on, it read as the cancellation of the caller's task (acall, await fut)
             own = RuntimeError("fn raised CancelledError (it called code that awaited a cancelled task or future)")
             raise self._term_error(scope, spec, own, start, inputs.call) from err
+        except RegularizerError as err:  # a nested composed loss's: `from err` would make it its own __cause__
+            raise self._term_error(scope, spec, err, start, inputs.call)
         except Exception as err:
             raise self._term_error(scope, spec, err, start, inputs.call) from err
         return self._term_done(scope, spec, result, start, inputs.call)
@@ -333,6 +335,8 @@ class ComposedLoss:
         except asyncio.CancelledError as err:
             emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err, call=inputs.call)
             raise
+        except RegularizerError as err:  # a nested composed loss's: `from err` would make it its own __cause__
+            raise self._term_error(scope, spec, err, start, inputs.call)
         except Exception as err:
             raise self._term_error(scope, spec, err, start, inputs.call) from err
         finally:

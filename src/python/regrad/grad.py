@@ -371,10 +371,8 @@ def requires_grad_error(err: BaseException) -> bool:
 
 def resolve(spec: Any) -> str:
     """The route decided without running fn: user / analytic / autograd / numerical..., or "probe" for auto."""
-    if spec.grad != "auto":
+    if spec.grad != "auto":  # (a grad_fn made it "user": RegularizerSpec.__post_init__)
         return spec.grad
-    if spec.grad_fn is not None:
-        return "user"
     if has_analytic(spec.fn):
         return "analytic"
     if _vectorized(spec) or _structure(spec) != "batch":

@@ -937,16 +937,19 @@ def numerical(fn: Callable[..., Any], **options: Any) -> NumericalLoss:
             dtype = loss.dtype
         else:  # a Python / numpy number: kept at least float32 (float16 would turn 7e4 into inf)
             dtype = tensors[0].dtype if tensors[0].dtype in (torch.float32, torch.float64) else torch.float32
-        try:
-            value = torch.as_tensor(float(loss), dtype=dtype)
+        try:  # real numbers only, as numerical_grad reads fn's losses: "1.5" is not parsed, True is not 1.0
+            number = float(loss) if is_torch_tensor(loss) and loss.is_floating_point() else float(real_array(loss).reshape(()))
         except (TypeError, ValueError) as err:
-            raise NumericalError(f"{fn_name(fn)} returned {type(loss).__name__}; expected a scalar loss") from err
+            what = str(err) if isinstance(err, NotRealNumbers) and str(err) else type(loss).__name__
+            raise NumericalError(f"{fn_name(fn)} returned {what}; expected a scalar loss") from err
+        value = torch.as_tensor(number, dtype=dtype)
         if differentiated:
             # forward's loss is backward's f0 when the engine would evaluate fn at x again, unless the engine
-            # widens the tensors (float16: fn then computes in float32 and its loss may differ)
-            reused = reads_f0(options.get("method", "central"), options.get("antithetic", True)) and all(
-                t.dtype in (torch.float32, torch.float64) for t in tensors)
-            run = {**options, "f0": float(loss)} if reused else options
+            # widens the tensors (float16: fn then computes in float32 and its loss may differ); a non-finite
+            # loss is not: the engine then names fn's loss at the unperturbed log-probs, not an f0 never given
+            reused = reads_f0(options.get("method", "central"), options.get("antithetic", True)) and math.isfinite(
+                number) and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+            run = {**options, "f0": number} if reused else options
             value = _NumericalFunction.apply(value, (wrapped, fn, data, run), *tensors)
         return (value, out[1]) if loss is not out else value
 

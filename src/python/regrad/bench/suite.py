@@ -455,8 +455,3 @@ def crossovers(results: Sequence[Result]) -> Dict[str, Dict[str, Any]]:
         entry["slower_at_every_n"] = bool(ns) and len(slower) == len(ns)
         entry["faster_at_every_n"] = not slower
     return out
-
-
-def is_finite_number(x: Any) -> bool:
-    """True for a finite int / float."""
-    return isinstance(x, (int, float)) and math.isfinite(x)
