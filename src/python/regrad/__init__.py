@@ -32,7 +32,7 @@ if _core.build_info().get("openmp") and hasattr(_os, "register_at_fork"):
 try:
     from . import _cuda  # type: ignore[attr-defined]
 except ImportError:
-    _cuda = None
+    _cuda = None  # type: ignore[assignment]  # no CUDA build: regrad._cuda is None
 
 from . import kernels, losses, telemetry
 from ._check import check

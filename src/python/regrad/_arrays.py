@@ -85,7 +85,7 @@ class ArrayBatch:
         # Unpickled arrays (a remote executor) carry a fresh dtype object; the core wants the canonical one.
         # They may also be unaligned (pickle protocol 5 buffers placed at any offset, as Dask's frames
         # are), which the core refuses: such an array is copied once.
-        self._arrays = [np.require(a.view(a.dtype.type), requirements="CA") for a in self._arrays or []]
+        self._arrays = [np.require(a.view(a.dtype.type), requirements=["C", "A"]) for a in self._arrays or []]
         self.dtype = np.dtype(self.dtype.type)
 
 

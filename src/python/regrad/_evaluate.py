@@ -15,7 +15,7 @@ import operator
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Generator, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -161,7 +161,7 @@ _NARROW_EPS: dict = {}  # dtype -> machine epsilon if narrower than float64, els
 def narrow_eps(value: Any) -> float:
     """Machine epsilon of a loss value's dtype when it is a float narrower than float64 (numpy or
     torch float32 / float16 / bfloat16), else 0.0 (Python floats, float64, lists)."""
-    dtype = getattr(value, "dtype", None)
+    dtype: Any = getattr(value, "dtype", None)
     eps = _NARROW_EPS.get(dtype)
     if eps is None:
         if isinstance(dtype, np.dtype):
@@ -653,7 +653,7 @@ class RandomWriter:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         # an unpickled scale may be unaligned (see ArrayBatch.__setstate__), which the core refuses
-        self.scale = np.require(self.scale, requirements="CA")
+        self.scale = np.require(self.scale, requirements=["C", "A"])
 
     def write(self, arrays: List[np.ndarray], buffers: List[np.ndarray], term: Term, q: int, count: int) -> None:
         _core.random_block(
@@ -858,7 +858,7 @@ def _remote(func: Callable[..., Any], flight: _InFlight, problem: "Problem", *ar
         flight.leave()
 
 
-def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]]) -> Iterator[Any]:
+def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]]) -> Generator[Any, None, None]:
     """executor.map(func, *calls) in order, each result checked as it arrives: with sizes, a numeric
     vector of sizes[k] losses; then one result per call. An executor that breaks this is named (a
     short or None result would otherwise be read as uninitialised memory or NaN)."""
@@ -901,6 +901,7 @@ def fill_mapped(out: np.ndarray, executor: Any, func: Callable[..., Any], calls:
 def _checked(name: str, results: Iterator[Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]],
              problem: Any) -> Iterator[Any]:
     count = 0
+    value: Any  # any result, None included (mypy cannot narrow it through `numbers` below)
     for result in results:
         if count == len(calls):
             raise InputError(f"{name}.map returned more than the {len(calls)} results asked for")

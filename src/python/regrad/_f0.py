@@ -107,7 +107,7 @@ def _token_f0(f0: Any, problem: Problem) -> List[np.ndarray]:
         if bad.size:
             raise NonFiniteError(f"f0[{j}] holds the non-finite loss {a.reshape(-1)[bad[0]]} at element {bad[0]} of datum {j}")
         problem.see_loss(value)
-        out.append(np.require(a, None, "CA"))
+        out.append(np.require(a, None, ["C", "A"]))
     return out
 
 

@@ -324,6 +324,8 @@ class ComposedLoss:
         scope, spec = self._terms[index]
         start = time.perf_counter()
         emit(self.on_event, "start", scope, spec.name, call=inputs.call)
+        task: Optional[asyncio.Task[TermResult]]  # (both cleared in finally)
+        done: Optional[set]
         task = asyncio.ensure_future(compute_term_async(spec, inputs, cancel))
         try:
             done, _ = await asyncio.wait({task}, timeout=spec.timeout)
@@ -369,7 +371,7 @@ class ComposedLoss:
             finite = math.isfinite(norm)
         else:
             finite = bool(np.isfinite(flat).all())
-        bad = np.flatnonzero(~np.isfinite(flat)) if not finite else ()
+        bad: Union[np.ndarray, Tuple[int, ...]] = np.flatnonzero(~np.isfinite(flat)) if not finite else ()
         if len(bad):
             raise NonFiniteError(
                 f"the {result.grad_method} gradient has non-finite entries ({len(bad)} of {flat.size}); the first, "
@@ -393,6 +395,7 @@ class ComposedLoss:
                 if spec.weight == 0.0:
                     continue
                 g = result.flat_grad
+                assert g is not None  # (every result passed _checked)
                 if total is None:
                     total = g.copy() if spec.weight == 1.0 else g * g.dtype.type(spec.weight)
                 elif spec.weight == 1.0:

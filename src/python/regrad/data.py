@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, overload
 
 import numpy as np
 
@@ -109,6 +109,10 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+@overload
+def loss_input(datum: Any, key: str, index: int = 0, *, required: Literal[True] = True) -> np.ndarray: ...
+@overload
+def loss_input(datum: Any, key: str, index: int = 0, *, required: bool) -> Optional[np.ndarray]: ...
 def loss_input(datum: Any, key: str, index: int = 0, *, required: bool = True) -> Optional[np.ndarray]:
     """`datum.loss_fn_inputs[key]` as a numeric numpy array (bool, int or float), for a regrad or tinker
     Datum; a ragged or non-numeric value is an InputError naming the datum (index) and the key."""

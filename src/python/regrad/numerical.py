@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Protocol, Sequence, Tuple, TypeVar, cast
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Protocol, Sequence, Tuple, TypedDict, TypeVar, Union, cast, overload
 
 import numpy as np
 
@@ -196,7 +196,7 @@ def _as_output_pair(both: np.ndarray, inputs: _Inputs) -> Tuple[List[Any], List[
     if batch.is_torch and inputs.dtype_note is None:
         import torch
 
-        parts = torch.from_numpy(both.astype(batch.dtype, copy=False)).split_with_sizes(batch.sizes * 2)
+        parts: Sequence[torch.Tensor] = torch.from_numpy(both.astype(batch.dtype, copy=False)).split_with_sizes(batch.sizes * 2)
         if batch.shapes and len(batch.shapes[0]) > 1:
             parts = [p.view(s) for p, s in zip(parts, batch.shapes * 2)]
         return list(parts[:count]), list(parts[count:])
@@ -309,6 +309,15 @@ def _dtype_constants(method: str, dtype: np.dtype) -> Tuple[str, float, float]:
 _Engine = TypeVar("_Engine", bound=Callable[..., NumericalGrad])
 
 
+class _CommonFields(TypedDict):
+    """The NumericalGrad fields every result of one numerical_grad call shares."""
+
+    method: str
+    structure: str
+    dtype: str
+    dtype_note: Optional[str]
+
+
 def _outside_inference_mode(engine: _Engine) -> _Engine:
     """Runs the engine with torch's inference mode off: tensors made there (the perturbed copies) have
     no version counter, which the in-place checks read. The caller's tensors are only read. Typed to
@@ -378,8 +387,9 @@ def numerical_grad(
         check_datum_data(data, len(shapes))
     problem = Problem(fn, data, structure_name, batch, offsets, width)
     problem.f0 = given_f0(f0, problem, method, antithetic, vectorized)
+    scale: Union[float, np.ndarray, None]  # the relative step c; randomized methods: sigma, per element
     dtype_name, scale, loss_eps = _dtype_constants("central" if method in RANDOMIZED else method, batch.dtype)
-    common = dict(method=method, structure=structure_name, dtype=dtype_name, dtype_note=inputs.dtype_note)
+    common: _CommonFields = dict(method=method, structure=structure_name, dtype=dtype_name, dtype_note=inputs.dtype_note)
 
     if n == 0:
         zeros = np.zeros(0)
@@ -713,7 +723,7 @@ def _token_gradient(
     given = problem.f0 if method == "forward" else None  # the caller's per-token losses at x: no call for them
     ks = list(range(len(POINT_LABELS[method]))) + ([-1] if method == "forward" and given is None else [])
     bar = Progress.for_run(len(ks), progress, method, problem.structure)
-    values = []
+    values: List[Any] = []  # per call, fn's per-token losses of each datum (then f0 when given)
     try:
         if executor is None:
             for k in ks:
@@ -744,7 +754,7 @@ def _token_gradient(
             problem.see_loss(v)
         loss_eps = max(loss_eps, problem.loss_eps)
         dtype = _common_loss_dtype(itertools.chain.from_iterable(values))
-        values = [[np.require(v, dtype, "CA") for v in call] for call in values]
+        values = [[np.require(v, dtype, ["C", "A"]) for v in call] for call in values]
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps)
     if bad >= 0:
         n = int(problem.offsets[-1])
@@ -813,7 +823,7 @@ def _stacked_call(problem: Problem, method: str, points: np.ndarray, held: Stack
             problem.see_loss(v)
         loss_eps = max(loss_eps, problem.loss_eps)
         arrays = [_numpy(v) for v in out]
-        values = [np.require(a, _common_loss_dtype(arrays), "CA") for a in arrays]
+        values = [np.require(a, _common_loss_dtype(arrays), ["C", "A"]) for a in arrays]
         both, bad = _core.token_quotients(method, problem.batch.core_arrays, points, values, loss_eps, True)
     if bad >= 0:
         n = int(problem.offsets[-1])
@@ -1005,6 +1015,10 @@ def _numerical_grad_wrt(fn: Callable[..., Any], data: Any, tensors: List[Any], w
     except (InputError, NumericalError, NonFiniteError) as err:
         raise _renumbered(err, wrt) from err
 
+    @overload
+    def spread(part: List[Any]) -> List[Any]: ...
+    @overload
+    def spread(part: None) -> None: ...
     def spread(part: Optional[List[Any]]) -> Optional[List[Any]]:
         if part is None:
             return None
