@@ -542,19 +542,20 @@ def difference_scalar_chunk(
     offsets = problem.offsets.tolist()
     inputs: List[Any] = [problem.fn_view(problem.arrays[j]) for j in term.datums]
     losses: List[Any] = []
+    flight = chunk_flight()
     with problem.no_grad():
         q = q_begin
         while q < q_end:  # perturbations come in element order: one pass per datum they touch
             j = bisect.bisect_right(offsets, term.e0 + q // npoints) - 1
             stop = min(q_end, (offsets[j + 1] - term.e0) * npoints)
-            losses += _datum_losses(problem, term, inputs, j - term.datums[0], points, npoints, method, q, stop)
+            losses += _datum_losses(problem, term, inputs, j - term.datums[0], points, npoints, method, q, stop, flight)
             q = stop
     return np.array(losses, np.float64)
 
 
 def _datum_losses(
     problem: Problem, term: Term, inputs: List[Any], slot: int, points: np.ndarray, npoints: int, method: str,
-    q_begin: int, q_end: int,
+    q_begin: int, q_end: int, flight: Optional["_InFlight"] = None,
 ) -> List[Any]:
     """Losses at perturbations [q_begin, q_end), all in the datum fn gets as inputs[slot]: points and
     original values are read as Python floats up front, and floats and 0-d tensors skip scalar_loss."""
@@ -570,7 +571,6 @@ def _datum_losses(
     call = problem.bind(term, inputs)
     tensor = _torch_tensor() if problem.is_torch else None
     isfinite = math.isfinite
-    flight = chunk_flight()
     losses = []
     for q in range(q_begin, q_end):
         if flight is not None and flight._stopped:  # (see chunk_flight)
@@ -838,10 +838,14 @@ _RUNNING = threading.local()
 
 
 def chunk_flight() -> Optional[_InFlight]:
-    """The run of the chunk this thread is running on an executor (None outside one). Its loops check
-    `_stopped` before each call of fn: a chunk is up to 1/64 of the run, and waiting for it to finish
-    delayed Ctrl-C (or a sibling chunk's error) by that much (5 s for 100 calls of 50 ms)."""
-    return getattr(_RUNNING, "flight", None)
+    """The run of the chunk this thread starts on an executor (None outside one), taken by the chunk. Its
+    loops check `_stopped` before each call of fn: a chunk is up to 1/64 of the run, and waiting for it to
+    finish delayed Ctrl-C (or a sibling chunk's error) by that much (5 s for 100 calls of 50 ms). Taken, so
+    fn's own sequential runs inside the chunk do not read it: a stopped outer run failed them with `_Stopped`,
+    which reached their composed losses' on_event (and log_events' warnings)."""
+    flight = getattr(_RUNNING, "flight", None)
+    _RUNNING.flight = None
+    return flight
 
 
 def _remote(func: Callable[..., Any], flight: _InFlight, problem: "Problem", *args: Any) -> Tuple[Any, float]:
@@ -849,7 +853,7 @@ def _remote(func: Callable[..., Any], flight: _InFlight, problem: "Problem", *ar
     worker's Problem is a copy, so the caller's would not learn a float16 or bfloat16 fn otherwise)."""
     if not flight.enter():
         return None, 0.0  # the run already stopped: never read
-    outer, outer_flight = getattr(_RUNNING, "executors", ()), chunk_flight()
+    outer, outer_flight = getattr(_RUNNING, "executors", ()), getattr(_RUNNING, "flight", None)
     _RUNNING.executors, _RUNNING.flight = outer + (flight.executor,), flight
     try:
         return func(problem, *args), problem.loss_eps

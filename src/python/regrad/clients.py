@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._futures import MappedFuture, RequestFuture
-from .data import Datum, input_tokens, loss_input
+from .data import Datum, input_tokens, loss_input, tinker_datum
 from .errors import InputError, NonFiniteError
 from .losses import weighted_sum
 from .model import ByteLM, default_model
@@ -782,7 +782,7 @@ def _client_data(client: Any, data: Sequence[Any]) -> Sequence[Any]:
         import tinker  # noqa: F401
     except ImportError:  # another duck-typed client: it gets what it was given
         return data
-    return [d.to_tinker() if isinstance(d, Datum) else d for d in data]
+    return [tinker_datum(d, i, extras=False) if isinstance(d, Datum) else d for i, d in enumerate(data)]
 
 
 def _custom_loss_method(client: Any) -> Callable[..., Any]:

@@ -263,7 +263,8 @@ class ComposedLoss:
         except RuntimeError:
             return _raised(asyncio.run(_outcome(self._run_on_loop(inputs))))
         # e.g. Tinker calls a custom loss from inside its own event loop (a Jupyter cell too)
-        run = _Stoppable(lambda: _outcome(self._run_on_loop(inputs)))
+        cancel = threading.Event()  # set by stop() too: sync terms the helper's loop runs inline (parallel=False)
+        run = _Stoppable(lambda: _outcome(self._run_on_loop(inputs, cancel)), cancel.set)  # see no task.cancel()
         with ThreadPoolExecutor(1, thread_name_prefix="regrad-loop") as helper:
             try:
                 return _raised(helper.submit(run.run).result())  # (no local holding the outcome: see _raised)
@@ -271,10 +272,10 @@ class ComposedLoss:
                 run.stop()  # (a no-op once the helper's loop has ended)
                 raise
 
-    async def _run_on_loop(self, inputs: CallInputs) -> List[TermResult]:
+    async def _run_on_loop(self, inputs: CallInputs, cancel: Optional[threading.Event] = None) -> List[TermResult]:
         """All terms concurrently: async ones as tasks on this loop, sync ones on the pool (inline if not parallel)."""
         loop = asyncio.get_running_loop()
-        cancel = threading.Event()
+        cancel = threading.Event() if cancel is None else cancel
         tasks: Dict[int, "asyncio.Future[TermResult]"] = {}
         results: Dict[int, TermResult] = {}
         try:
@@ -514,8 +515,9 @@ class _Stoppable:
     there used to wait for every term to finish (numerical evaluations included; forever for an async
     term with timeout=None) before it reached the caller."""
 
-    def __init__(self, make: Callable[[], Any]) -> None:
+    def __init__(self, make: Callable[[], Any], on_stop: Optional[Callable[[], None]] = None) -> None:
         self._make = make  # the coroutine, made on the helper's loop unless stopped before it started
+        self._on_stop = on_stop  # thread-safe; tells running sync terms (the loop's cancel reaches only awaits)
         self._lock = threading.Lock()
         self._stopped = False
         self._task: Optional["asyncio.Task[Any]"] = None
@@ -537,6 +539,8 @@ class _Stoppable:
 
     def stop(self) -> None:
         """Cancels the coroutine on its loop (its terms are cancelled as for any failure); asyncio.run then ends."""
+        if self._on_stop is not None:  # (first: sync terms inline on the loop block the cancellation below)
+            self._on_stop()
         with self._lock:
             self._stopped = True
             task = self._task

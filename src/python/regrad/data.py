@@ -88,14 +88,27 @@ class Datum:
     def to_tinker(self) -> Any:
         """This datum as a `tinker.types.Datum` (needs the tinker SDK): a real Tinker client sends only its
         own types (its request serializer refuses regrad's ModelInput and numpy arrays). Integer and
-        boolean inputs become int64, floats float32 (`TensorData`), as tinker stores them."""
-        from tinker import types
+        boolean inputs become int64, floats float32 (`TensorData`), as tinker stores them; an input that is not
+        a rectangular array of numbers (which tinker cannot hold) is an InputError naming its key."""
+        return tinker_datum(self)
 
-        inputs: Dict[str, Any] = {}
-        for key, value in self.loss_fn_inputs.items():
-            array = _to_numpy(value)
-            inputs[key] = array.astype(np.int64) if array.dtype.kind in "bu" else array  # (tinker takes i and f only)
-        return types.Datum(model_input=types.ModelInput.from_ints(input_tokens(self)), loss_fn_inputs=inputs)
+
+def tinker_datum(datum: Datum, index: int = 0, *, extras: bool = True) -> Any:
+    """`datum.to_tinker()`, an error naming data item `index`. extras=False leaves out an extra input tinker cannot
+    hold (text, a dict, a ragged list): Tinker's client sends only target_tokens and weights to the server, and
+    regrad.forward_backward_custom hands the loss the caller's own Datum (tinker's ValueError before)."""
+    from tinker import types
+
+    inputs: Dict[str, Any] = {}
+    for key in datum.loss_fn_inputs:
+        try:
+            array = loss_input(datum, key, index)
+        except InputError:
+            if extras or key in ("target_tokens", "weights"):
+                raise
+            continue
+        inputs[key] = array.astype(np.int64) if array.dtype.kind in "bu" else array  # (tinker takes i and f only)
+    return types.Datum(model_input=types.ModelInput.from_ints(input_tokens(datum, index)), loss_fn_inputs=inputs)
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 from ._core import NonFiniteError
@@ -36,6 +37,23 @@ class RegularizerError(RuntimeError):
         arguments than its args cannot be unpickled (a process pool then broke: BrokenProcessPool)."""
         state = {k: v for k, v in vars(self).items() if k != "cause"}
         return (_rebuilt, (type(self), self.args, _portable(self.cause), state))
+
+    def __copy__(self) -> "RegularizerError":
+        """The same cause object: copying pickles nothing (through __reduce__, a cause that does not
+        pickle, or only with cloudpickle, became a RuntimeError in the copy)."""
+        state = {k: v for k, v in vars(self).items() if k != "cause"}
+        return _rebuilt(type(self), self.args, self.cause, state)
+
+    def __deepcopy__(self, memo: dict) -> "RegularizerError":
+        """A deep copy of the cause where it copies (a class defined in a function does), else the portable one."""
+        err = _rebuilt(type(self), self.args, self.cause, {})
+        memo[id(self)] = err  # (before the attributes, which may refer back to the error)
+        err.__dict__.update(copy.deepcopy({k: v for k, v in vars(self).items() if k != "cause"}, memo))
+        try:  # a memo of its own: a copy that fails midway leaves entries under ids that Python then reuses
+            err.cause = copy.deepcopy(self.cause, {})
+        except Exception:  # noqa: BLE001 - whatever copying the cause raises (a lock inside, an __init__ mismatch)
+            err.cause = _portable(self.cause)
+        return err
 
 
 def _portable(cause: BaseException) -> BaseException:

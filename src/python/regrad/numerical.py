@@ -47,6 +47,7 @@ from ._evaluate import (
     Term,
     base_loss,
     block_chunk,
+    chunk_flight,
     datum_blocks,
     difference_scalar_chunk,
     fill_mapped,
@@ -881,6 +882,7 @@ def _token_call_packed(problem: Problem, k: int, points: np.ndarray, method: str
     dtypes are packed as float64 after noting each one's precision, as the sequential run's float64
     pass does (concatenating would otherwise promote float16 to float32 and hide it, or float32 to
     float64: other bits, and an error estimate blind to the narrower losses)."""
+    chunk_flight()  # taken (one call of fn, nothing to check): fn's own runs must not read this run's
     values = _token_call(problem, k, points, method)
     if len({v.dtype for v in values}) > 1:
         for v in values:
@@ -948,10 +950,17 @@ def numerical(fn: Callable[..., Any], **options: Any) -> NumericalLoss:
         else:  # a Python / numpy number: kept at least float32 (float16 would turn 7e4 into inf)
             dtype = tensors[0].dtype if tensors[0].dtype in (torch.float32, torch.float64) else torch.float32
         try:  # real numbers only, as numerical_grad reads fn's losses: "1.5" is not parsed, True is not 1.0
-            number = float(loss) if is_torch_tensor(loss) and loss.is_floating_point() else float(real_array(loss).reshape(()))
+            array = loss.detach() if is_torch_tensor(loss) and loss.is_floating_point() else real_array(loss)
         except (TypeError, ValueError) as err:
             what = str(err) if isinstance(err, NotRealNumbers) and str(err) else type(loss).__name__
             raise NumericalError(f"{fn_name(fn)} returned {what}; expected a scalar loss") from err
+        shape = tuple(array.shape)
+        if shape != () and (differentiated or not is_torch_tensor(loss) or math.prod(shape) != 1):
+            # one number, as the backward's numerical_grad reads it ([0.5] and array([0.5]) passed here, and then
+            # failed there); a 1-element tensor is read as before when nothing is differentiated
+            what = f"{type(loss).__name__} of shape {shape}"
+            raise NumericalError(f"{fn_name(fn)} returned {what}; expected a scalar loss (a float or a 0-d tensor)")
+        number = float(array.reshape(()))
         value = torch.as_tensor(number, dtype=dtype)
         if differentiated:
             # forward's loss is backward's f0 when the engine would evaluate fn at x again, unless the engine
