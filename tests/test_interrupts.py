@@ -59,26 +59,27 @@ def test_ctrl_c_stops_running_executor_chunks_at_their_next_call(options):
     assert at_raise < 20, f"the running chunks made {at_raise} calls before Ctrl-C reached the caller"
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_kill") or signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason="needs pthread_kill and Python's own SIGINT handler")
-def test_ctrl_c_in_a_composed_loss_called_inside_a_running_loop_cancels_its_terms():
-    started = threading.Event()
+_NEEDS_SIGINT = pytest.mark.skipif(
+    not hasattr(signal, "pthread_kill") or signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+    reason="needs pthread_kill and Python's own SIGINT handler")
 
-    async def stuck(data, lps):  # a verifier that does not answer (timeout=None waits forever)
-        started.set()
-        await asyncio.sleep(3)
-        return 1.0, {}
 
-    loss_fn = regrad.compose(None, [RegularizerSpec.async_("stuck", 1.0, stuck, timeout=None,
-                                                           grad_fn=lambda d, lps: [np.zeros_like(x) for x in lps])])
+def _zeros(data, lps):
+    return [np.zeros_like(x) for x in lps]
+
+
+def _ctrl_c_inside_a_running_loop(loss_fn, lps, started: threading.Event, after: float) -> float:
+    """Calls loss_fn.evaluate synchronously inside a running loop (Tinker's, a Jupyter cell's: a helper thread
+    runs it) and sends this thread SIGINT `after` s once `started` is set; the seconds until KeyboardInterrupt
+    reached the caller."""
 
     def ctrl_c() -> None:
         if started.wait(10):
-            time.sleep(0.2)  # the caller is now blocked in the call
+            time.sleep(after)  # the caller is now blocked in the call
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    async def main():  # a sync call inside a running loop (Tinker's, a Jupyter cell's): a helper thread runs it
-        loss_fn.evaluate([0], [np.zeros(3)])
+    async def main():
+        loss_fn.evaluate([0], lps)
 
     sender = threading.Thread(target=ctrl_c)
     loop = asyncio.new_event_loop()
@@ -94,7 +95,50 @@ def test_ctrl_c_in_a_composed_loss_called_inside_a_running_loop_cancels_its_term
         sender.join()
         loop.close()
         loss_fn.close()
+    return elapsed
+
+
+@_NEEDS_SIGINT
+def test_ctrl_c_in_a_composed_loss_called_inside_a_running_loop_cancels_its_terms():
+    started = threading.Event()
+
+    async def stuck(data, lps):  # a verifier that does not answer (timeout=None waits forever)
+        started.set()
+        await asyncio.sleep(3)
+        return 1.0, {}
+
+    loss_fn = regrad.compose(None, [RegularizerSpec.async_("stuck", 1.0, stuck, timeout=None, grad_fn=_zeros)])
+    elapsed = _ctrl_c_inside_a_running_loop(loss_fn, [np.zeros(3)], started, 0.2)
     assert elapsed < 2, f"Ctrl-C reached the caller after {elapsed:.1f} s: it waited for the term to finish"
+
+
+@_NEEDS_SIGINT
+def test_ctrl_c_inside_a_running_loop_stops_the_sync_terms_run_inline_by_the_helper():
+    """parallel=False: the helper's loop runs the sync terms inline, where task.cancel() cannot reach them;
+    Ctrl-C waited for every sync term (all numerical evaluations: 2.3 s here) before it reached the caller."""
+    started, calls = threading.Event(), {"numerical": 0, "plain": 0}
+
+    def slow(data, lps):  # 0.2 s an evaluation, 9 evaluations
+        calls["numerical"] += 1
+        started.set()
+        time.sleep(0.2)
+        return float(sum(np.sum(np.asarray(x) ** 2) for x in lps))
+
+    def plain(data, lps):
+        calls["plain"] += 1
+        time.sleep(0.5)
+        return 0.0
+
+    async def other(data, lps):
+        return 0.0
+
+    loss_fn = regrad.compose(None, [RegularizerSpec.sync("slow", 1.0, slow, grad="numerical", progress=False),
+                                    RegularizerSpec.with_grad("plain", 1.0, plain, _zeros),
+                                    RegularizerSpec.async_("other", 1.0, other, grad_fn=_zeros)], parallel=False)
+    elapsed = _ctrl_c_inside_a_running_loop(loss_fn, [np.zeros(4)], started, 0.1)
+    # (a loaded host may let an evaluation or two more start before the stop is seen)
+    assert calls["plain"] == 0 and calls["numerical"] <= 5, calls
+    assert elapsed < 1.6, f"Ctrl-C reached the caller after {elapsed:.1f} s: it waited for the sync terms"
 
 
 @pytest.mark.parametrize("parallel", [True, False])
