@@ -99,3 +99,12 @@ def test_adam_params_int_beyond_float64_is_a_value_error(params):
         client.optim_step(params)
     assert client.optim_step().result().metrics["optim/step"] == 1  # nothing was queued by the refused call
     client.close()
+
+
+@pytest.mark.parametrize("big", [2**64, -(2**70)])
+def test_an_int_loss_past_64_bits_is_read_as_the_float_it_is(big):
+    # docs: integer losses are read as float64; numpy made an int past 64 bits an object array, refused as "int"
+    result = regrad.numerical_grad(lambda d, lps: big + 0 * int(lps[0].size), None, [np.ones(3)])
+    assert [g.tolist() for g in result.grads] == [[0.0, 0.0, 0.0]]
+    with pytest.raises(NumericalError, match="returned int beyond float64's range"):
+        regrad.numerical_grad(lambda d, lps: 10**400, None, [np.ones(3)])

@@ -78,3 +78,14 @@ def test_fake_encodes_requests_with_tinkers_encoder() -> None:
     data = [SpanDatum(d.model_input, dict(d.loss_fn_inputs)) for d in regrad.data_from_texts(TEXTS)]
     with pytest.raises(ValueError, match="Unsupported model input chunk type"):
         FakeTinkerTrainingClient().forward_backward_custom(data, regrad.compose()).result()
+
+
+def test_datum_to_tinker_types_list_inputs_by_key_as_tinker_does() -> None:
+    # tinker's own Datum makes a list of targets int64 and a list of weights float32, empty ones too
+    for tokens, targets, weights in (([1, 2, 3], [2, 3, 4], [1, 0, 1]), ([], [], [])):
+        ours = regrad.Datum(tokens, {"target_tokens": targets, "weights": weights}).to_tinker()
+        theirs = types.Datum(model_input=types.ModelInput.from_ints(tokens),
+                             loss_fn_inputs={"target_tokens": targets, "weights": weights})
+        for key in ("target_tokens", "weights"):
+            assert ours.loss_fn_inputs[key].dtype == theirs.loss_fn_inputs[key].dtype
+            assert ours.loss_fn_inputs[key].data == theirs.loss_fn_inputs[key].data

@@ -101,6 +101,11 @@ def real_array(value: Any) -> np.ndarray:
         return value.detach().cpu().double().numpy()
     if value is None or isinstance(value, (str, bytes, Mapping)):
         raise NotRealNumbers(type(value).__name__)
+    if type(value) is int:  # numpy reads an int past 64 bits as an object array: read it as the float it is
+        try:
+            return np.asarray(float(value))
+        except OverflowError:
+            raise NotRealNumbers("int beyond float64's range") from None
     try:
         a = np.asarray(value)
     except (TypeError, ValueError) as err:  # (ragged lists)

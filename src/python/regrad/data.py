@@ -107,6 +107,10 @@ def tinker_datum(datum: Datum, index: int = 0, *, extras: bool = True) -> Any:
             if extras or key in ("target_tokens", "weights"):
                 raise
             continue
+        if key == "weights" and array.dtype.kind in "biu":  # typed by key, as tinker types lists: float32 weights,
+            array = array.astype(np.float32)  # int64 targets (an empty or integer list read as float / int64 before)
+        elif key == "target_tokens" and array.size == 0:
+            array = array.astype(np.int64)
         inputs[key] = array.astype(np.int64) if array.dtype.kind in "bu" else array  # (tinker takes i and f only)
     return types.Datum(model_input=types.ModelInput.from_ints(input_tokens(datum, index)), loss_fn_inputs=inputs)
 
