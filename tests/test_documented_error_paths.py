@@ -301,6 +301,20 @@ def test_client_custom_loss_metric_that_is_not_a_number_names_the_loss_fn():
             future.result()
 
 
+@pytest.mark.parametrize("value, why", [("1.5", "is a str"), (torch.ones(2), r"has shape \(2,\)")])
+def test_client_custom_loss_metric_follows_composes_rule(value, why):
+    # a string is not parsed ("1.5" passed as 1.5), a 2-element tensor is not one number: as compose's metrics
+    def my_loss(data, lps):
+        return sum(lp.sum() for lp in lps), {"m": value, "ok": torch.tensor(2.0), "flag": True}
+
+    with LocalTrainingClient(default_model(0, TINY)) as client:
+        with pytest.raises(InputError, match=rf"metric 'm' {why}"):
+            client.forward_backward_custom(data_from_texts(["hello"]), my_loss).result()
+        good = client.forward_backward_custom(data_from_texts(["hello"]), lambda d, lps: my_loss(d, lps)[:1] + (
+            {"ok": torch.tensor(2.0), "flag": True},)).result()
+        assert good.metrics["ok"] == 2.0 and good.metrics["flag"] == 1.0
+
+
 def test_client_load_state_of_another_byte_lm_shape_is_refused_naming_both(tmp_path):
     path = os.path.join(tmp_path, "state.pt")
     with LocalTrainingClient(default_model(0, TINY)) as client:

@@ -25,6 +25,7 @@ from torch import nn
 from ._futures import MappedFuture, RequestFuture
 from .data import Datum, input_tokens, loss_input, tinker_datum
 from .errors import InputError, NonFiniteError
+from .grad import metric_number
 from .losses import weighted_sum
 from .model import ByteLM, default_model
 
@@ -666,9 +667,9 @@ def _custom_loss_grads(
         )
     if not isinstance(metrics, Mapping):
         raise InputError(f"loss_fn {name!r} must return a dict of metrics, got {type(metrics).__name__}")
-    try:
-        clean_metrics = {str(k): float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
-    except (TypeError, ValueError) as err:
+    try:  # compose's rule for a metric (a string is not parsed: "1.5" passed as 1.5; no complex, one number)
+        clean_metrics = {str(k): metric_number(k, v) for k, v in metrics.items()}
+    except (TypeError, NonFiniteError) as err:
         raise InputError(f"loss_fn {name!r} returned a metric that is not a number: {err}") from None
     loss_value = float(loss.detach().sum())
     if not math.isfinite(loss_value):

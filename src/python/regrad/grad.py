@@ -280,7 +280,7 @@ def metrics_dict(metrics: Any) -> Dict[str, float]:
         raise TypeError(f"returned metrics of type {type(metrics).__name__}; expected a dict of floats")
     custom: Dict[str, float] = {}
     for key, value in metrics.items():
-        number = _metric_number(key, value)
+        number = metric_number(key, value)
         if not math.isfinite(number):  # telemetry is JSON: NaN / Infinity would make it invalid
             raise NonFiniteError(f"metric {key!r} is {number}")
         if str(key) in custom:
@@ -289,7 +289,7 @@ def metrics_dict(metrics: Any) -> Dict[str, float]:
     return custom
 
 
-def _metric_number(key: Any, value: Any) -> float:
+def metric_number(key: Any, value: Any) -> float:
     """A metric value as a float: a real number (bools give 1.0 / 0.0) or a tensor / array holding one."""
     if hasattr(value, "detach"):  # a tensor metric: read it without touching its graph
         value = value.detach()
