@@ -159,14 +159,16 @@ class ComposedLoss:
         return value, self._split(inputs, flat), output
 
     def close(self) -> None:
-        """Stops the worker threads (a later call starts new ones)."""
+        """Stops the worker threads once their queued terms ran (a later call starts new ones), so a call
+        in flight in another thread finishes normally: cancelling its queued terms hung it (a future
+        cancelled by shutdown never wakes `concurrent.futures.wait`, CPython gh-109934)."""
         with self._pool_lock:
             pool, self._pool = self._pool, None
             finalizer, self._pool_finalizer = self._pool_finalizer, None
         if finalizer is not None:
             finalizer.detach()  # (else each close() + reuse left one finalizer, holding its dead pool, until self died)
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False)
 
     def __enter__(self) -> "ComposedLoss":
         return self
@@ -210,18 +212,24 @@ class ComposedLoss:
 
     # -- running the terms -----------------------------------------------------------------------
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _submit(self, fn: Callable[..., TermResult], *args: Any) -> "Future[TermResult]":
+        """fn(*args) on the pool, submitted under the pool's lock: a close() in another thread cannot shut
+        the pool down between getting it and submitting ("cannot schedule new futures after shutdown")."""
         with self._pool_lock:
-            if self._pool is None or self._pool_pid != os.getpid():
-                # (in a forked child the parent's pool has no threads: its idle count would take the
-                # work and no thread would ever run it; a fresh pool starts its own)
-                workers = self.max_workers or min(32, max(1, len(self._terms)))
-                if self._pool_finalizer is not None:  # a forked child's copy of the parent's pool
-                    self._pool_finalizer.detach()
-                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="regrad")
-                self._pool_pid = os.getpid()
-                self._pool_finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
-            return self._pool
+            return self._executor_locked().submit(fn, *args)
+
+    def _executor_locked(self) -> ThreadPoolExecutor:
+        """The pool, started if needed (called with _pool_lock held)."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            # (in a forked child the parent's pool has no threads: its idle count would take the
+            # work and no thread would ever run it; a fresh pool starts its own)
+            workers = self.max_workers or min(32, max(1, len(self._terms)))
+            if self._pool_finalizer is not None:  # a forked child's copy of the parent's pool
+                self._pool_finalizer.detach()
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="regrad")
+            self._pool_pid = os.getpid()
+            self._pool_finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
+        return self._pool
 
     def _run_threads(self, inputs: CallInputs) -> List[TermResult]:
         """Sync terms only; fail fast, first failure in spec order.
@@ -234,8 +242,7 @@ class ComposedLoss:
         pooled = [i for i, (_, spec) in enumerate(self._terms) if resolve(spec) != "analytic"]
         if not self.parallel or len(pooled) < 2:
             return [self._run_sync_term(i, inputs, cancel) for i in range(count)]
-        pool = self._executor()
-        futures: Dict[int, Future] = {i: pool.submit(self._run_sync_term, i, inputs, cancel) for i in pooled}
+        futures: Dict[int, Future] = {i: self._submit(self._run_sync_term, i, inputs, cancel) for i in pooled}
         results: Dict[int, TermResult] = {}
         try:
             for i in range(count):
@@ -283,7 +290,7 @@ class ComposedLoss:
                 if spec.is_async:
                     tasks[i] = asyncio.ensure_future(self._run_async_term(i, inputs, cancel))
                 elif self.parallel:
-                    tasks[i] = loop.run_in_executor(self._executor(), self._run_sync_term, i, inputs, cancel)
+                    tasks[i] = asyncio.wrap_future(self._submit(self._run_sync_term, i, inputs, cancel), loop=loop)
             for i, (_, spec) in enumerate(self._terms):
                 if not spec.is_async and not self.parallel:
                     results[i] = self._run_sync_term(i, inputs, cancel)
