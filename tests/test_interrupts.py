@@ -68,10 +68,10 @@ def _zeros(data, lps):
     return [np.zeros_like(x) for x in lps]
 
 
-def _ctrl_c_inside_a_running_loop(loss_fn, lps, started: threading.Event, after: float) -> float:
+def _ctrl_c_inside_a_running_loop(loss_fn, lps, started: threading.Event, after: float) -> None:
     """Calls loss_fn.evaluate synchronously inside a running loop (Tinker's, a Jupyter cell's: a helper thread
-    runs it) and sends this thread SIGINT `after` s once `started` is set; the seconds until KeyboardInterrupt
-    reached the caller."""
+    runs it) and sends this thread SIGINT `after` s once `started` is set; KeyboardInterrupt must reach the
+    caller."""
 
     def ctrl_c() -> None:
         if started.wait(10):
@@ -86,30 +86,32 @@ def _ctrl_c_inside_a_running_loop(loss_fn, lps, started: threading.Event, after:
     try:
         task = loop.create_task(main())
         sender.start()
-        start = time.perf_counter()
         with pytest.raises(KeyboardInterrupt):
             loop.run_until_complete(task)
-        elapsed = time.perf_counter() - start
         assert isinstance(task.exception(), KeyboardInterrupt)
     finally:
         sender.join()
         loop.close()
         loss_fn.close()
-    return elapsed
 
 
 @_NEEDS_SIGINT
 def test_ctrl_c_in_a_composed_loss_called_inside_a_running_loop_cancels_its_terms():
-    started = threading.Event()
+    started, seen = threading.Event(), []
 
     async def stuck(data, lps):  # a verifier that does not answer (timeout=None waits forever)
         started.set()
-        await asyncio.sleep(3)
+        try:
+            await asyncio.sleep(3)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        seen.append("finished")
         return 1.0, {}
 
     loss_fn = regrad.compose(None, [RegularizerSpec.async_("stuck", 1.0, stuck, timeout=None, grad_fn=_zeros)])
-    elapsed = _ctrl_c_inside_a_running_loop(loss_fn, [np.zeros(3)], started, 0.2)
-    assert elapsed < 2, f"Ctrl-C reached the caller after {elapsed:.1f} s: it waited for the term to finish"
+    _ctrl_c_inside_a_running_loop(loss_fn, [np.zeros(3)], started, 0.2)
+    assert seen == ["cancelled"], seen  # before: the caller got Ctrl-C only once the term had finished
 
 
 @_NEEDS_SIGINT
@@ -135,10 +137,9 @@ def test_ctrl_c_inside_a_running_loop_stops_the_sync_terms_run_inline_by_the_hel
     loss_fn = regrad.compose(None, [RegularizerSpec.sync("slow", 1.0, slow, grad="numerical", progress=False),
                                     RegularizerSpec.with_grad("plain", 1.0, plain, _zeros),
                                     RegularizerSpec.async_("other", 1.0, other, grad_fn=_zeros)], parallel=False)
-    elapsed = _ctrl_c_inside_a_running_loop(loss_fn, [np.zeros(4)], started, 0.1)
-    # (a loaded host may let an evaluation or two more start before the stop is seen)
+    _ctrl_c_inside_a_running_loop(loss_fn, [np.zeros(4)], started, 0.1)
+    # before: every evaluation (9) and the plain term ran first; a loaded host may let one or two more start
     assert calls["plain"] == 0 and calls["numerical"] <= 5, calls
-    assert elapsed < 1.6, f"Ctrl-C reached the caller after {elapsed:.1f} s: it waited for the sync terms"
 
 
 @pytest.mark.parametrize("parallel", [True, False])
