@@ -162,6 +162,9 @@ def test_a_sync_terms_own_cancelled_error_is_a_regularizer_error(parallel):
             with pytest.raises(RegularizerError, match="'c'.*CancelledError") as info:
                 loss_fn.evaluate([0, 1], lps)
             assert info.value.name == "c"
+            # `cause` is __cause__, as for every term error; fn's CancelledError is the cause's own cause
+            assert info.value.__cause__ is info.value.cause
+            assert isinstance(info.value.cause.__cause__, asyncio.CancelledError)
 
             async def inside_a_task():  # fn's CancelledError must not read as this task's cancellation
                 with pytest.raises(RegularizerError, match="'c'"):

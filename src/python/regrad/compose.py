@@ -321,11 +321,10 @@ class ComposedLoss:
         except asyncio.CancelledError as err:  # fn's own (no await here receives a cancellation): a failure, as
             # for async terms; passed on, it read as the cancellation of the caller's task (acall, await fut)
             own = RuntimeError("fn raised CancelledError (it called code that awaited a cancelled task or future)")
-            raise self._term_error(scope, spec, own, start, inputs.call) from err
-        except RegularizerError as err:  # a nested composed loss's: `from err` would make it its own __cause__
-            raise self._term_error(scope, spec, err, start, inputs.call)
+            own.__cause__ = err
+            raise self._term_error(scope, spec, own, start, inputs.call)
         except Exception as err:
-            raise self._term_error(scope, spec, err, start, inputs.call) from err
+            raise self._term_error(scope, spec, err, start, inputs.call)
         return self._term_done(scope, spec, result, start, inputs.call)
 
     async def _run_async_term(self, index: int, inputs: CallInputs, cancel: threading.Event) -> TermResult:
@@ -345,10 +344,8 @@ class ComposedLoss:
         except asyncio.CancelledError as err:
             emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err, call=inputs.call)
             raise
-        except RegularizerError as err:  # a nested composed loss's: `from err` would make it its own __cause__
-            raise self._term_error(scope, spec, err, start, inputs.call)
         except Exception as err:
-            raise self._term_error(scope, spec, err, start, inputs.call) from err
+            raise self._term_error(scope, spec, err, start, inputs.call)
         finally:
             if not task.done():
                 task.cancel()
@@ -360,8 +357,14 @@ class ComposedLoss:
         return self._term_done(scope, spec, result, start, inputs.call)
 
     def _term_error(self, scope: str, spec: RegularizerSpec, err: Exception, start: float, call: int) -> RegularizerError:
+        """The event, and the error to raise: err itself if a nested composed loss raised it (its cause
+        stays its own), else a RegularizerError whose __cause__ is err, as `raise ... from err` sets it."""
         emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err, call=call)
-        return err if isinstance(err, RegularizerError) else RegularizerError(spec.name, err)
+        if isinstance(err, RegularizerError):
+            return err
+        wrapped = RegularizerError(spec.name, err)
+        wrapped.__cause__ = err
+        return wrapped
 
     def _term_done(self, scope: str, spec: RegularizerSpec, result: TermResult, start: float, call: int) -> TermResult:
         result.duration_ms = _ms_since(start)

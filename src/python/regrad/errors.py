@@ -31,24 +31,26 @@ class RegularizerError(RuntimeError):
         detail = str(cause) or type(cause).__name__
         super().__init__(f"regularizer {name!r} failed: {type(cause).__name__}: {detail}")
 
+    def _attributes(self) -> dict:
+        """Its attributes but the cause (.name, and any a caller added), which pickle and copy carry over."""
+        return {k: v for k, v in vars(self).items() if k != "cause"}
+
     def __reduce__(self) -> tuple:
         """Rebuilt without __init__ (same message, other attributes kept), and with a cause that survives
         pickle: executors pickle a worker's exception, and a user exception whose __init__ takes other
         arguments than its args cannot be unpickled (a process pool then broke: BrokenProcessPool)."""
-        state = {k: v for k, v in vars(self).items() if k != "cause"}
-        return (_rebuilt, (type(self), self.args, _portable(self.cause), state))
+        return (_rebuilt, (type(self), self.args, _portable(self.cause), self._attributes()))
 
     def __copy__(self) -> "RegularizerError":
         """The same cause object: copying pickles nothing (through __reduce__, a cause that does not
         pickle, or only with cloudpickle, became a RuntimeError in the copy)."""
-        state = {k: v for k, v in vars(self).items() if k != "cause"}
-        return _rebuilt(type(self), self.args, self.cause, state)
+        return _rebuilt(type(self), self.args, self.cause, self._attributes())
 
     def __deepcopy__(self, memo: dict) -> "RegularizerError":
         """A deep copy of the cause where it copies (a class defined in a function does), else the portable one."""
         err = _rebuilt(type(self), self.args, self.cause, {})
         memo[id(self)] = err  # (before the attributes, which may refer back to the error)
-        err.__dict__.update(copy.deepcopy({k: v for k, v in vars(self).items() if k != "cause"}, memo))
+        err.__dict__.update(copy.deepcopy(self._attributes(), memo))
         try:  # a memo of its own: a copy that fails midway leaves entries under ids that Python then reuses
             err.cause = copy.deepcopy(self.cause, {})
         except Exception:  # noqa: BLE001 - whatever copying the cause raises (a lock inside, an __init__ mismatch)
