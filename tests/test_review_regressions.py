@@ -144,7 +144,7 @@ class _CtrlCOnceStarted:
 
 
 def test_a_stopped_executor_run_does_not_fail_the_numerical_runs_of_its_fn():
-    """A chunk's stop check (chunk_flight) was read by every numerical run in that thread, fn's own too: a
+    """A chunk's stop check (take_chunk_flight) was read by every numerical run in that thread, fn's own too: a
     composed loss evaluated inside fn failed with the private `_Stopped`, which reached its on_event (and
     log_events' warnings) after the caller had its Ctrl-C. fn's own runs finish; the chunk stops after."""
     from concurrent.futures import ThreadPoolExecutor

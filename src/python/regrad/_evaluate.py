@@ -547,7 +547,7 @@ def difference_scalar_chunk(
     offsets = problem.offsets.tolist()
     inputs: List[Any] = [problem.fn_view(problem.arrays[j]) for j in term.datums]
     losses: List[Any] = []
-    flight = chunk_flight()
+    flight = take_chunk_flight()
     with problem.no_grad():
         q = q_begin
         while q < q_end:  # perturbations come in element order: one pass per datum they touch
@@ -578,7 +578,7 @@ def _datum_losses(
     isfinite = math.isfinite
     losses = []
     for q in range(q_begin, q_end):
-        if flight is not None and flight._stopped:  # (see chunk_flight)
+        if flight is not None and flight._stopped:  # (see take_chunk_flight)
             raise _Stopped("the run stopped")
         r = q // npoints - first
         flat[i0 + r] = values[q - shift]
@@ -696,10 +696,10 @@ def block_chunk(
     buffers = (pool or BufferPool()).views(arrays, rows)
     writer.reset()
     out = np.empty(q_end - q_begin) if out is None else out
-    flight = chunk_flight()
+    flight = take_chunk_flight()
     with problem.no_grad():
         for q in range(q_begin, q_end, rows):
-            if flight is not None and flight._stopped:  # (see chunk_flight)
+            if flight is not None and flight._stopped:  # (see take_chunk_flight)
                 raise _Stopped("the run stopped")
             count = min(rows, q_end - q)
             writer.write(arrays, buffers, term, q, count)
@@ -826,7 +826,7 @@ class _InFlight:
             self._cond.notify_all()
 
     def stop(self) -> None:
-        """No chunk calls fn after this (running ones stop before their next call, see chunk_flight);
+        """No chunk calls fn after this (running ones stop before their next call, see take_chunk_flight);
         returns once the running ones have finished."""
         with self._cond:
             self._stopped = True
@@ -842,7 +842,7 @@ class _Stopped(Exception):
 _RUNNING = threading.local()
 
 
-def chunk_flight() -> Optional[_InFlight]:
+def take_chunk_flight() -> Optional[_InFlight]:
     """The run of the chunk this thread starts on an executor (None outside one), taken by the chunk. Its
     loops check `_stopped` before each call of fn: a chunk is up to 1/64 of the run, and waiting for it to
     finish delayed Ctrl-C (or a sibling chunk's error) by that much (5 s for 100 calls of 50 ms). Taken, so

@@ -47,7 +47,7 @@ from ._evaluate import (
     Term,
     base_loss,
     block_chunk,
-    chunk_flight,
+    take_chunk_flight,
     datum_blocks,
     difference_scalar_chunk,
     fill_mapped,
@@ -882,7 +882,7 @@ def _token_call_packed(problem: Problem, k: int, points: np.ndarray, method: str
     dtypes are packed as float64 after noting each one's precision, as the sequential run's float64
     pass does (concatenating would otherwise promote float16 to float32 and hide it, or float32 to
     float64: other bits, and an error estimate blind to the narrower losses)."""
-    chunk_flight()  # taken (one call of fn, nothing to check): fn's own runs must not read this run's
+    take_chunk_flight()  # taken (one call of fn, nothing to check): fn's own runs must not read this run's
     values = _token_call(problem, k, points, method)
     if len({v.dtype for v in values}) > 1:
         for v in values:
