@@ -20,6 +20,7 @@ from .errors import InputError
 
 DIRECTIONS = {"spsa": "rademacher", "gaussian": "gaussian"}
 EXECUTOR_CHUNKS = 64
+ESTIMATE_ELEMENTS = 1 << 18  # elements per random_estimate call (its results: 4 MiB)
 
 
 def randomized_gradient(
@@ -69,9 +70,7 @@ def randomized_gradient(
                 spans = _chunks(nq)
                 calls = [(problem, term, writer, q0, q1, 1, False) for q0, q1 in spans]
                 fill_mapped(f, executor, block_chunk, calls, spans, problem, bar)
-            g, v = _core.random_estimate(kind, seed, taken[term.e0 : term.e1], term.e0, f, antithetic, f0)
-            grad[term.e0 : term.e1] = g
-            variance[term.e0 : term.e1] = v
+            _estimate(kind, seed, taken, term, f, num_samples, antithetic, f0, grad, variance)
             nfev += nq
             ncalls += -(-nq // rows)
             if vectorized:
@@ -81,6 +80,21 @@ def randomized_gradient(
         bar.close()
         pool.release()
     return grad, variance, nfev, ncalls, blocks, max_rows
+
+
+def _estimate(
+    kind: str, seed: int, taken: np.ndarray, term: Term, f: np.ndarray, num_samples: int, antithetic: bool, f0: float,
+    grad: np.ndarray, variance: np.ndarray,
+) -> None:
+    """The term's gradient and variance into grad and variance, by random_estimate calls of at most
+    RandomWriter.PIECE direction components and ESTIMATE_ELEMENTS elements each: Ctrl-C, handled between
+    calls, waited for the whole term before (5 s for 4M elements and 64 samples), and the call's two result
+    arrays were as large as the term. An element's estimate reads only its own components and scale, so the
+    bits are those of one call."""
+    step = max(1, min(RandomWriter.PIECE // num_samples, ESTIMATE_ELEMENTS))
+    for e0 in range(term.e0, term.e1, step):
+        e1 = min(e0 + step, term.e1)
+        grad[e0:e1], variance[e0:e1] = _core.random_estimate(kind, seed, taken[e0:e1], e0, f, antithetic, f0)
 
 
 def _losses(nq: int, num_samples: int, antithetic: bool) -> np.ndarray:

@@ -411,20 +411,26 @@ def numerical_grad(
                 scale = central_scale * np.maximum(1.0, np.abs(x))
             # checks x +- sigma is representable; the steps taken are x +- sigma rounded to the working dtype
             try:
-                _, spacing = _difference_points(problem, "central", 1.0, scale)
+                spacing = _difference_points(problem, "central", 1.0, scale)[1]
             except NumericalError as err:  # its text says "step" and "h": here the option is sigma
                 what = "the default sigma (the central step)" if sigma is None else "sigma"
                 raise NumericalError(f"{err} [method={method!r}: h is {what}, the perturbation scale; pass "
                                      f"sigma= (step= applies to finite differences only)]") from None
-            if method == "gaussian":
-                _check_gaussian_range(problem, x, scale)
             # SPSA's points are exactly these (u = +-1): divide by the half-width actually taken, as the
             # finite differences do, so rounding x +- sigma (float32, small sigma) does not bias the estimate.
-            taken = 0.5 * (spacing[0] - spacing[1]) if method == "spsa" else scale
+            taken = scale
+            if method == "spsa":
+                taken = spacing[0] - spacing[1]
+                taken *= 0.5  # (in place: one [n] temporary fewer at the run's peak)
+            del spacing  # (held with the points and x for the whole run, they were half of its peak memory)
+            if method == "gaussian":
+                _check_gaussian_range(problem, x, scale)
+            del x
             grad, variance, nfev, ncalls, blocks, rows = randomized_gradient(
                 problem, _terms(problem), method, scale, seed, num_samples, antithetic, vectorized,
                 max_batch_bytes, _block_rows, executor, progress, taken,
             )
+            del scale, taken  # not needed for the outputs made below
             _check_gradient_finite(problem, grad)
             _check_snapshot(problem, saved)
             return NumericalGrad(
