@@ -8,6 +8,7 @@ can run on any concurrent.futures.Executor, including a Dask `Client.get_executo
 from __future__ import annotations
 
 import bisect
+import concurrent.futures as cf
 import contextlib
 import functools
 import itertools
@@ -854,9 +855,14 @@ class _InFlight:
             self._running -= 1
             self._cond.notify_all()
 
-    def stop(self) -> None:
+    def halt(self) -> None:
         """No chunk calls fn after this (running ones stop before their next call, see take_chunk_flight);
-        returns once the running ones have finished."""
+        returns at once (stop waits for the running ones)."""
+        with self._cond:
+            self._stopped = True
+
+    def stop(self) -> None:
+        """halt, then wait until the running chunks have finished."""
         with self._cond:
             self._stopped = True
             while self._running:
@@ -896,11 +902,12 @@ def _remote(func: Callable[..., Any], flight: _InFlight, problem: "Problem", *ar
         flight.leave()
 
 
-def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]]) -> Generator[Any, None, None]:
-    """executor.map(func, *calls) in order, each result checked as it arrives: with sizes, a numeric
-    vector of sizes[k] losses; then one result per call. An executor that breaks this is named (a
-    short or None result would otherwise be read as uninitialised memory or NaN)."""
-    name = f"executor {type(executor).__name__}"
+def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]],
+           describe: Optional[Callable[[int], str]] = None) -> Generator[Any, None, None]:
+    """func(*calls[k]) for every chunk k on executor, the results in order, each checked as it arrives: with
+    sizes, a numeric vector of sizes[k] losses; then one result per call. An executor that breaks this is
+    named (a short or None result would otherwise be read as uninitialised memory or NaN). A worker that
+    died under fn is a NumericalError naming fn and `describe(k)` (chunk k's perturbations)."""
     problem = calls[0][0] if calls else None
     flight = _InFlight()
     # Inside a chunk this executor runs (fn of a run on it calling numerical_grad with it again) the chunks
@@ -908,27 +915,121 @@ def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], size
     # never start. The same bits either way.
     flight.executor = id(executor)
     nested = flight.executor in getattr(_RUNNING, "executors", ())
-    mapper = map if nested else executor.map
-    results = mapper(_remote, [func] * len(calls), [flight] * len(calls), *zip(*calls))  # (sized: Dask refuses iterators)
+    submits = not nested and _submits(executor)
+    name = f"executor {type(executor).__name__}.{'submit' if submits else 'map'}"
+    args = ([func] * len(calls), [flight] * len(calls), *zip(*calls))  # (sized: Dask refuses iterators)
+
+    def died(k: int, err: BaseException) -> NumericalError:
+        what = describe(k) if describe is not None else f"chunk {k} of {len(calls)}"
+        return NumericalError(
+            f"{problem.name if problem is not None else 'fn'} did not return: a worker process of executor "
+            f"{type(executor).__name__} died ({type(err).__name__}: {err}) (at {what}, the first chunk not "
+            "finished then, or at a later one); fn ending its process (os._exit, a crash, running out of memory) "
+            "does this"
+        )
+
+    futures: List[Any] = []
+    source: Any = None  # map's own iterator
+    results: Any = None
     try:
-        results = iter(results)
-    except TypeError:
-        raise InputError(f"{name}.map returned {type(results).__name__}, not an iterable of results") from None
-    try:
+        if submits:
+            for column in zip(*args):
+                future = executor.submit(_remote, *column)
+                if not isinstance(future, cf.Future):
+                    raise InputError(f"{name} returned {type(future).__name__}, not a concurrent.futures.Future")
+                futures.append(future)
+            results = _in_order(futures, died)
+        else:
+            mapper: Callable[..., Any] = map if nested else executor.map
+            source = mapper(_remote, *args)
+            try:
+                source = iter(source)
+            except TypeError:
+                raise InputError(f"{name} returned {type(source).__name__}, not an iterable of results") from None
+            results = _read(source, died)
         yield from _checked(name, results, calls, sizes, problem)
     except BaseException:  # (GeneratorExit too: the caller stopped reading)
-        close = getattr(results, "close", None)
+        flight.halt()  # first: a chunk that starts or goes on from here does not call fn
+        for future in futures:
+            future.cancel()  # the chunks not yet started
+        if results is not None:
+            results.close()
+        close = getattr(source, "close", None)
         if callable(close):
             close()  # Executor.map's iterator cancels the chunks not yet started
         flight.stop()  # and those already running finish before the caller restores anything
         raise
 
 
+def _submits(executor: Any) -> bool:
+    """Whether chunks go to executor.submit, one future each: a concurrent.futures.Executor with a submit of
+    its own (thread and process pools, Dask's). Its chunks' results are still read in order, but the first
+    chunk to fail ends the run at once (see _in_order). Anything else gets executor.map, read in order: the
+    one method a custom executor needs (docs/numerical.md)."""
+    return isinstance(executor, cf.Executor) and type(executor).submit is not cf.Executor.submit
+
+
+def _worker_died(err: BaseException) -> bool:
+    """Whether an executor reports that a worker died while it ran a chunk: a process pool's
+    BrokenProcessPool, Dask's KilledWorker (their modules are loaded where they are raised)."""
+    process = sys.modules.get("concurrent.futures.process")
+    scheduler = sys.modules.get("distributed.scheduler")
+    return (process is not None and isinstance(err, process.BrokenProcessPool)) or (
+        scheduler is not None and isinstance(err, getattr(scheduler, "KilledWorker", ()))
+    )
+
+
+def _in_order(futures: List[Any], died: Callable[[int, BaseException], NumericalError]) -> Iterator[Any]:
+    """The futures' results in order, as soon as each and those before it have finished. A failure raises as
+    soon as it is seen, not after every chunk before it: of the chunks found failed then, the lowest-numbered
+    (a worker's death as died(k, err))."""
+    finished: Any = cf.as_completed(futures)  # (a generator: closing it removes its waiters)
+    try:
+        for k, future in enumerate(futures):
+            while not future.done():
+                if _failed(next(finished)):
+                    k, future = next((j, f) for j, f in enumerate(futures) if j >= k and f.done() and _failed(f))
+                    break
+            try:
+                value = future.result()
+            except BaseException as err:
+                if _worker_died(err):
+                    raise died(k, err) from err
+                raise
+            yield value
+    finally:
+        finished.close()
+
+
+def _failed(future: Any) -> bool:
+    """Whether a finished future raised or was cancelled."""
+    return future.cancelled() or future.exception() is not None
+
+
+def _read(results: Iterator[Any], died: Callable[[int, BaseException], NumericalError]) -> Iterator[Any]:
+    """An executor's map results as they are; a worker's death as died(k, err) for the chunk k read then."""
+    k = 0
+    while True:
+        try:
+            value = next(results)
+        except StopIteration:
+            return
+        except BaseException as err:
+            if _worker_died(err):
+                raise died(k, err) from err
+            raise
+        yield value
+        k += 1
+
+
 def fill_mapped(out: np.ndarray, executor: Any, func: Callable[..., Any], calls: Sequence[tuple],
-                spans: Sequence[Tuple[int, int]], problem: "Problem", progress: Any) -> None:
+                spans: Sequence[Tuple[int, int]], problem: "Problem", progress: Any,
+                describe: Optional[Callable[[int, int], str]] = None) -> None:
     """out[q0:q1] = the losses of chunk (q0, q1), mapped over executor, as each arrives (the bar
-    advances by the chunk's calls); stopping early closes the run (see mapped)."""
-    with contextlib.closing(mapped(executor, func, calls, [q1 - q0 for q0, q1 in spans])) as chunks:
+    advances by the chunk's calls); stopping early closes the run (see mapped). describe(q0, q1): the
+    chunk's perturbations, for errors."""
+    where = None if describe is None else (lambda k: describe(*spans[k]))
+    with contextlib.closing(mapped(executor, func, calls, [q1 - q0 for q0, q1 in spans], where)) as chunks:
         for k, values in enumerate(chunks):
             q0, q1 = spans[k]
             out[q0:q1] = values
@@ -942,7 +1043,7 @@ def _checked(name: str, results: Iterator[Any], calls: Sequence[tuple], sizes: O
     value: Any  # any result, None included (mypy cannot narrow it through `numbers` below)
     for result in results:
         if count == len(calls):
-            raise InputError(f"{name}.map returned more than the {len(calls)} results asked for")
+            raise InputError(f"{name} returned more than the {len(calls)} results asked for")
         value, eps = result if isinstance(result, tuple) and len(result) == 2 else (result, 0.0)
         if isinstance(eps, float) and eps > problem.loss_eps:  # what a process worker's copy of problem saw
             problem.loss_eps = eps
@@ -953,8 +1054,8 @@ def _checked(name: str, results: Iterator[Any], calls: Sequence[tuple], sizes: O
             numbers = value is not None and value.dtype.kind in "fiu"
             if not numbers or value.shape != (sizes[count],):
                 got = f"shape {tuple(value.shape)}" if numbers else "no numbers"
-                raise InputError(f"{name}.map returned {got} for chunk {count}; expected its {sizes[count]} losses")
+                raise InputError(f"{name} returned {got} for chunk {count}; expected its {sizes[count]} losses")
         yield value
         count += 1
     if count != len(calls):
-        raise InputError(f"{name}.map returned {count} results for {len(calls)} chunks of calls")
+        raise InputError(f"{name} returned {count} results for {len(calls)} chunks of calls")

@@ -9,6 +9,7 @@ the mean over samples, with its variance (sample variance / num_samples) reporte
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
@@ -69,7 +70,8 @@ def randomized_gradient(
             else:
                 spans = _chunks(nq)
                 calls = [(problem, term, writer, q0, q1, 1, False) for q0, q1 in spans]
-                fill_mapped(f, executor, block_chunk, calls, spans, problem, bar)
+                fill_mapped(f, executor, block_chunk, calls, spans, problem, bar,
+                            functools.partial(_span_where, writer, problem, term))
             _estimate(kind, seed, taken, term, f, num_samples, antithetic, f0, grad, variance)
             nfev += nq
             ncalls += -(-nq // rows)
@@ -107,6 +109,11 @@ def _losses(nq: int, num_samples: int, antithetic: bool) -> np.ndarray:
             f"num_samples={num_samples} needs {nq} loss evaluations{' (antithetic pairs)' if antithetic else ''}, "
             f"whose float64 losses ({nq * 8:.3g} bytes) cannot be allocated; use fewer samples"
         ) from None
+
+
+def _span_where(writer: RandomWriter, problem: Problem, term: Term, q0: int, q1: int) -> str:
+    """Perturbations [q0, q1) of a term, for errors about an executor's chunk of them."""
+    return writer.describe(problem, term, q0, q1 - q0)
 
 
 def _chunks(total: int) -> List[Tuple[int, int]]:

@@ -685,7 +685,8 @@ def _separable_gradient(
             else:
                 spans = _chunks(nq, EXECUTOR_CHUNKS)
                 calls = [(problem, term, points, method, q0, q1) for q0, q1 in spans]
-                fill_mapped(out, executor, difference_scalar_chunk, calls, spans, problem, bar)
+                fill_mapped(out, executor, difference_scalar_chunk, calls, spans, problem, bar,
+                            functools.partial(_span_where, problem, term, method))
                 ncalls += nq
             nfev += nq
         if single:  # every datum in one block: the lean loop
@@ -740,7 +741,8 @@ def _token_gradient(
             count = len(ks)
             calls = [(problem, k, points, method) for k in ks]
             n, shapes, offsets = int(problem.offsets[-1]), problem.batch.shapes, problem.offsets.tolist()
-            with contextlib.closing(mapped(executor, _token_call_packed, calls, [n] * count)) as chunks:
+            where = [_token_where(method, k) for k in ks].__getitem__  # call i's points, for errors
+            with contextlib.closing(mapped(executor, _token_call_packed, calls, [n] * count, where)) as chunks:
                 for packed in chunks:
                     values.append([packed[o0:o1].reshape(shape) for shape, o0, o1 in zip(shapes, offsets, offsets[1:])])
                     bar.update(1)
@@ -861,6 +863,12 @@ def _stacked_labels(method: str) -> str:
 def _stacked_where(method: str) -> str:
     rows = len(POINT_LABELS[method]) + (method == "forward")
     return f"the stacked copies of every log-prob ({rows} rows: {_stacked_labels(method)})"
+
+
+def _span_where(problem: Problem, term: Term, method: str, q0: int, q1: int) -> str:
+    """Perturbations [q0, q1) of a term, for errors about an executor's chunk of them."""
+    first = problem.describe_difference(q0, term, method)
+    return first if q1 - q0 == 1 else f"the perturbations [{q0}, {q1}) ({first} first)"
 
 
 def _token_where(method: str, k: int) -> str:
