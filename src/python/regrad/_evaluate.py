@@ -1034,7 +1034,7 @@ def fill_mapped(out: np.ndarray, executor: Any, func: Callable[..., Any], calls:
             q0, q1 = spans[k]
             out[q0:q1] = values
             problem.see_loss(values)
-            progress.update(q1 - q0)
+            progress.update(q1 - q0, mapped=True)
 
 
 def _checked(name: str, results: Iterator[Any], calls: Sequence[tuple], sizes: Optional[Sequence[int]],

@@ -20,6 +20,7 @@ arrays) and must not modify them in place. See docs/numerical.md.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -745,7 +746,7 @@ def _token_gradient(
             with contextlib.closing(mapped(executor, _token_call_packed, calls, [n] * count, where)) as chunks:
                 for packed in chunks:
                     values.append([packed[o0:o1].reshape(shape) for shape, o0, o1 in zip(shapes, offsets, offsets[1:])])
-                    bar.update(1)
+                    bar.update(1, mapped=True)
             for call in values:
                 problem.see_loss(call[0])
     finally:
@@ -923,7 +924,8 @@ def numerical(fn: Callable[..., Any], **options: Any) -> NumericalLoss:
     loss is the output of a torch.autograd.Function whose backward runs `numerical_grad(fn, data,
     logprobs_list, **options)` and returns grad_output times the gradient, so `loss.backward()`
     (and Tinker's forward_backward_custom) work unchanged. `wrapped.last_result` holds the last
-    NumericalGrad. numpy inputs: fn's return value is passed through untouched.
+    NumericalGrad. numpy inputs: fn's return value is passed through untouched. The wrapper pickles
+    and copies with fn and the options (not last_result) when they pickle (docs/numerical.md).
     """
     if not callable(fn):
         raise InputError(f"fn must be callable, got {type(fn).__name__}")
@@ -942,8 +944,40 @@ def numerical(fn: Callable[..., Any], **options: Any) -> NumericalLoss:
                   options.get("executor"), options.get("max_batch_bytes", 256 << 20), options.get("num_samples", 64),
                   options.get("seed", 0), options.get("progress"))
 
-    @functools.wraps(fn)
-    def wrapped(data: Any, logprobs_list: Sequence[Any]) -> Any:
+    return _Numerical(fn, options)
+
+
+class _Numerical:
+    """What `numerical(fn, **options)` returns: an object of a module-level class, not a closure, so the
+    wrapped loss pickles when fn and the options do (process pools, multiprocessing; pickle refused the
+    closure under fn's name: "not the same object as" fn) and copies as an object (a copy was the same
+    function, sharing last_result). Pickles and copies carry fn and the options, not last_result."""
+
+    last_result: Optional[NumericalGrad]
+
+    def __init__(self, fn: Callable[..., Any], options: Dict[str, Any]) -> None:
+        functools.update_wrapper(self, fn)  # __name__, __doc__, __wrapped__ (signature) as functools.wraps gave
+        self.fn, self.options = fn, dict(options)
+        self.last_result = None
+
+    def __reduce__(self) -> tuple:
+        """fn and the options (checked by numerical() already); runtime state (last_result) is not carried."""
+        return (type(self), (self.fn, self.options))
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "_Numerical":
+        """fn and the options copied, an `executor=` shared: a pool is a resource of this process, not state
+        (copying it fails on its lock; the function this used to be was never copied)."""
+        executor = self.options.get("executor")
+        if executor is not None:
+            memo.setdefault(id(executor), executor)
+        return type(self)(copy.deepcopy(self.fn, memo), copy.deepcopy(self.options, memo))
+
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"regrad.numerical({self.fn!r}{options})"
+
+    def __call__(self, data: Any, logprobs_list: Sequence[Any]) -> Any:
+        fn, options = self.fn, self.options
         data = reusable(data)  # forward and backward both call fn with it
         tensors = list(logprobs_list)
         if not tensors or not all(is_torch_tensor(t) for t in tensors):
@@ -983,11 +1017,8 @@ def numerical(fn: Callable[..., Any], **options: Any) -> NumericalLoss:
             reused = reads_f0(options.get("method", "central"), options.get("antithetic", True)) and math.isfinite(
                 number) and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
             run = {**options, "f0": number} if reused else options
-            value = _NumericalFunction.apply(value, (wrapped, fn, data, run), *tensors)
+            value = _NumericalFunction.apply(value, (self, fn, data, run), *tensors)
         return (value, out[1]) if loss is not out else value
-
-    wrapped.last_result = None  # type: ignore[attr-defined]
-    return cast(NumericalLoss, wrapped)
 
 
 def _numerical_function() -> Any:
