@@ -23,6 +23,16 @@ def is_torch_tensor(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "numpy")
 
 
+def torch_views(arrays: Sequence[np.ndarray]) -> List[Any]:
+    """CPU tensors over the arrays' memory, for user code that takes tensors. A read-only array (a
+    frozen array, `np.memmap(mode="r")`, `np.frombuffer` of bytes) is copied first: torch has no
+    read-only tensors, so a fn writing in place would write into memory the caller froze (a read-only
+    mapping crashed the process) instead of meeting regrad's in-place check, and torch warned."""
+    import torch
+
+    return [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
+
+
 class ArrayBatch:
     """Per-datum numpy views of the caller's data, plus what is needed to hand results back.
 

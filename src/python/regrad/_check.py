@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._arrays import ArrayBatch, is_torch_tensor, reusable
+from ._arrays import ArrayBatch, is_torch_tensor, reusable, torch_views
 from ._evaluate import fn_name, split_loss
 from .errors import InputError
 from .grad import _check_real, _recording, requires_grad_error
@@ -132,13 +132,13 @@ def _name(grad_fn: Any) -> str:
 def _inputs(batch: ArrayBatch, need_torch: bool) -> List[Any]:
     """What fn (and grad_fn) receive: torch tensors, or numpy arrays when torch is missing and not needed."""
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError:
         if need_torch:
             raise InputError("check() compares with torch autograd, and torch is not installed (pip install 'regrad[torch]'); "
                              "or give grad_fn= (`regrad check --grad-fn`) to compare with your own gradient") from None
         return list(batch.arrays)
-    return [torch.from_numpy(a) for a in batch.arrays]
+    return torch_views(batch.arrays)
 
 
 def _autograd_reference(fn: Callable[..., Any], data: Any, batch: ArrayBatch, structure: str) -> List[np.ndarray]:

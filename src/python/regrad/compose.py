@@ -494,13 +494,16 @@ def _require_torch() -> None:
 
 
 def _norm(flat: np.ndarray) -> float:
-    """The L2 norm, rescaled when the squares overflowed (inf only for a non-finite entry)."""
-    with np.errstate(over="ignore"):
-        norm = float(np.linalg.norm(flat))
+    """The L2 norm, rescaled when the squares overflowed (inf only for a non-finite entry). Summed by
+    einsum, never BLAS: np.linalg.norm is BLAS's dot, whose partial sums follow OpenBLAS's threads, so
+    the telemetry's bits changed with OMP_NUM_THREADS (the gradients did not)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = math.sqrt(float(np.einsum("i,i->", flat, flat)))
     if not math.isfinite(norm) and np.isfinite(flat).all():
         wide = flat.astype(np.float64)
         peak = float(np.abs(wide).max())
-        norm = peak * float(np.linalg.norm(wide / peak))
+        scaled = wide / peak
+        norm = peak * math.sqrt(float(np.einsum("i,i->", scaled, scaled)))
         if not math.isfinite(norm):  # finite entries, a norm beyond float64: telemetry cannot hold it
             raise NonFiniteError(
                 f"the gradient's L2 norm overflows float64 (largest entry {peak:g}, {flat.size} entries); "

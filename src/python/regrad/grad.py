@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import numpy as np
 
-from ._arrays import ArrayBatch, as_array_batch, listed
+from ._arrays import ArrayBatch, as_array_batch, listed, torch_views
 from ._autograd import refuse_functorch
 from ._f0 import reads_f0
 from .errors import InputError, NonFiniteError
@@ -173,7 +173,7 @@ class CallInputs:
             if len(set(map(id, self.logprobs))) == len(self.logprobs):
                 return self.logprobs
         if not self.batch.is_torch or any(map(torch.Tensor.is_inference, self.detached)):
-            source = [torch.from_numpy(a) for a in self.batch.arrays]
+            source = torch_views(self.batch.arrays)
         else:
             source = self.detached
         return [t.detach().requires_grad_(True) for t in source]

@@ -64,10 +64,12 @@ def _value_and_grad(data: Sequence[Any], arrays: List[np.ndarray]) -> Tuple[floa
     if not normalized.any():  # every token masked: 0 and 0 (+0.0, not the -0.0 that scaling by 0 gives)
         return 0.0, np.zeros(packed.size, arrays[0].dtype), {"perplexity": 1.0}
     logprobs = np.concatenate(arrays)
+    # einsum, not np.dot: BLAS's dot splits its sum over OpenBLAS's threads, so the loss's last bits
+    # changed with OMP_NUM_THREADS
     with np.errstate(invalid="ignore"):
-        nll = -float(np.dot(normalized, logprobs))
+        nll = -float(np.einsum("i,i->", normalized, logprobs))
     if not math.isfinite(nll):  # a weight-0 token is masked out: its log-prob may be -inf (0 * -inf is NaN)
-        nll = -float(np.dot(normalized, np.where(normalized != 0, logprobs, 0)))
+        nll = -float(np.einsum("i,i->", normalized, np.where(normalized != 0, logprobs, 0)))
     return nll, np.negative(normalized), {"perplexity": _perplexity(nll)}
 
 

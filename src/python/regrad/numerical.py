@@ -162,13 +162,14 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
                 x = x.detach().to(torch.float32)
         elif isinstance(x, np.ndarray):
             originals.append(x.dtype)
-            if x.dtype == np.float16 or x.dtype.name == "bfloat16":
+            if x.dtype.name in ("float16", "bfloat16"):  # the name, not ==: big-endian '>f2' is float16 too
                 narrow.add(x.dtype.name)
                 x = x.astype(np.float32)
         else:
             originals.append(None)
         widened.append(x)
-    names = [(i, str(d).replace("torch.", "")) for i, d in enumerate(originals) if d is not None]
+    names = [(i, d.name if isinstance(d, np.dtype) else str(d).replace("torch.", "")) for i, d in enumerate(originals)
+             if d is not None]  # (numpy by name: str gives '>f2' for a big-endian float16)
     if narrow and len({name for _, name in names}) > 1:  # named before widening: float16 beside float64 is not "float32"
         (i0, first), (i, name) = names[0], next(item for item in names if item[1] != names[0][1])
         raise InputError(f"logprobs_list[{i}] has dtype {name} but logprobs_list[{i0}] has {first}; use one dtype")
