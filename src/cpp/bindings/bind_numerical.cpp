@@ -69,7 +69,10 @@ std::vector<T*> block_buffers(const py::sequence& outs, const RaggedArrays& ragg
         const int64_t r = a.shape(0);
         if (rows < 0) rows = r;
         const int64_t len = ragged.offsets[j + 1] - ragged.offsets[j];
-        if (r != rows || a.size() != r * len) {
+        // r rows of len by division, not r * len: the product wraps past int64 (a [2**59, 0] buffer of a
+        // 32-element datum read as 0 == 0 elements, and the core wrote rows the buffer does not have)
+        const bool holds = len == 0 ? a.size() == 0 : a.size() % len == 0 && a.size() / len == r;
+        if (r != rows || !holds) {
             throw py::value_error("output buffer " + std::to_string(j) + " has " + std::to_string(a.size()) +
                                   " elements; expected " + std::to_string(rows) + " rows of " + std::to_string(len));
         }

@@ -203,6 +203,16 @@ void check_difference_block(int64_t n, int64_t capacity, int npoints, int64_t po
     }
 }
 
+void check_random_indices(int64_t q_begin, int64_t count, int64_t index_offset, int64_t n) {
+    if (q_begin < 0 || count < 0 || index_offset < 0 || n < 0) throw std::invalid_argument("negative perturbation index");
+    constexpr int64_t largest = std::numeric_limits<int64_t>::max();
+    if (q_begin > largest - count || index_offset > largest - n) {
+        throw std::invalid_argument("perturbation index " + std::to_string(q_begin) + " + " + std::to_string(count) +
+                                    " or element index " + std::to_string(index_offset) + " + " + std::to_string(n) +
+                                    " passes 2**63 - 1");
+    }
+}
+
 template <class T>
 void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capacity, const T* points,
                             int64_t points_stride, int npoints, int64_t q_begin, int64_t count, bool full,
@@ -210,6 +220,7 @@ void write_difference_block(const RaggedBatch<T>& x, T* const* out, int64_t capa
     check_batch(x);
     const int64_t n = x.size();
     check_difference_block(n, capacity, npoints, points_stride, q_begin, count, full, prev_begin, prev_count);
+    if (n == 0) return;  // no elements, nothing to write: looping over `capacity` empty rows could hang (2**59)
     const int64_t batch = x.batch;
     if (full) {
         const bool parallel = capacity * n >= kParallelElements;
@@ -386,7 +397,8 @@ void write_random_block(const RaggedBatch<T>& x, const double* scale, Direction 
         throw std::invalid_argument("block of " + std::to_string(count) + " perturbations exceeds the " +
                                     std::to_string(capacity) + " rows of the buffers");
     }
-    if (q_begin < 0 || count < 0 || index_offset < 0) throw std::invalid_argument("negative perturbation index");
+    check_random_indices(q_begin, count, index_offset, x.size());
+    if (x.size() == 0) return;  // no elements, nothing to write: count * batch idle tasks could hang (2**59)
     const int64_t batch = x.batch;
     const int64_t tasks = count * batch;
     const bool parallel = count * x.size() >= kParallelElements / 4;  // RNG work is heavier than a copy
@@ -418,6 +430,7 @@ template void write_random_block<double>(const RaggedBatch<double>&, const doubl
 void random_estimate(Direction kind, uint64_t seed, int64_t n, int64_t index_offset, const double* scale,
                      const double* f, int64_t samples, bool antithetic, double f0, double* grad, double* variance) {
     if (samples < 1) throw std::invalid_argument("need at least one sample");
+    check_random_indices(0, 0, index_offset, n);
     const bool parallel = n * samples >= kParallelElements / 4;
     (void)parallel;
 #pragma omp parallel for schedule(static) if (parallel)

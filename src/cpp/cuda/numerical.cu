@@ -8,7 +8,7 @@
 #include <cmath>
 
 #include "device_common.cuh"
-#include "regrad/numerical.hpp"  // check_point_steps, check_difference_block: shared with the CPU builder
+#include "regrad/numerical.hpp"  // check_point_steps, check_difference_block, check_random_indices: shared with the CPU builder
 
 namespace regrad::cuda {
 
@@ -266,8 +266,8 @@ void write_random_block(const RaggedBatch<T>& x, const double* scale_dev, Direct
         throw std::invalid_argument("block of " + std::to_string(count) + " perturbations exceeds the " +
                                     std::to_string(capacity) + " rows of the buffers");
     }
-    if (q_begin < 0 || count < 0 || index_offset < 0) throw std::invalid_argument("negative perturbation index");
     const int64_t n = x.size();
+    check_random_indices(q_begin, count, index_offset, n);  // as the CPU
     if (count * n == 0) return;
     const cudaStream_t stream = as_stream(stream_handle);
     Scratch scratch(Scratch::bytes_for<int64_t>(3 * x.batch + 1), stream);
@@ -281,6 +281,7 @@ void random_estimate(Direction kind, uint64_t seed, int64_t n, int64_t index_off
                      const double* f_dev, int64_t samples, bool antithetic, double f0, double* grad_dev,
                      double* variance_dev, std::uintptr_t stream_handle) {
     if (samples < 1) throw std::invalid_argument("need at least one sample");
+    check_random_indices(0, 0, index_offset, n);  // as the CPU
     if (n <= 0) return;
     estimate_kernel<<<grid_for(n), kThreads, 0, as_stream(stream_handle)>>>(
         kind == Direction::Gaussian, seed, n, index_offset, scale_dev, f_dev, samples, antithetic, f0, grad_dev,

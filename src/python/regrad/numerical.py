@@ -376,6 +376,9 @@ def numerical_grad(
     data = reusable(data)
     structure_name = check_options(method, structure, vectorized, executor, max_batch_bytes, num_samples, seed,
                                    progress)
+    # Python ints from here: a numpy integer wraps in the engine's products (np.uint8(200) * 2 antithetic
+    # evaluations is 144, so 72 samples ran while the result said 200; np.int8(100) * 2 is -56)
+    max_batch_bytes, num_samples, seed = int(max_batch_bytes), int(num_samples), int(seed)
     if not isinstance(antithetic, (bool, np.bool_)):  # a string or None would be read by truth value (or fail in C++)
         raise InputError(f"antithetic must be True or False, got {antithetic!r}")
     inputs = _prepare_inputs(logprobs_list)

@@ -68,6 +68,11 @@ void check_point_steps(int64_t n, double scale, const double* step, int64_t step
 void check_difference_block(int64_t n, int64_t capacity, int npoints, int64_t points_stride, int64_t q_begin,
                             int64_t count, bool full, int64_t prev_begin, int64_t prev_count);
 
+/// Checks the indices of a random block or estimate (shared by the CPU and CUDA builders): q_begin, count,
+/// index_offset and n >= 0, and perturbations [q_begin, q_begin + count) and element indices
+/// [index_offset, index_offset + n) within int64 (a wrapped q read another sample's direction, silently).
+void check_random_indices(int64_t q_begin, int64_t count, int64_t index_offset, int64_t n);
+
 /// Writes perturbations [q_begin, q_begin + count) of `x` into `out`: row r of datum j's buffer
 /// (out[j], `capacity` rows of x.length(j) elements) is x_j with element (q_begin + r) / P set to
 /// its point. `points` holds the batch's points at points[k * points_stride + e].
