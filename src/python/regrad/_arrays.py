@@ -6,7 +6,7 @@ import collections.abc
 import functools
 import operator
 from operator import attrgetter
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -333,3 +333,22 @@ def split_packed(packed: np.ndarray, batch: ArrayBatch) -> List[Any]:
         out.append(packed[start : start + n].reshape(shape))
         start += n
     return out
+
+
+def same_options(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> bool:
+    """Numerical options by value, as RegularizerSpec and regrad.numerical's wrapper compare them."""
+    return mine.keys() == theirs.keys() and all(same_value(mine[k], theirs[k]) for k in mine)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Option values by value: arrays and tensors element-wise (their == is per element), lists of
+    them (one step array per datum) item by item."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(same_value, a, b))
+    try:
+        same = a == b
+        if isinstance(same, (bool, np.bool_)):
+            return bool(same)
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except (TypeError, ValueError, RuntimeError):  # (tensors of other shapes, tensors requiring grad)
+        return False

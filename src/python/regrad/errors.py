@@ -51,11 +51,16 @@ class RegularizerError(RuntimeError):
         err = _rebuilt(type(self), self.args, self.cause, {})
         memo[id(self)] = err  # (before the attributes, which may refer back to the error)
         err.__dict__.update(copy.deepcopy(self._attributes(), memo))
-        try:  # a memo of its own: a copy that fails midway leaves entries under ids that Python then reuses
-            err.cause = copy.deepcopy(self.cause, {})
-        except Exception:  # noqa: BLE001 - whatever copying the cause raises (a lock inside, an __init__ mismatch)
-            err.cause = _portable(self.cause)
+        err.cause = _deep_copied(self.cause)
         return err
+
+
+def _deep_copied(cause: BaseException) -> BaseException:
+    """A deep copy of cause where it copies (a class defined in a function does), else the portable one."""
+    try:  # a memo of its own: a copy that fails midway leaves entries under ids that Python then reuses
+        return copy.deepcopy(cause, {})
+    except Exception:  # noqa: BLE001 - whatever copying the cause raises (a lock inside, an __init__ mismatch)
+        return _portable(cause)
 
 
 def _portable(cause: BaseException) -> BaseException:

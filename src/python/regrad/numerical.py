@@ -27,17 +27,18 @@ import inspect
 import itertools
 import math
 import numbers
+import pickle
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Protocol, Sequence, Tuple, TypedDict, TypeVar, Union, cast, overload
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NoReturn, Optional, Protocol, Sequence, Tuple, TypedDict, TypeVar, Union, cast, overload
 
 import numpy as np
 
 from . import _core
 from ._autograd import LazyFunction, refuse_forward_mode, refuse_functorch, scaled_first_order
-from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, listed, reusable, split_packed
+from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, listed, reusable, same_options, split_packed
 from ._evaluate import (
     POINT_LABELS,
     BufferPool,
@@ -261,6 +262,30 @@ def _real_option(value: Any, what: str) -> np.ndarray:
         return real_array(value)
     except NotRealNumbers as err:
         raise InputError(f"{what} must be a positive number or an array of them; got {err}") from None
+
+
+def share_executor(options: Mapping[str, Any], memo: Dict[int, Any]) -> None:
+    """Makes a deep copy (its memo) share the options' `executor=`: a pool is a resource of this process, not
+    state (copying it fails on its lock). For regrad.numerical's wrapper and RegularizerSpec alike."""
+    executor = options.get("executor")
+    if executor is not None:
+        memo.setdefault(id(executor), executor)
+
+
+def refuse_unpicklable_executor(options: Mapping[str, Any], owner: str) -> None:
+    """A TypeError naming owner and `executor=` when the options' executor does not pickle (a thread or process
+    pool: pickle cannot carry its threads); the standard pickle decides, as for a RegularizerError's cause."""
+    executor = options.get("executor")
+    if executor is None:
+        return
+    try:
+        pickle.dumps(executor)
+    except Exception as err:  # noqa: BLE001 - whatever pickling the executor raises (a lock, a queue)
+        raise TypeError(
+            f"{owner}: executor={executor!r} cannot be pickled ({type(err).__name__}: {err}); an executor is a "
+            "resource of this process: rebuild it without executor= to send it, and give it one in the process "
+            "that runs it"
+        ) from err
 
 
 def check_options(method: str, structure: str, vectorized: bool, executor: Any, max_batch_bytes: Any,
@@ -965,16 +990,27 @@ class _Numerical:
         self.last_result = None
 
     def __reduce__(self) -> tuple:
-        """fn and the options (checked by numerical() already); runtime state (last_result) is not carried."""
+        """fn and the options (checked by numerical() already); runtime state (last_result) is not carried.
+        An executor= that does not pickle is a TypeError naming the wrapper and the option."""
+        refuse_unpicklable_executor(self.options, f"regrad.numerical of {fn_name(self.fn)}")
         return (type(self), (self.fn, self.options))
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "_Numerical":
-        """fn and the options copied, an `executor=` shared: a pool is a resource of this process, not state
-        (copying it fails on its lock; the function this used to be was never copied)."""
-        executor = self.options.get("executor")
-        if executor is not None:
-            memo.setdefault(id(executor), executor)
+        """fn and the options copied, an `executor=` shared (share_executor; the function this used to be
+        was never copied)."""
+        share_executor(self.options, memo)
         return type(self)(copy.deepcopy(self.fn, memo), copy.deepcopy(self.options, memo))
+
+    def __eq__(self, other: object) -> bool:
+        """The same fn and equal options (arrays by value), as RegularizerSpec compares: a spec of a wrapper
+        was unequal to its own pickle round trip or deep copy (wrappers compared by identity)."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return bool(self.fn == other.fn) and same_options(self.options, other.options)
+
+    def __hash__(self) -> int:
+        """fn's hash (options may be arrays or lists, which do not hash): equal wrappers hash alike."""
+        return hash((type(self), self.fn))
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())

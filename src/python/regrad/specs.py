@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -16,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from . import _core, kernels
-from ._arrays import as_array_batch, token_mask
+from ._arrays import as_array_batch, same_options, token_mask
 from .data import loss_input
 from .errors import InputError
 from .grad import NUMERICAL_OPTIONS, NUMERICAL_ROUTES, ROUTES, has_analytic, scalar_value
@@ -123,11 +124,36 @@ class RegularizerSpec:
         names = ("name", "weight", "fn", "is_async", "grad", "grad_fn", "timeout")
         if any(getattr(self, f) != getattr(other, f) for f in names):
             return False
-        mine, theirs = self.numerical_options, other.numerical_options
-        return mine.keys() == theirs.keys() and all(_same_option(mine[k], theirs[k]) for k in mine)
+        return same_options(self.numerical_options, other.numerical_options)
 
     def __hash__(self) -> int:
         return hash((self.name, self.weight, self.fn, self.is_async, self.grad, self.grad_fn, self.timeout))
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Its fields, for pickle; an `executor=` option that does not pickle (a thread or process pool) is a
+        TypeError naming the spec and the option (pickle's own error named neither: "cannot pickle
+        '_queue.SimpleQueue' object")."""
+        from .numerical import refuse_unpicklable_executor  # (lazy, as in _validate_options)
+
+        refuse_unpicklable_executor(self.numerical_options, f"regularizer {self.name!r}")
+        return dict(self.__dict__)
+
+    def __copy__(self) -> "RegularizerSpec":
+        """The same field values (through __getstate__, a spec with an executor could not be copied)."""
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "RegularizerSpec":
+        """The fields copied, an `executor=` option shared, as regrad.numerical's wrapper does (a deep copy
+        failed on the pool's lock: "cannot pickle '_queue.SimpleQueue' object")."""
+        from .numerical import share_executor
+
+        share_executor(self.numerical_options, memo)
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def validate(self) -> None:
         """Checks name, weight, fn arity, async flag, route and options; every message names the spec."""
@@ -189,20 +215,6 @@ class RegularizerSpec:
                               opts.get("num_samples", 64), opts.get("seed", 0), opts.get("progress"))
             except InputError as err:
                 raise ValueError(f"{label}: {err}") from None
-
-
-def _same_option(a: Any, b: Any) -> bool:
-    """Option values by value: arrays and tensors element-wise (their == is per element), lists of
-    them (one step array per datum) item by item."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(map(_same_option, a, b))
-    try:
-        same = a == b
-        if isinstance(same, (bool, np.bool_)):
-            return bool(same)
-        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
-    except (TypeError, ValueError, RuntimeError):  # (tensors of other shapes, tensors requiring grad)
-        return False
 
 
 _DICT_KEYS = frozenset({"fn", "weight", "name", "grad", "grad_fn", "timeout", "numerical_options"})

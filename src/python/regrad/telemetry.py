@@ -7,11 +7,14 @@ Events (`LossEvent`) go to an `on_event` callback; `log_events()` adapts them to
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
+
+from .errors import _deep_copied, _portable
 
 __all__ = [
     "TermTelemetry",
@@ -163,6 +166,29 @@ class LossEvent:
     value: Optional[float] = None
     error: Optional[BaseException] = None
     call: int = 0
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Its fields, with an error that survives pickle (as a RegularizerError's cause): a term's exception
+        that does not pickle (a lock inside, a class defined in a function) kept the event from crossing a
+        process boundary (a multiprocessing queue, a process pool). The event itself keeps its error."""
+        state = dict(self.__dict__)
+        if self.error is not None:
+            state["error"] = _portable(self.error)
+        return state
+
+    def __copy__(self) -> "LossEvent":
+        """The same error object: copying pickles nothing."""
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "LossEvent":
+        """A deep copy of the error where it copies, else the portable one (deepcopy failed on such an error)."""
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "error"}, memo))
+        copied.error = None if self.error is None else _deep_copied(self.error)
+        return copied
 
 
 EventCallback = Callable[[LossEvent], None]
