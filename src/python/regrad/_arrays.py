@@ -10,8 +10,9 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 
+_NARROW = ("float16", "bfloat16")  # widened to float32 (numpy by name: '>f2' and ml_dtypes' bfloat16 too)
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPE, _SHAPE = attrgetter("dtype"), attrgetter("shape")
 _IS_CPU = attrgetter("is_cpu")
@@ -194,6 +195,78 @@ def as_array_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list", ke
         shapes.append(shape)
     dtype = first.dtype if first is not None else np.dtype(np.float64)
     return ArrayBatch(arrays, first_torch, dtype, shapes, tensors if first_torch else None, copied=copied)
+
+
+def as_working_batch(logprobs_list: Sequence[Any], what: str = "logprobs_list",
+                     keep_tensors: bool = True) -> Tuple[ArrayBatch, List[Any]]:
+    """as_array_batch, with float16 / bfloat16 data widened to float32 copies (the working dtype: the
+    kernels and the engine are float32 / float64); also the caller's dtype per datum when they were
+    widened (else []), to cast results back. Mixed dtypes are named as given, before widening."""
+    if isinstance(logprobs_list, np.ndarray) or is_torch_tensor(logprobs_list):
+        raise InputError(f"{what} must be a list with one array per datum, not a single array")
+    items = listed(logprobs_list, what, "arrays")
+    try:  # float32 / float64 throughout, the common case: nothing to widen
+        return as_array_batch(items, what, keep_tensors), []
+    except InputError:
+        pass  # a narrow dtype to widen, or a real problem that as_array_batch names again below
+    widened, originals, narrow = [], [], False
+    for x in items:
+        if is_torch_tensor(x):
+            originals.append(x.dtype)
+            if str(x.dtype).replace("torch.", "") in _NARROW:
+                narrow = True
+                x = x.detach().float()
+        elif isinstance(x, np.ndarray):
+            originals.append(x.dtype)
+            if x.dtype.name in _NARROW:  # the name, not ==: big-endian '>f2' is float16 too
+                narrow = True
+                x = x.astype(np.float32)
+        else:
+            originals.append(None)
+        widened.append(x)
+    names = [(i, dtype_name(d)) for i, d in enumerate(originals) if d is not None]
+    if narrow and len({name for _, name in names}) > 1:  # float16 beside float64 is not "float32"
+        (i0, first), (i, name) = names[0], next(item for item in names if item[1] != names[0][1])
+        raise InputError(f"{what}[{i}] has dtype {name} but {what}[{i0}] has {first}; use one dtype")
+    return as_array_batch(widened, what, keep_tensors), (originals if narrow else [])
+
+
+def dtype_name(dtype: Any) -> str:
+    """A numpy or torch dtype's name: float16, bfloat16, float32... (numpy by name: str gives '>f2')."""
+    return dtype.name if isinstance(dtype, np.dtype) else str(dtype).replace("torch.", "")
+
+
+def cast_back(packed: np.ndarray, batch: ArrayBatch, originals: List[Any], what: str = "gradient") -> List[Any]:
+    """A packed float32 result over a widened batch (as_working_batch) as one array or tensor per datum in
+    the caller's float16 / bfloat16 dtype. packed is finite: a value beyond the narrow dtype's range
+    (float16 tops out at 65504) raises NonFiniteError naming datum and element, as the kernels do for
+    their own dtype, instead of coming back as inf."""
+    dtype = originals[0]  # (one dtype: as_working_batch refuses mixed ones)
+    if batch.is_torch:
+        import torch
+
+        narrow: Any = torch.from_numpy(packed).to(dtype)
+        fits = torch.isfinite(narrow)
+        bad = [] if bool(fits.all()) else torch.nonzero(~fits).reshape(-1).tolist()
+    else:
+        with np.errstate(over="ignore"):
+            narrow = packed.astype(dtype)
+        fits = np.isfinite(narrow)
+        bad = [] if fits.all() else np.flatnonzero(~fits).tolist()
+    if bad:
+        ends = np.cumsum(batch.sizes)
+        j = int(np.searchsorted(ends, bad[0], side="right"))
+        position = bad[0] - int(ends[j] - batch.sizes[j])
+        err = NonFiniteError(
+            f"the {what} at datum {j}, element {position} is {float(packed[bad[0]])}, beyond the range of the "
+            f"log-probs' {dtype_name(dtype)} (computed in float32); pass float32 log-probs to get it"
+        )
+        err.datum, err.position = j, position
+        raise err
+    if batch.is_torch:
+        parts = narrow.split_with_sizes(batch.sizes)
+        return [p.view(s) for p, s in zip(parts, batch.shapes)]
+    return split_packed(narrow, batch)
 
 
 def _plain_torch_batch(items: List[Any], keep_tensors: bool = True) -> Optional[ArrayBatch]:

@@ -418,6 +418,8 @@ class ComposedLoss:
             total = np.zeros(inputs.size, inputs.batch.dtype)
         output = self._telemetry(results, total, start)
         self._check_total(output, total)
+        if inputs.original_dtypes:  # float16 / bfloat16 log-probs: the float32 total must fit their dtype
+            inputs.given = inputs.as_given(total)
         self.last_output = output
         emit(self.on_event, "stop", "loss", "loss", duration_ms=output.duration_ms, value=output.loss_total,
              call=inputs.call)
@@ -459,7 +461,9 @@ class ComposedLoss:
 
     @staticmethod
     def _split(inputs: CallInputs, flat: np.ndarray) -> List[Any]:
-        """The packed gradient as one array (or CPU tensor) per datum, shaped like the inputs."""
+        """The packed gradient as one array (or CPU tensor) per datum, shaped and dtyped like the inputs."""
+        if inputs.given is not None:  # float16 / bfloat16 inputs: cast back (and checked) by _finish
+            return inputs.given
         bounds = np.cumsum(inputs.sizes)[:-1]
         parts = [p.reshape(s) for p, s in zip(np.split(flat, bounds), inputs.batch.shapes)]
         if inputs.batch.is_torch:
@@ -469,7 +473,9 @@ class ComposedLoss:
         return parts
 
     def _loss_tensor(self, inputs: CallInputs, value: float, flat: np.ndarray) -> Any:
-        """0-d tensor of the total; backward() hands each log-prob tensor grad_output × its gradient."""
+        """0-d tensor of the total; backward() hands each log-prob tensor grad_output × its gradient. float32
+        for float16 / bfloat16 log-probs (the working dtype, as autocast's losses): autograd casts the
+        float32 product to each tensor's dtype, one rounding."""
         import torch
 
         dtype = torch.float32 if inputs.batch.dtype == np.float32 else torch.float64

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import numpy as np
 
-from ._arrays import ArrayBatch, as_array_batch, listed, torch_views
+from ._arrays import ArrayBatch, as_working_batch, cast_back, listed, torch_views
 from ._autograd import refuse_functorch
 from ._f0 import reads_f0
 from .errors import InputError, NonFiniteError
@@ -84,6 +84,9 @@ class CallInputs:
     # names of auto terms found to need detached inputs (numpy-based fns); kept across calls
     needs_detached: Dict[str, bool] = field(default_factory=dict)
     call: int = 0  # the call's number on its composed loss, for events
+    # per datum, the caller's float16 / bfloat16 dtype when the batch was widened to float32 (else empty):
+    # every term then works on float32 copies, and gradients handed back are cast to these dtypes
+    original_dtypes: List[Any] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -95,9 +98,9 @@ class CallInputs:
         data = listed(data, "data", "data (any objects)")
         if len(data) != len(logprobs):
             raise InputError(f"data has {len(data)} entries but logprobs_list has {len(logprobs)}; one per datum")
-        batch = as_array_batch(logprobs)
+        batch, originals = as_working_batch(logprobs)  # float16 / bfloat16: float32 copies
         detached = batch.tensors if batch.tensors is not None else batch.arrays  # detached once, in as_array_batch
-        return cls(data, logprobs, batch, detached, {} if needs_detached is None else needs_detached, call)
+        return cls(data, logprobs, batch, detached, {} if needs_detached is None else needs_detached, call, originals)
 
     def __post_init__(self) -> None:
         self.sizes: List[int] = self.batch.sizes
@@ -106,6 +109,7 @@ class CallInputs:
         self._original_lock = threading.Lock()
         self._abandoned = False  # the call has returned: its memory is the caller's again
         self._handed: Optional[List[np.ndarray]] = None  # numpy views of what fns get (see handed_arrays)
+        self.given: Optional[List[Any]] = None  # widened batch: the composed gradient in the caller's dtypes
 
     def abandon(self) -> None:
         """The call failed and returns: a term still running in the background (a thread cannot be
@@ -169,7 +173,8 @@ class CallInputs:
         """
         import torch
 
-        if self.batch.is_torch and all(map(_REQUIRES_GRAD, self.logprobs)) and all(map(_IS_LEAF, self.logprobs)):
+        if (self.batch.is_torch and not self.original_dtypes and all(map(_REQUIRES_GRAD, self.logprobs))
+                and all(map(_IS_LEAF, self.logprobs))):  # (widened: the float32 copies are what fns see)
             if len(set(map(id, self.logprobs))) == len(self.logprobs):
                 return self.logprobs
         if not self.batch.is_torch or any(map(torch.Tensor.is_inference, self.detached)):
@@ -177,6 +182,11 @@ class CallInputs:
         else:
             source = self.detached
         return [t.detach().requires_grad_(True) for t in source]
+
+    def as_given(self, flat: np.ndarray) -> List[Any]:
+        """A packed float32 gradient of a widened batch per datum in the caller's float16 / bfloat16 dtype;
+        a value beyond that dtype's range raises NonFiniteError naming datum and element."""
+        return cast_back(flat, self.batch, self.original_dtypes, "composed gradient")
 
     def pack_autograd(self, grads: List[Any]) -> np.ndarray:
         """`flatten` for torch.autograd.grad's result: tensors autograd already shaped like the leaves, so no checks."""

@@ -2,7 +2,8 @@
 
 Each call makes one fused pass: batch value, per-datum values and the gradient of the batch
 value with respect to every log-prob. Inputs are a list of [T_i] or [T_i, K] numpy arrays or CPU
-torch tensors (float32 or float64); results come back in the same type and dtype.
+torch tensors (float32 or float64); results come back in the same type and dtype. float16 / bfloat16
+inputs are computed in float32: value and per_datum in float32, grads cast back to the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import _core, _gpu
 from ._autograd import LazyFunction, refuse_forward_mode, refuse_functorch, scaled_first_order
-from ._arrays import ArrayBatch, as_array_batch, reusable, split_packed, token_mask
+from ._arrays import ArrayBatch, as_working_batch, cast_back, reusable, split_packed, token_mask
 from .errors import InputError
 
 __all__ = ["KernelResult", "l1", "l2", "entropy", "regularizer"]
@@ -69,36 +70,41 @@ def regularizer(
     if _gpu.on_cuda(logprobs_list):
         value_t, per_datum_t, grads = _gpu.regularizer(kind, logprobs_list, reduction, mask)
         return _with_grad(value_t, per_datum_t, grads, list(logprobs_list))
-    batch = as_array_batch(logprobs_list)
+    batch, originals = as_working_batch(logprobs_list)  # float16 / bfloat16 computed in float32
     if reduction == "mean" and not batch.arrays:
         raise InputError("reduction='mean' over an empty batch (no data) is undefined; use reduction='sum'")
     packed_mask = token_mask(mask, batch)
     value, per_datum, packed = _core.regularizer(kind, batch.arrays, packed_mask, reduction, True)
     grads = split_packed(packed, batch)
+    shown = cast_back(packed, batch, originals) if originals else grads  # (in the inputs' dtype)
     if not batch.is_torch:
-        return KernelResult(float(value), per_datum.astype(batch.dtype, copy=False), grads)
-    return _torch_result(value, per_datum, grads, list(logprobs_list), batch)
+        return KernelResult(float(value), per_datum.astype(batch.dtype, copy=False), shown)
+    return _torch_result(value, per_datum, grads, list(logprobs_list), batch, shown)
 
 
 def _torch_result(
-    value: float, per_datum: np.ndarray, grads: List[Any], tensors: List[Any], batch: ArrayBatch
+    value: float, per_datum: np.ndarray, grads: List[Any], tensors: List[Any], batch: ArrayBatch,
+    shown: Optional[List[Any]] = None,
 ) -> KernelResult:
     import torch
 
     dtype = torch.float32 if batch.dtype == np.float32 else torch.float64
     per_datum_t = torch.from_numpy(per_datum).to(dtype)
     value_t = torch.tensor(value, dtype=dtype)
-    return _with_grad(value_t, per_datum_t, grads, tensors)
+    return _with_grad(value_t, per_datum_t, grads, tensors, shown)
 
 
-def _with_grad(value_t: Any, per_datum_t: Any, grads: List[Any], tensors: List[Any]) -> KernelResult:
-    """Attaches the precomputed gradient to the 0-d value when autograd tracks the inputs."""
+def _with_grad(value_t: Any, per_datum_t: Any, grads: List[Any], tensors: List[Any],
+               shown: Optional[List[Any]] = None) -> KernelResult:
+    """Attaches the precomputed gradient to the 0-d value when autograd tracks the inputs. shown: the
+    gradients the result holds when they differ from grads (float16 / bfloat16 inputs: grads stay float32
+    for backward, so the product with grad_output is rounded once, by autograd's cast to the input's dtype)."""
     import torch
 
     refuse_forward_mode(tensors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         value_t = _PrecomputedGrad.apply(value_t, grads, *tensors)
-    return KernelResult(value_t, per_datum_t, grads)
+    return KernelResult(value_t, per_datum_t, grads if shown is None else shown)
 
 
 def _precomputed_grad_function() -> Any:

@@ -38,7 +38,7 @@ import numpy as np
 
 from . import _core
 from ._autograd import LazyFunction, refuse_forward_mode, refuse_functorch, scaled_first_order
-from ._arrays import ArrayBatch, as_array_batch, is_torch_tensor, listed, reusable, same_options, split_packed
+from ._arrays import ArrayBatch, as_working_batch, dtype_name, is_torch_tensor, listed, reusable, same_options, split_packed
 from ._evaluate import (
     POINT_LABELS,
     BufferPool,
@@ -148,36 +148,11 @@ def _prepare_inputs(logprobs_list: Sequence[Any]) -> _Inputs:
         raise InputError("logprobs_list must be a list with one array per datum, not a single array")
     items = listed(logprobs_list, "logprobs_list", "arrays")
     refuse_functorch(items)
-    try:  # float32 / float64 throughout, the common case: nothing to widen
-        return _Inputs(as_array_batch(items, keep_tensors=False), [], None)
-    except InputError:
-        pass  # a narrow dtype to widen, or a real problem that the loop below names
-    widened, originals, narrow = [], [], set()
-    for x in items:
-        if is_torch_tensor(x):
-            import torch
-
-            originals.append(x.dtype)
-            if x.dtype in (torch.float16, torch.bfloat16):
-                narrow.add(str(x.dtype).replace("torch.", ""))
-                x = x.detach().to(torch.float32)
-        elif isinstance(x, np.ndarray):
-            originals.append(x.dtype)
-            if x.dtype.name in ("float16", "bfloat16"):  # the name, not ==: big-endian '>f2' is float16 too
-                narrow.add(x.dtype.name)
-                x = x.astype(np.float32)
-        else:
-            originals.append(None)
-        widened.append(x)
-    names = [(i, d.name if isinstance(d, np.dtype) else str(d).replace("torch.", "")) for i, d in enumerate(originals)
-             if d is not None]  # (numpy by name: str gives '>f2' for a big-endian float16)
-    if narrow and len({name for _, name in names}) > 1:  # named before widening: float16 beside float64 is not "float32"
-        (i0, first), (i, name) = names[0], next(item for item in names if item[1] != names[0][1])
-        raise InputError(f"logprobs_list[{i}] has dtype {name} but logprobs_list[{i0}] has {first}; use one dtype")
-    batch = as_array_batch(widened, keep_tensors=False)
+    batch, originals = as_working_batch(items, keep_tensors=False)
     note = None
-    if narrow:
-        note = f"{' and '.join(sorted(narrow))} log-probs were differentiated in float32 (results cast back)"
+    if originals:
+        narrow = sorted({dtype_name(d) for d in originals})
+        note = f"{' and '.join(narrow)} log-probs were differentiated in float32 (results cast back)"
     return _Inputs(batch, originals, note)
 
 
