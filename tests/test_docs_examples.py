@@ -20,6 +20,8 @@ import regrad
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+if not DOCS[0].is_file():  # an installed wheel tested from a copy of tests/: the docs are not beside it
+    pytest.skip("not run from a checkout (no README.md / docs/ next to tests/)", allow_module_level=True)
 
 
 def _examples() -> List[Tuple[str, int, str]]:

@@ -96,7 +96,7 @@ def test_regrad_data_with_extras_tinker_cannot_hold_run_on_a_tinker_client_as_on
     with tinker's bare ValueError ("Unsupported numpy dtype: <U3"). Tinker sends only target_tokens and
     weights and the loss gets the caller's Datums, so such extras are left out of the sent copies."""
     pytest.importorskip("tinker")
-    sys.path.insert(0, str(__import__("pathlib").Path(regrad.__file__).parents[3] / "tests"))
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))  # tests/, also beside an installed wheel
     try:
         from _fake_tinker import SMALL, FakeTinkerTrainingClient
     except ImportError as err:

@@ -19,7 +19,7 @@ import regrad
 from regrad.specs import RegularizerSpec
 
 PACKAGE = pathlib.Path(regrad.__file__).resolve().parent
-ROOT = PACKAGE.parents[2]  # the checkout: src/python/regrad
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the checkout: tests/ (the package may be an installed wheel)
 
 
 def _union_members(hint: Any) -> tuple:
@@ -82,6 +82,8 @@ def test_readme_python_version_covers_the_pinned_requirements() -> None:
     # README: `make demo` / `make test` "need only python3 (3.X+)"; they install requirements/dev.txt
     from packaging.specifiers import SpecifierSet
 
+    if not (ROOT / "README.md").is_file() or not (ROOT / "requirements" / "dev.txt").is_file():
+        pytest.skip("not run from a checkout (no README.md / requirements/dev.txt next to tests/)")
     found = re.search(r"`python3` \((3\.\d+)\+", (ROOT / "README.md").read_text())
     assert found, "README states the Python version make demo / make test need"
     claimed = found.group(1)
