@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections.abc
 import functools
 import operator
+import sys
 from operator import attrgetter
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
@@ -20,8 +21,11 @@ _ALIGNED = attrgetter("flags.aligned")
 
 
 def is_torch_tensor(x: Any) -> bool:
-    """True for a torch.Tensor, without importing torch when the caller never did."""
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "numpy")
+    """True for a torch.Tensor, subclasses included (nn.Parameter, a user's own `class LogProbs(torch.Tensor)`:
+    told apart by its module's name, such a tensor was "not a torch tensor", and regrad.numerical returned fn's
+    float with no autograd), without importing torch: x is none if the caller never imported it."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def torch_views(arrays: Sequence[np.ndarray]) -> List[Any]:

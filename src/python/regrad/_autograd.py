@@ -4,8 +4,9 @@ on first use only, so importing regrad never imports it."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Sequence, Tuple
 
 SECOND_DERIVATIVE = (
     "regrad hands autograd a gradient computed as numbers (analytic kernel, composed total or "
@@ -48,6 +49,31 @@ def refuse_forward_mode(tensors: Sequence[Any]) -> None:
     for t in tensors:
         if hasattr(t, "detach") and forward_ad.unpack_dual(t).tangent is not None:
             raise RuntimeError(FORWARD_MODE)
+
+
+def autocast_state() -> Tuple[Tuple[str, Any, bool], ...]:
+    """The torch.autocast blocks on in this thread, as (device, dtype, cache_enabled): () when none (or torch
+    is not imported, or older than 2.4). Autocast is per thread: fn computes in bfloat16 / float16 here and
+    in float32 on another thread, or in a backward run outside the block."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return ()
+    try:
+        on = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+    except TypeError:  # torch < 2.4: no device argument
+        return ()
+    return tuple((device, torch.get_autocast_dtype(device), torch.is_autocast_cache_enabled()) for device in on)
+
+
+def autocast_block(state: Tuple[Tuple[str, Any, bool], ...]) -> contextlib.ExitStack:
+    """Re-enters the autocast blocks `state` (autocast_state of another thread) in this thread."""
+    stack = contextlib.ExitStack()
+    if state:
+        import torch
+
+        for device, dtype, cache in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+    return stack
 
 
 class LazyFunction:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Generator, Iterator, List, Mapping, Optional, 
 import numpy as np
 
 from . import _core
-from ._arrays import ArrayBatch, _torch_float_dtypes, plain_cpu_layout
+from ._arrays import ArrayBatch, _torch_float_dtypes, is_torch_tensor, plain_cpu_layout
 from .errors import InputError, NonFiniteError, NumericalError
 
 POINT_LABELS = {
@@ -79,7 +79,7 @@ def _plain_loss(out: Any, tensor: Any) -> Any:
 
 
 def _is_torch_scalar(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "item") and x.dim() == 0
+    return is_torch_tensor(x) and x.dim() == 0
 
 
 def split_loss(out: Any) -> Any:
@@ -141,7 +141,7 @@ def float_views(values: Sequence[Any]) -> Optional[List[np.ndarray]]:
 
 def _float_view(value: Any) -> np.ndarray:
     """A float32/float64 numpy view of a CPU tensor or array when possible (no copy), else float64."""
-    if type(value).__module__.startswith("torch") and value.dtype in _torch_float_dtypes():
+    if is_torch_tensor(value) and value.dtype in _torch_float_dtypes():
         return value.detach().cpu().resolve_neg().numpy()  # (a negative view has no numpy() of its own)
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
         return value

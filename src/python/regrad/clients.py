@@ -243,8 +243,11 @@ class LocalTrainingClient:
                 "it takes no more requests; create a new client (load_state restores a saved one)"
             )
 
+    @torch.inference_mode(False)
     def _prepare(self, data: Sequence[Any]) -> _Batch:
-        """Checks every datum (tokens, targets, weights, context) and pads the inputs into one id tensor."""
+        """Checks every datum (tokens, targets, weights, context) and pads the inputs into one id tensor.
+        Made outside inference mode: under a caller's torch.inference_mode() they were inference tensors, which
+        the worker's autograd refused ("Inference tensors cannot be saved for backward") in forward_backward*."""
         self._check_open()
         if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
             raise InputError(f"data must be a list of Datum, got {type(data).__name__}")

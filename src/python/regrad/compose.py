@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from . import losses
-from ._autograd import LazyFunction, refuse_forward_mode, scaled_first_order
+from ._autograd import LazyFunction, autocast_block, refuse_forward_mode, scaled_first_order
 from .errors import NonFiniteError, RegularizerError
 from .grad import CallInputs, Cancelled, TermResult, compute_term, compute_term_async, resolve
 from .specs import RegularizerSpec, SpecLike, as_specs, is_async_fn
@@ -317,7 +317,9 @@ class ComposedLoss:
         try:
             if cancel.is_set():
                 raise Cancelled("a sibling term failed before this one started")
-            result = self._checked(compute_term(spec, inputs, cancel), inputs)
+            with autocast_block(inputs.autocast):  # (autocast is per thread: a pooled term ran in float32)
+                computed = compute_term(spec, inputs, cancel)
+            result = self._checked(computed, inputs)
         except asyncio.CancelledError as err:  # fn's own (no await here receives a cancellation): a failure, as
             # for async terms; passed on, it read as the cancellation of the caller's task (acall, await fut)
             own = RuntimeError("fn raised CancelledError (it called code that awaited a cancelled task or future)")
@@ -356,11 +358,13 @@ class ComposedLoss:
             task = done = None  # task.result()'s error holds this frame: no cycle through the task
         return self._term_done(scope, spec, result, start, inputs.call)
 
-    def _term_error(self, scope: str, spec: RegularizerSpec, err: Exception, start: float, call: int) -> RegularizerError:
+    def _term_error(self, scope: str, spec: RegularizerSpec, err: Exception, start: float, call: int) -> Exception:
         """The event, and the error to raise: err itself if a nested composed loss raised it (its cause
-        stays its own), else a RegularizerError whose __cause__ is err, as `raise ... from err` sets it."""
+        stays its own) or if it is torch.utils.checkpoint's signal to stop a recomputation (checkpoint
+        catches it; wrapped, it failed the checkpointed call), else a RegularizerError whose __cause__ is
+        err, as `raise ... from err` sets it."""
         emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err, call=call)
-        if isinstance(err, RegularizerError):
+        if isinstance(err, RegularizerError) or _stops_recomputation(err):
             return err
         wrapped = RegularizerError(spec.name, err)
         wrapped.__cause__ = err
@@ -497,6 +501,13 @@ def _require_torch() -> None:
             "calling a composed loss returns a torch tensor and torch is not installed; use "
             "loss_fn.evaluate(data, logprobs_list) for (value, grads, telemetry) with numpy arrays"
         ) from err
+
+
+def _stops_recomputation(err: BaseException) -> bool:
+    """torch.utils.checkpoint's _StopRecomputationError (non-reentrant checkpoint, early stop): raised by its
+    saved-tensor hook inside a term's autograd graph when a checkpointed region calling this loss is re-run,
+    to stop that re-run once it has what it needs; control flow of checkpoint's, not a failure of the term."""
+    return type(err).__name__ == "_StopRecomputationError" and type(err).__module__ == "torch.utils.checkpoint"
 
 
 def _norm(flat: np.ndarray) -> float:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 
 from ._arrays import ArrayBatch, as_working_batch, cast_back, listed, torch_views
-from ._autograd import refuse_functorch
+from ._autograd import autocast_state, refuse_functorch
 from ._f0 import reads_f0
 from .errors import InputError, NonFiniteError
 
@@ -87,6 +87,7 @@ class CallInputs:
     # per datum, the caller's float16 / bfloat16 dtype when the batch was widened to float32 (else empty):
     # every term then works on float32 copies, and gradients handed back are cast to these dtypes
     original_dtypes: List[Any] = field(default_factory=list)
+    autocast: Tuple[Tuple[str, Any, bool], ...] = ()  # the caller's torch.autocast blocks, re-entered by each term
 
     @classmethod
     def build(
@@ -100,7 +101,9 @@ class CallInputs:
             raise InputError(f"data has {len(data)} entries but logprobs_list has {len(logprobs)}; one per datum")
         batch, originals = as_working_batch(logprobs)  # float16 / bfloat16: float32 copies
         detached = batch.tensors if batch.tensors is not None else batch.arrays  # detached once, in as_array_batch
-        return cls(data, logprobs, batch, detached, {} if needs_detached is None else needs_detached, call, originals)
+        autocast = autocast_state() if batch.is_torch else ()
+        return cls(data, logprobs, batch, detached, {} if needs_detached is None else needs_detached, call, originals,
+                   autocast=autocast)
 
     def __post_init__(self) -> None:
         self.sizes: List[int] = self.batch.sizes
@@ -164,19 +167,13 @@ class CallInputs:
         return f"datum {j}, token {i // shape[1]}, column {i % shape[1]}"
 
     def leaves(self) -> List[Any]:
-        """Torch tensors requiring grad to differentiate a term with respect to (torch.autograd.grad).
-
-        The caller's own tensors when they are distinct leaves that require grad (autograd.grad never
-        touches their .grad; one tensor listed twice would get its whole gradient at each place, and
-        the gradient for `a` in [a, 2 * a] would also count the path through 2 * a), else fresh leaves
-        sharing their memory (inference tensors: through numpy, as they cannot require grad).
-        """
+        """Torch tensors requiring grad to differentiate a term with respect to (torch.autograd.grad):
+        fresh leaves sharing the log-probs' memory (inference tensors: through numpy, as they cannot
+        require grad). Never the caller's own tensors, even when they are leaves: their hooks
+        (register_hook) would run inside this term's autograd.grad too, so a hook that scales or clips
+        the gradient was applied twice (once here, once in the caller's backward)."""
         import torch
 
-        if (self.batch.is_torch and not self.original_dtypes and all(map(_REQUIRES_GRAD, self.logprobs))
-                and all(map(_IS_LEAF, self.logprobs))):  # (widened: the float32 copies are what fns see)
-            if len(set(map(id, self.logprobs))) == len(self.logprobs):
-                return self.logprobs
         if not self.batch.is_torch or any(map(torch.Tensor.is_inference, self.detached)):
             source = torch_views(self.batch.arrays)
         else:
@@ -260,7 +257,6 @@ def _to_numpy(g: Any) -> np.ndarray:
 
 
 _SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
-_REQUIRES_GRAD, _IS_LEAF = attrgetter("requires_grad"), attrgetter("is_leaf")
 
 Known = Tuple[float, Dict[str, float]]  # a term's value and metrics, before its gradient
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, NoReturn, Optio
 import numpy as np
 
 from . import _core
-from ._autograd import LazyFunction, refuse_forward_mode, refuse_functorch, scaled_first_order
+from ._autograd import LazyFunction, autocast_state, refuse_forward_mode, refuse_functorch, scaled_first_order
 from ._arrays import ArrayBatch, as_working_batch, dtype_name, is_torch_tensor, listed, reusable, same_options, split_packed
 from ._evaluate import (
     POINT_LABELS,
@@ -1027,10 +1027,12 @@ class _Numerical:
         value = torch.as_tensor(number, dtype=dtype)
         if differentiated:
             # forward's loss is backward's f0 when the engine would evaluate fn at x again, unless the engine
-            # widens the tensors (float16: fn then computes in float32 and its loss may differ); a non-finite
-            # loss is not: the engine then names fn's loss at the unperturbed log-probs, not an f0 never given
+            # widens the tensors (float16: fn then computes in float32 and its loss may differ) or fn ran under
+            # torch.autocast (bfloat16 matmuls; backward's evaluations usually run outside the block); a
+            # non-finite loss is not: the engine then names fn's loss at the unperturbed log-probs, not an f0
+            # never given
             reused = reads_f0(options.get("method", "central"), options.get("antithetic", True)) and math.isfinite(
-                number) and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+                number) and all(t.dtype in (torch.float32, torch.float64) for t in tensors) and not autocast_state()
             run = {**options, "f0": number} if reused else options
             value = _NumericalFunction.apply(value, (self, fn, data, run), *tensors)
         return (value, out[1]) if loss is not out else value
