@@ -14,6 +14,7 @@ import functools
 import itertools
 import math
 import operator
+import queue
 import sys
 import threading
 from dataclasses import dataclass
@@ -935,10 +936,14 @@ def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], size
         if submits:
             for column in zip(*args):
                 future = executor.submit(_remote, *column)
-                if not isinstance(future, cf.Future):
-                    raise InputError(f"{name} returned {type(future).__name__}, not a concurrent.futures.Future")
+                if not isinstance(future, cf.Future) and not callable(getattr(future, "result", None)):
+                    raise InputError(f"{name} returned {type(future).__name__}, not a concurrent.futures.Future "
+                                     "(nor a future with a result method)")
                 futures.append(future)
-            results = _in_order(futures, died)
+            if all(isinstance(future, cf.Future) for future in futures):
+                results = _in_order(futures, died)
+            else:  # futures of another kind (Dask's own, from an adapter's submit): read in order, as Executor.map did
+                results = _read((future.result() for future in futures), died)
         else:
             mapper: Callable[..., Any] = map if nested else executor.map
             source = mapper(_remote, *args)
@@ -951,7 +956,9 @@ def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], size
     except BaseException:  # (GeneratorExit too: the caller stopped reading)
         flight.halt()  # first: a chunk that starts or goes on from here does not call fn
         for future in futures:
-            future.cancel()  # the chunks not yet started
+            cancel = getattr(future, "cancel", None)
+            if callable(cancel):
+                cancel()  # the chunks not yet started
         if results is not None:
             results.close()
         close = getattr(source, "close", None)
@@ -963,9 +970,14 @@ def mapped(executor: Any, func: Callable[..., Any], calls: Sequence[tuple], size
 
 def _submits(executor: Any) -> bool:
     """Whether chunks go to executor.submit, one future each: a concurrent.futures.Executor with a submit of
-    its own (thread and process pools, Dask's). Its chunks' results are still read in order, but the first
-    chunk to fail ends the run at once (see _in_order). Anything else gets executor.map, read in order: the
-    one method a custom executor needs (docs/numerical.md)."""
+    its own (thread and process pools). Its chunks' results are still read in order, but the first chunk to
+    fail ends the run at once (see _in_order). Anything else gets executor.map, read in order: the one method
+    a custom executor needs (docs/numerical.md). Dask's ClientExecutor too: cancelling its submit's futures
+    (a failed run cancels the rest) made its event loop log tornado ERROR tracebacks for the chunks that
+    finished meanwhile (FutureCancelledError, InvalidStateError); its map cancels Dask's own futures."""
+    dask = sys.modules.get("distributed.cfexecutor")
+    if dask is not None and isinstance(executor, getattr(dask, "ClientExecutor", ())):
+        return False
     return isinstance(executor, cf.Executor) and type(executor).submit is not cf.Executor.submit
 
 
@@ -982,23 +994,25 @@ def _worker_died(err: BaseException) -> bool:
 def _in_order(futures: List[Any], died: Callable[[int, BaseException], NumericalError]) -> Iterator[Any]:
     """The futures' results in order, as soon as each and those before it have finished. A failure raises as
     soon as it is seen, not after every chunk before it: of the chunks found failed then, the lowest-numbered
-    (a worker's death as died(k, err))."""
-    finished: Any = cf.as_completed(futures)  # (a generator: closing it removes its waiters)
-    try:
-        for k, future in enumerate(futures):
-            while not future.done():
-                if _failed(next(finished)):
-                    k, future = next((j, f) for j, f in enumerate(futures) if j >= k and f.done() and _failed(f))
-                    break
-            try:
-                value = future.result()
-            except BaseException as err:
-                if _worker_died(err):
-                    raise died(k, err) from err
-                raise
-            yield value
-    finally:
-        finished.close()
+    (a worker's death as died(k, err)). Finished futures are learnt from done callbacks, not as_completed:
+    a pool's shutdown(cancel_futures=True) only cancel()s its queued futures, which wakes no as_completed
+    waiter, so a run whose next chunk was queued behind other work waited forever (Future.result, which
+    map read, raises CancelledError there)."""
+    finished: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(finished.put)  # (cancel() calls it too)
+    for k, future in enumerate(futures):
+        while not future.done():
+            if _failed(finished.get()):
+                k, future = next((j, f) for j, f in enumerate(futures) if j >= k and f.done() and _failed(f))
+                break
+        try:
+            value = future.result()
+        except BaseException as err:
+            if _worker_died(err):
+                raise died(k, err) from err
+            raise
+        yield value
 
 
 def _failed(future: Any) -> bool:
