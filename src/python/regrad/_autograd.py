@@ -53,26 +53,30 @@ def refuse_forward_mode(tensors: Sequence[Any]) -> None:
 
 def autocast_state() -> Tuple[Tuple[str, Any, bool], ...]:
     """The torch.autocast blocks on in this thread, as (device, dtype, cache_enabled): () when none (or torch
-    is not imported, or older than 2.4). Autocast is per thread: fn computes in bfloat16 / float16 here and
-    in float32 on another thread, or in a backward run outside the block."""
+    is not imported). Autocast is per thread: fn computes in bfloat16 / float16 here and in float32 on
+    another thread, or in a backward run outside the block."""
     torch = sys.modules.get("torch")
     if torch is None:
         return ()
+    cache = torch.is_autocast_cache_enabled()
     try:
         on = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
-    except TypeError:  # torch < 2.4: no device argument
-        return ()
-    return tuple((device, torch.get_autocast_dtype(device), torch.is_autocast_cache_enabled()) for device in on)
+    except TypeError:  # torch < 2.4 (pyproject allows 2.2): per-device functions, is_autocast_enabled() is CUDA's
+        old = [("cpu", torch.is_autocast_cpu_enabled, torch.get_autocast_cpu_dtype),
+               ("cuda", torch.is_autocast_enabled, torch.get_autocast_gpu_dtype)]
+        return tuple((device, dtype(), cache) for device, enabled, dtype in old if enabled())
+    return tuple((device, torch.get_autocast_dtype(device), cache) for device in on)
 
 
-def autocast_block(state: Tuple[Tuple[str, Any, bool], ...]) -> contextlib.ExitStack:
-    """Re-enters the autocast blocks `state` (autocast_state of another thread) in this thread."""
+def autocast_block(state: Tuple[Tuple[str, Any, bool], ...], enabled: bool = True) -> contextlib.ExitStack:
+    """Re-enters the autocast blocks `state` (autocast_state of another thread) in this thread; with
+    enabled=False, turns those devices' autocast off instead (numerical differences, see grad._numerical)."""
     stack = contextlib.ExitStack()
     if state:
         import torch
 
         for device, dtype, cache in state:
-            stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache))
     return stack
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 
 from ._arrays import ArrayBatch, as_working_batch, cast_back, listed, torch_views
-from ._autograd import autocast_state, refuse_functorch
+from ._autograd import autocast_block, autocast_state, refuse_functorch
 from ._f0 import reads_f0
 from .errors import InputError, NonFiniteError
 
@@ -422,7 +422,11 @@ def _numerical(
     options = dict(spec.numerical_options)
     if route in ("spsa", "gaussian"):
         options["method"] = route
-    if outs is not None and reads_f0(options.get("method", "central"), options.get("antithetic", True)):
+    # the engine evaluates fn outside torch.autocast (as regrad.numerical's backward does): its steps suit the
+    # float32 / float64 log-probs, and bfloat16 matmuls round away a perturbation that small (a float32 loss
+    # then gave an all-zero gradient, without a warning); a value call made under autocast is no f0 for it
+    autocast = autocast_state()  # this thread's: the caller's, or the one a pooled term re-entered
+    if outs is not None and not autocast and reads_f0(options.get("method", "central"), options.get("antithetic", True)):
         if _structure(spec) == "datum":
             options["f0"] = [split_output(out)[0] for out in outs]
         elif _structure(spec) == "batch" or not _vectorized(spec):  # (token + vectorized: no call to save)
@@ -433,7 +437,8 @@ def _numerical(
         options["seed"] = (int(options.get("seed", 0)) + inputs.call - 1) % 2**64  # (the engine's seed range)
     if options.get("executor") is None:  # a remote executor must get fn itself (picklable)
         fn = _guarded(fn, cancel)
-    result = numerical_grad(fn, inputs.data, inputs.engine_copy(), **options)
+    with autocast_block(autocast, enabled=False):
+        result = numerical_grad(fn, inputs.data, inputs.engine_copy(), **options)
     nfev = getattr(result, "nfev", None)
     method = str(options.get("method", "central"))
     # spsa / gaussian are their own labels however they were asked for (grad="spsa" or method="spsa")

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, NoReturn, Optio
 import numpy as np
 
 from . import _core
-from ._autograd import LazyFunction, autocast_state, refuse_forward_mode, refuse_functorch, scaled_first_order
+from ._autograd import LazyFunction, autocast_block, autocast_state, refuse_forward_mode, refuse_functorch, scaled_first_order
 from ._arrays import ArrayBatch, as_working_batch, dtype_name, is_torch_tensor, listed, reusable, same_options, split_packed
 from ._evaluate import (
     POINT_LABELS,
@@ -249,13 +249,20 @@ def share_executor(options: Mapping[str, Any], memo: Dict[int, Any]) -> None:
 
 def refuse_unpicklable_executor(options: Mapping[str, Any], owner: str) -> None:
     """A TypeError naming owner and `executor=` when the options' executor does not pickle (a thread or process
-    pool: pickle cannot carry its threads); the standard pickle decides, as for a RegularizerError's cause."""
+    pool: pickle cannot carry its threads); the standard pickle decides, as for a RegularizerError's cause, or
+    cloudpickle once imported (Dask, loky, Ray pickle with it: it carries what pickle refuses, a local class)."""
     executor = options.get("executor")
     if executor is None:
         return
     try:
         pickle.dumps(executor)
     except Exception as err:  # noqa: BLE001 - whatever pickling the executor raises (a lock, a queue)
+        cloudpickle = sys.modules.get("cloudpickle")
+        try:
+            if cloudpickle is not None and cloudpickle.dumps(executor):
+                return  # (pickle itself still fails, with its own error, if it is the pickler)
+        except Exception:  # noqa: BLE001 - cloudpickle refuses it too: named below
+            pass
         raise TypeError(
             f"{owner}: executor={executor!r} cannot be pickled ({type(err).__name__}: {err}); an executor is a "
             "resource of this process: rebuild it without executor= to send it, and give it one in the process "
@@ -984,8 +991,18 @@ class _Numerical:
         return bool(self.fn == other.fn) and same_options(self.options, other.options)
 
     def __hash__(self) -> int:
-        """fn's hash (options may be arrays or lists, which do not hash): equal wrappers hash alike."""
-        return hash((type(self), self.fn))
+        """fn's hash (options may be arrays or lists, which do not hash): equal wrappers hash alike. An
+        unhashable fn (a @dataclass loss object) gives the class's hash: such a wrapper hashed by identity
+        before, and a spec holding it must stay hashable."""
+        try:
+            return hash((type(self), self.fn))
+        except TypeError:
+            return hash(type(self))
+
+    def __copy__(self) -> "_Numerical":
+        """fn and the options' values shared (not through __reduce__, which refuses an executor that does
+        not pickle: a shallow copy pickles nothing)."""
+        return type(self)(self.fn, self.options)
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())
@@ -1055,7 +1072,9 @@ def _numerical_function() -> Any:
             wrapped, fn, data, options = ctx.spec
             saved = ctx.saved_tensors
             wrt = [i for i, needed in enumerate(ctx.needs_input_grad[2:]) if needed]
-            with torch.no_grad():  # a numerical gradient has no graph of its own
+            # no graph of its own; and fn in float32 even when backward runs under torch.autocast (a term on compose's
+            # pool re-enters the caller's, or backward() inside the block): bfloat16 rounds away the engine's steps
+            with torch.no_grad(), autocast_block(autocast_state(), enabled=False):
                 result = _numerical_grad_wrt(fn, data, [t.detach() for t in saved], wrt, options)
             wrapped.last_result = result
             return (None, None, *scaled_first_order(grad_output, result.grads, saved))  # outside no_grad: see there
