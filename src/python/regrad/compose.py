@@ -511,16 +511,15 @@ def _stops_recomputation(err: BaseException) -> bool:
 
 
 def _norm(flat: np.ndarray) -> float:
-    """The L2 norm, rescaled when the squares overflowed (inf only for a non-finite entry). Summed by
-    einsum, never BLAS: np.linalg.norm is BLAS's dot, whose partial sums follow OpenBLAS's threads, so
-    the telemetry's bits changed with OMP_NUM_THREADS (the gradients did not)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        norm = math.sqrt(float(np.einsum("i,i->", flat, flat)))
+    """The L2 norm, rescaled when the squares overflowed (inf only for a non-finite entry). BLAS's (threaded)
+    dot, unlike cross_entropy's value: telemetry only, and a deterministic sum (einsum) cost 4-8x as much,
+    six norms a call (2026-11-25: +0.14 ms a step at 64 x 2048 tokens)."""
+    with np.errstate(over="ignore"):
+        norm = float(np.linalg.norm(flat))
     if not math.isfinite(norm) and np.isfinite(flat).all():
         wide = flat.astype(np.float64)
         peak = float(np.abs(wide).max())
-        scaled = wide / peak
-        norm = peak * math.sqrt(float(np.einsum("i,i->", scaled, scaled)))
+        norm = peak * float(np.linalg.norm(wide / peak))
         if not math.isfinite(norm):  # finite entries, a norm beyond float64: telemetry cannot hold it
             raise NonFiniteError(
                 f"the gradient's L2 norm overflows float64 (largest entry {peak:g}, {flat.size} entries); "
