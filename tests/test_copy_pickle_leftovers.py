@@ -3,41 +3,22 @@ test failed before its fix)."""
 
 import concurrent.futures as cf
 import copy
-import copyreg
 import multiprocessing as mp
 import pickle
-import sys
-import threading
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import regrad  # noqa: E402
+from _pickling import FORK, _CodedError, without_tblib  # noqa: E402
 from regrad import LossEvent, RegularizerError, RegularizerSpec  # noqa: E402
-
-# Python 3.12+ warns about fork() in a process with threads; the test forks on purpose.
-_FORK = [
-    pytest.mark.skipif(sys.platform != "linux", reason="fork start method"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
-
-
-class _CodedError(Exception):
-    """A user exception that cannot cross a process (it holds a lock), as in test_process_boundaries."""
-
-    def __init__(self, code, detail):
-        super().__init__(f"code {code}: {detail}")
-        self.code = code
-        self.handle = threading.Lock()
 
 
 @pytest.fixture(autouse=True)
 def _without_tblib(monkeypatch):
-    """Pickle errors by their own rules: tblib's pickling support (which dask.distributed installs for every
-    exception class that exists when it is imported) would decide instead (docs/compose.md)."""
-    for cls in (RegularizerError, _CodedError):
-        monkeypatch.delitem(copyreg.dispatch_table, cls, raising=False)
+    """Errors by their own rules, whatever an earlier test imported (see _pickling)."""
+    without_tblib(monkeypatch, RegularizerError, _CodedError)
 
 
 def _coded(data, lps):
@@ -112,8 +93,8 @@ def test_copies_of_an_event():
     assert copy.deepcopy(whole).error.name == "coded"
 
 
-@_FORK[0]
-@_FORK[1]
+@FORK[0]
+@FORK[1]
 def test_events_of_a_failing_call_come_back_from_a_process_worker():
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
         events = pool.submit(_events_of_a_failing_call, 0).result(timeout=60)  # the result did not pickle

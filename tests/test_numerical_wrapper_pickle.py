@@ -3,11 +3,9 @@ executor (from an audit; each test failed before its fix)."""
 
 import concurrent.futures as cf
 import copy
-import copyreg
 import multiprocessing as mp
 import pickle
 import sys
-import threading
 import types
 
 import numpy as np
@@ -15,32 +13,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import regrad  # noqa: E402
+from _pickling import FORK, _CodedError, without_tblib  # noqa: E402
 import regrad._progress as progress_module  # noqa: E402
 from regrad import NumericalError, RegularizerError, numerical_grad  # noqa: E402
-
-# Python 3.12+ warns about fork() in a process with threads; the test forks on purpose.
-_FORK = [
-    pytest.mark.skipif(sys.platform != "linux", reason="fork start method"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
-
-
-class _CodedError(Exception):
-    """A user exception that cannot cross a process (it holds a lock), as in test_process_boundaries."""
-
-    def __init__(self, code, detail):
-        super().__init__(f"code {code}: {detail}")
-        self.code = code
-        self.handle = threading.Lock()
 
 
 @pytest.fixture(autouse=True)
 def _without_tblib(monkeypatch):
-    """Pickle errors by their own rules: tblib's pickling support (which dask.distributed installs for every
-    exception class that exists when it is imported) pickles the original __cause__ too, so an earlier test
-    importing dask would decide the outcome (docs/compose.md)."""
-    for cls in (RegularizerError, NumericalError):
-        monkeypatch.delitem(copyreg.dispatch_table, cls, raising=False)
+    """Errors by their own rules, whatever an earlier test imported (see _pickling)."""
+    without_tblib(monkeypatch, RegularizerError, NumericalError)
 
 
 def _cubes(data, lps):
@@ -124,8 +105,8 @@ def test_numerical_wrapper_of_a_fn_that_does_not_pickle_names_fn():
             pickle.dumps(regrad.numerical(fn))
 
 
-@_FORK[0]
-@_FORK[1]
+@FORK[0]
+@FORK[1]
 def test_numerical_wrapper_shipped_to_a_process_worker_gives_the_same_bits():
     wrapped = _wrapper()
     expected = _run(wrapped)

@@ -3,44 +3,23 @@ executors and process workers pickle, and copies of a composed loss."""
 
 import concurrent.futures as cf
 import copy
-import copyreg
 import logging
 import multiprocessing as mp
 import pickle
-import sys
-import threading
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import regrad  # noqa: E402
+from _pickling import FORK, _CodedError, without_tblib  # noqa: E402
 from regrad import RegularizerError, RegularizerSpec  # noqa: E402
-
-# Python 3.12+ warns about fork() in a process with threads; the tests fork on purpose.
-_FORK = [
-    pytest.mark.skipif(sys.platform != "linux", reason="fork start method"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
-
-
-class _CodedError(Exception):
-    """A user exception that cannot cross a process: its __init__ takes other arguments than its args (it
-    pickles but does not unpickle), and it holds a lock (which does not pickle: this keeps the tests
-    independent of tblib, which dask.distributed installs and which makes the first kind round-trip)."""
-
-    def __init__(self, code, detail):
-        super().__init__(f"code {code}: {detail}")
-        self.code = code
-        self.handle = threading.Lock()
 
 
 @pytest.fixture(autouse=True)
 def _without_tblib(monkeypatch):
-    """Pickle RegularizerError by its own __reduce__: tblib's pickling support (which dask.distributed installs
-    for every exception class that exists when it is imported) takes precedence and pickles the original
-    exception chain instead, so an earlier test importing dask would decide the outcome (docs/compose.md)."""
-    monkeypatch.delitem(copyreg.dispatch_table, RegularizerError, raising=False)
+    """RegularizerError by its own __reduce__, whatever an earlier test imported (see _pickling)."""
+    without_tblib(monkeypatch, RegularizerError)
 
 
 def _coded(data, lps):
@@ -95,8 +74,8 @@ def test_regularizer_error_keeps_a_picklable_cause_as_is():
     assert type(back.cause) is ValueError and back.cause.args == ("v",) and str(back) == "regularizer 'r' failed: ValueError: v"
 
 
-@_FORK[0]
-@_FORK[1]
+@FORK[0]
+@FORK[1]
 def test_regularizer_error_of_a_user_exception_reaches_the_caller_of_a_process_pool():
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
         with pytest.raises(RegularizerError, match="'coded' failed: _CodedError: code 7: bad batch") as info:
@@ -119,8 +98,8 @@ def test_composed_loss_pickles_after_use_and_gives_the_same_bits():
         fn.close()
 
 
-@_FORK[0]
-@_FORK[1]
+@FORK[0]
+@FORK[1]
 def test_composed_loss_shipped_to_a_process_worker_gives_the_same_bits():
     loss_fn = _loss()
     expected = _run(loss_fn)

@@ -1,0 +1,34 @@
+"""Shared by the tests that send regrad's objects through pickle, copies and process pools: the fork marks,
+a user exception that cannot cross a process, and tblib's pickling switched off for given classes."""
+
+import copyreg
+import sys
+import threading
+
+import pytest
+
+# Python 3.12+ warns about fork() in a process with threads; the tests fork on purpose.
+FORK = [
+    pytest.mark.skipif(sys.platform != "linux", reason="fork start method"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+
+class _CodedError(Exception):
+    """A user exception that cannot cross a process: its __init__ takes other arguments than its args (it
+    pickles but does not unpickle), and it holds a lock (which does not pickle: this keeps the tests
+    independent of tblib, which dask.distributed installs and which makes the first kind round-trip)."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"code {code}: {detail}")
+        self.code = code
+        self.handle = threading.Lock()
+
+
+def without_tblib(monkeypatch, *classes):
+    """Pickle these exception classes by their own rules: tblib's pickling support (which dask.distributed
+    installs for every exception class that exists when it is imported) takes precedence and pickles the
+    original exception chain instead, so an earlier test importing dask would decide the outcome
+    (docs/compose.md)."""
+    for cls in classes:
+        monkeypatch.delitem(copyreg.dispatch_table, cls, raising=False)
