@@ -997,13 +997,15 @@ def _in_order(futures: List[Any], died: Callable[[int, BaseException], Numerical
     (a worker's death as died(k, err)). Finished futures are learnt from done callbacks, not as_completed:
     a pool's shutdown(cancel_futures=True) only cancel()s its queued futures, which wakes no as_completed
     waiter, so a run whose next chunk was queued behind other work waited forever (Future.result, which
-    map read, raises CancelledError there)."""
-    finished: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-    for future in futures:
-        future.add_done_callback(finished.put)  # (cancel() calls it too)
+    map read, raises CancelledError there). The queue holds indices, not futures: a future holding its
+    callback, which held the queue holding the future, was a cycle (each run's futures and results lived
+    until the cyclic gc ran; forever with gc disabled)."""
+    finished: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+    for j, future in enumerate(futures):
+        future.add_done_callback(functools.partial(_done, finished, j))  # (cancel() calls it too)
     for k, future in enumerate(futures):
         while not future.done():
-            if _failed(finished.get()):
+            if _failed(futures[finished.get()]):
                 k, future = next((j, f) for j, f in enumerate(futures) if j >= k and f.done() and _failed(f))
                 break
         try:
@@ -1013,6 +1015,11 @@ def _in_order(futures: List[Any], died: Callable[[int, BaseException], Numerical
                 raise died(k, err) from err
             raise
         yield value
+
+
+def _done(finished: "queue.SimpleQueue[int]", index: int, future: Any) -> None:
+    """A done callback of _in_order: the finished future's index."""
+    finished.put(index)
 
 
 def _failed(future: Any) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import inspect
 import itertools
 import math
@@ -538,10 +539,16 @@ async def compute_term_async(spec: Any, inputs: CallInputs, cancel: Optional[thr
     """Value, metrics and packed gradient of an `async def` term; awaits fn (and an async grad_fn) here."""
     route = resolve(spec)
     loop = asyncio.get_running_loop()
+    # this loop's thread runs fn: the caller's (asyncio.run of a sync call, acall), under its torch.autocast
+    autocast = autocast_state()
 
     def blocking_fn(data: Any, logprobs_list: Any) -> Any:
-        # the engine runs in a worker thread; each evaluation is awaited on this loop
-        return asyncio.run_coroutine_threadsafe(spec.fn(data, logprobs_list), loop).result()
+        # the engine runs in a worker thread; each evaluation is awaited on this loop, outside autocast as
+        # _numerical's (bfloat16 rounds away the engine's steps: an all-zero gradient for a float32 loss)
+        coro = spec.fn(data, logprobs_list)
+        if autocast:
+            coro = _awaited(_InEachStep(coro, functools.partial(autocast_block, autocast, enabled=False)))
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     _named_like(blocking_fn, spec.fn)
 
@@ -565,7 +572,8 @@ async def compute_term_async(spec: Any, inputs: CallInputs, cancel: Optional[thr
         if known is None:
             outs = [await spec.fn(*call) for call in _value_calls(spec, inputs)]
             known = _value_from(spec, outs)
-        grads, nfev, error, label = await asyncio.to_thread(_numerical, spec, route, blocking_fn, inputs, cancel, outs)
+        f0 = None if autocast else outs  # (a value call under autocast is no f0, see _numerical)
+        grads, nfev, error, label = await asyncio.to_thread(_numerical, spec, route, blocking_fn, inputs, cancel, f0)
     return _finish(known[0], known[1], grads, label, inputs, nfev=nfev, grad_error=error)
 
 
@@ -645,7 +653,7 @@ async def _probe_async(spec: Any, inputs: CallInputs) -> Union[TermResult, Known
     with _recording(torch):
         leaves = inputs.leaves()
     try:
-        out = await _GradEnabledSteps(spec.fn(inputs.data, leaves))
+        out = await _InEachStep(spec.fn(inputs.data, leaves), functools.partial(_recording, torch))
     except RuntimeError as err:
         if not _retry_detached(spec, inputs, err):
             raise
@@ -654,21 +662,25 @@ async def _probe_async(spec: Any, inputs: CallInputs) -> Union[TermResult, Known
         return _from_probe(spec, out, leaves, inputs)
 
 
-class _GradEnabledSteps:
-    """Awaits a coroutine with torch grad mode on during each of its steps only. Grad mode is per thread,
-    not per task: a `with torch.enable_grad()` held across an await would leak into the tasks running
-    meanwhile and, when they exit, turn recording off in the middle of this one."""
+async def _awaited(awaitable: Any) -> Any:
+    """awaitable as a coroutine (what run_coroutine_threadsafe takes)."""
+    return await awaitable
 
-    def __init__(self, coro: Any) -> None:
+
+class _InEachStep:
+    """Awaits a coroutine inside context() during each of its steps only (grad mode on, autocast off). Both
+    are per thread, not per task: a `with torch.enable_grad()` held across an await would leak into the
+    tasks running meanwhile and, when they exit, turn recording off in the middle of this one."""
+
+    def __init__(self, coro: Any, context: Callable[[], Any]) -> None:
         self._coro = coro
+        self._context = context
 
     def __await__(self) -> Any:
-        import torch
-
         step, message = self._coro.send, None
         while True:
             try:
-                with _recording(torch):
+                with self._context():
                     yielded = step(message)
             except StopIteration as stop:
                 return stop.value
