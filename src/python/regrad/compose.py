@@ -208,7 +208,8 @@ class ComposedLoss:
         if inputs is not None:
             inputs.abandon()
         self.last_output = None
-        emit(self.on_event, "exception", "loss", "loss", duration_ms=_ms_since(start), error=err, call=call)
+        if not _stops_recomputation(err):  # (checkpoint's control flow, not a failure: see _term_error)
+            emit(self.on_event, "exception", "loss", "loss", duration_ms=_ms_since(start), error=err, call=call)
 
     # -- running the terms -----------------------------------------------------------------------
 
@@ -362,9 +363,12 @@ class ComposedLoss:
         """The event, and the error to raise: err itself if a nested composed loss raised it (its cause
         stays its own) or if it is torch.utils.checkpoint's signal to stop a recomputation (checkpoint
         catches it; wrapped, it failed the checkpointed call), else a RegularizerError whose __cause__ is
-        err, as `raise ... from err` sets it."""
+        err, as `raise ... from err` sets it. No "exception" event for checkpoint's signal: it is control flow
+        (log_events logged it as a WARNING on every checkpointed step)."""
+        if _stops_recomputation(err):
+            return err
         emit(self.on_event, "exception", scope, spec.name, duration_ms=_ms_since(start), error=err, call=call)
-        if isinstance(err, RegularizerError) or _stops_recomputation(err):
+        if isinstance(err, RegularizerError):
             return err
         wrapped = RegularizerError(spec.name, err)
         wrapped.__cause__ = err
