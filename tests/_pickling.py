@@ -32,3 +32,19 @@ def without_tblib(monkeypatch, *classes):
     (docs/compose.md)."""
     for cls in classes:
         monkeypatch.delitem(copyreg.dispatch_table, cls, raising=False)
+
+
+def two_lps():
+    """Two float64 log-prob leaves (a ragged batch of 3 and 2) for a loss's round trips."""
+    import torch
+
+    return [torch.tensor([-1.0, -2.0, -0.25], dtype=torch.float64, requires_grad=True),
+            torch.tensor([-0.5, -3.0], dtype=torch.float64, requires_grad=True)]
+
+
+def run_backward(loss_fn):
+    """loss_fn on two_lps() and its backward: the loss and the gradients' bytes, to compare copies bit for bit."""
+    lps = two_lps()
+    loss, _ = loss_fn([None, None], lps)
+    loss.backward()
+    return float(loss.detach()), [lp.grad.numpy().tobytes() for lp in lps]

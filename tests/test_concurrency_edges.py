@@ -4,7 +4,6 @@ a loss_fn waiting on its own client, state a run leaves for the next one on its 
 nested in a chunk of its own executor."""
 
 import multiprocessing as mp
-import sys
 import threading
 import time
 
@@ -15,12 +14,7 @@ torch = pytest.importorskip("torch")
 import regrad  # noqa: E402
 from regrad import RegularizerError, RegularizerSpec, numerical_grad  # noqa: E402
 from regrad.errors import NumericalError  # noqa: E402
-
-# Python 3.12+ warns about fork() in a process with threads; the tests fork on purpose.
-_FORK = [
-    pytest.mark.skipif(sys.platform != "linux", reason="fork start method"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+from _pickling import FORK  # noqa: E402
 
 
 # ---- A term still running in the background after its composed call failed must not write the caller's
@@ -122,8 +116,8 @@ def _evaluate_composed(queue):
     queue.put(_LOSS.evaluate([None, None], _LPS)[0])
 
 
-@_FORK[0]
-@_FORK[1]
+@FORK[0]
+@FORK[1]
 def test_a_composed_loss_used_before_a_fork_runs_in_the_child():
     expected = _LOSS.evaluate([None, None], _LPS)[0]  # starts the pool's two threads in this process
     deadline = time.monotonic() + 10
@@ -140,8 +134,8 @@ def _kernel(queue):
     queue.put(_L1.fn.value_and_grad([None], _BIG)[0])
 
 
-@_FORK[0]
-@_FORK[1]
+@FORK[0]
+@FORK[1]
 @pytest.mark.skipif(not regrad.build_info()["openmp"] or regrad.build_info()["max_threads"] < 2, reason="OpenMP")
 def test_a_parallel_kernel_runs_in_a_child_forked_after_one_ran():
     expected = _L1.fn.value_and_grad([None], _BIG)[0]  # a parallel region: OpenMP's threads start here

@@ -6,7 +6,6 @@ pins the documented choice)."""
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,11 +13,7 @@ import numpy as np
 import pytest
 
 from regrad import InputError, NumericalError, numerical_grad
-
-_FORK = [
-    pytest.mark.skipif(sys.platform != "linux", reason="fork start method"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # Python 3.12+: fork() in a process with threads
-]
+from _pickling import FORK  # noqa: E402
 
 
 class _NotesCancels(ThreadPoolExecutor):
@@ -81,8 +76,8 @@ def _ends_its_process_at_token_2_minus_h(data, lps):  # top level: process pools
     return float(np.sum(lps[0] ** 2))
 
 
-@_FORK[0]
-@_FORK[1]
+@FORK[0]
+@FORK[1]
 def test_a_process_worker_that_fn_ends_is_named_as_fns_failure():
     """One worker, chunks of one perturbation each: the worker dies at perturbation 5, the first chunk not
     finished then. Before, the caller got the pool's bare BrokenProcessPool, naming neither fn nor where."""

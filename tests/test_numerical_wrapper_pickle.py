@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import regrad  # noqa: E402
-from _pickling import FORK, _CodedError, without_tblib  # noqa: E402
+from _pickling import FORK, _CodedError, run_backward as _run, two_lps as _lps, without_tblib  # noqa: E402
 import regrad._progress as progress_module  # noqa: E402
 from regrad import NumericalError, RegularizerError, numerical_grad  # noqa: E402
 
@@ -34,20 +34,8 @@ def _cubes_failing_off_x(data, lps):
     return float(sum(np.sum(np.asarray(lp) ** 3) for lp in lps))
 
 
-def _lps():
-    return [torch.tensor([-1.0, -2.0, -0.25], dtype=torch.float64, requires_grad=True),
-            torch.tensor([-0.5, -3.0], dtype=torch.float64, requires_grad=True)]
-
-
 def _wrapper():
     return regrad.numerical(_cubes, method="richardson", step=[np.full(3, 1e-3), np.full(2, 2e-3)])
-
-
-def _run(loss_fn):
-    lps = _lps()
-    loss, _ = loss_fn([None, None], lps)
-    loss.backward()
-    return float(loss.detach()), [lp.grad.numpy().tobytes() for lp in lps]
 
 
 def _failing_backward(_):

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import regrad  # noqa: E402
-from _pickling import FORK, _CodedError, without_tblib  # noqa: E402
+from _pickling import FORK, _CodedError, run_backward as _run, two_lps as _lps, without_tblib  # noqa: E402
 from regrad import RegularizerError, RegularizerSpec  # noqa: E402
 
 
@@ -34,20 +34,8 @@ def _base(data, lps):
     return -sum(lp.sum() for lp in lps)
 
 
-def _lps():
-    return [torch.tensor([-1.0, -2.0, -0.25], dtype=torch.float64, requires_grad=True),
-            torch.tensor([-0.5, -3.0], dtype=torch.float64, requires_grad=True)]
-
-
 def _loss(**kwargs):
     return regrad.compose(_base, [regrad.l1(0.1), RegularizerSpec.sync("sq", 0.5, _square, grad="numerical")], **kwargs)
-
-
-def _run(loss_fn):
-    lps = _lps()
-    loss, _ = loss_fn([None, None], lps)
-    loss.backward()
-    return float(loss.detach()), [lp.grad.numpy().tobytes() for lp in lps]
 
 
 def _failing_call(_):
